@@ -1,0 +1,11 @@
+//! Types and limits shared by latprobe's kernel programs and its userspace.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding: the kernel object and
+//! the binary must agree on every byte. One module per command.
+#![no_std]
+
+pub mod func;
+pub mod hdr;
+
+/// `TASK_COMM_LEN` in the kernel.
+pub const COMM_LEN: usize = 16;

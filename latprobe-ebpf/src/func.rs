@@ -1,0 +1,287 @@
+//! `latprobe fn`: time calls of up to `MAX_FUNCS` functions.
+//!
+//! Entry pushes a start time on the task's own stack (task storage), exit pops
+//! it and adds the duration to this CPU's histogram. Nothing is shared between
+//! CPUs on the hot path; only calls slower than `--slower` leave the kernel,
+//! one by one, through the ring buffer.
+//!
+//! Every attach mechanism (fentry/fexit, kprobe/kretprobe, uprobe/uretprobe,
+//! the NET_RX softirq tracepoints) is a thin wrapper around [`enter`] and
+//! [`exit`], stamped out once per slot so each program knows its slot as a
+//! constant.
+
+use core::{
+    ffi::c_void,
+    ptr::read_volatile,
+};
+
+use aya_ebpf::{
+    btf_maps::{PerCpuArray, RingBuf},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id,
+        bpf_ktime_get_ns, generated::bpf_get_stack,
+    },
+    macros::{btf_map, fentry, fexit, kprobe, kretprobe, raw_tracepoint, uprobe, uretprobe},
+    programs::{FEntryContext, FExitContext, ProbeContext, RawTracePointContext, RetProbeContext},
+    EbpfContext,
+};
+use latprobe_common::{
+    func::{
+        BucketGroup, FuncStats, Outlier, TaskFrames, GROUPS_PER_FUNC, GROUP_COUNT_SLOTS, MAX_FUNCS,
+        MAX_STACK, NET_RX_SOFTIRQ,
+    },
+    hdr,
+};
+
+use crate::task_storage::TaskStorage;
+
+// Load-time filters (see `latprobe_common::func::globals`).
+#[unsafe(no_mangle)]
+static TARGET_TGID: u32 = 0;
+#[unsafe(no_mangle)]
+static TARGET_CPU: u32 = u32::MAX;
+#[unsafe(no_mangle)]
+static SLOWER_NS: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static STACKS: u32 = 0;
+#[unsafe(no_mangle)]
+static SOFTIRQ_SLOT: u32 = 0;
+
+#[btf_map]
+static FRAMES: TaskStorage<TaskFrames> = TaskStorage::new();
+
+#[btf_map]
+static STATS: PerCpuArray<FuncStats, MAX_FUNCS> = PerCpuArray::new();
+
+/// Keyed by `slot * GROUPS_PER_FUNC + group`; userspace shrinks it to the
+/// slots in use before load.
+#[btf_map]
+static BUCKETS: PerCpuArray<BucketGroup, { MAX_FUNCS * GROUPS_PER_FUNC }> = PerCpuArray::new();
+
+#[btf_map]
+static OUTLIERS: RingBuf<Outlier, { 1 << 22 }> = RingBuf::new();
+
+#[inline(always)]
+fn global<T: Copy>(v: &T) -> T {
+    // SAFETY: a plain read of a global the loader may have rewritten; volatile
+    // so the compiler does not fold in the build-time default.
+    unsafe { read_volatile(v) }
+}
+
+#[inline(always)]
+fn add(counter: &mut u64, n: u64) {
+    // Atomic even though the slot is per CPU: on PREEMPT_RT a program can be
+    // preempted by another run of itself on the same CPU. Uncontended, so it
+    // costs about as much as a plain add.
+    // SAFETY: `counter` is a valid, aligned u64 in a map value. The BPF
+    // target lacks 64-bit atomics in `core`, so emit BPF_ATOMIC|BPF_ADD
+    // (the old BPF_XADD, supported by every kernel) directly.
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({ptr} + 0) += {n}",
+            ptr = in(reg) core::ptr::from_mut(counter),
+            n = in(reg) n,
+        );
+    }
+}
+
+#[inline(always)]
+fn stats(slot: usize) -> Option<&'static mut FuncStats> {
+    // SAFETY: per-CPU array slots are valid for the program's lifetime.
+    STATS.get_ptr_mut(slot as u32).and_then(|p| unsafe { p.as_mut() })
+}
+
+#[inline(always)]
+fn enter(slot: usize) {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let want = global(&TARGET_TGID);
+    if want != 0 && tgid != want {
+        return;
+    }
+    let Some(frames) = FRAMES.current(true) else {
+        if let Some(s) = stats(slot) {
+            add(&mut s.missed, 1);
+        }
+        return;
+    };
+    let (Some(depth), Some(stack)) = (frames.depth.get_mut(slot), frames.frames.get_mut(slot))
+    else {
+        return;
+    };
+    let d = *depth as usize;
+    if let Some(frame) = stack.get_mut(d) {
+        // SAFETY: helpers without arguments.
+        frame.cpu = unsafe { bpf_get_smp_processor_id() };
+        // Read the clock last, to leave our own bookkeeping out of the call.
+        // SAFETY: as above.
+        frame.start_ns = unsafe { bpf_ktime_get_ns() };
+    }
+    *depth += 1;
+}
+
+#[inline(always)]
+fn exit<C: EbpfContext>(ctx: &C, slot: usize) {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Calls that entered before we attached have no frame: skip them.
+    let Some(frames) = FRAMES.current(false) else {
+        return;
+    };
+    let (Some(depth), Some(stack)) = (frames.depth.get_mut(slot), frames.frames.get_mut(slot))
+    else {
+        return;
+    };
+    if *depth == 0 {
+        return;
+    }
+    *depth -= 1;
+    let Some(frame) = stack.get(*depth as usize) else {
+        if let Some(s) = stats(slot) {
+            add(&mut s.missed, 1);
+        }
+        return;
+    };
+    let (start_ns, start_cpu) = (frame.start_ns, frame.cpu);
+    let want_cpu = global(&TARGET_CPU);
+    if want_cpu != u32::MAX && start_cpu != want_cpu {
+        return;
+    }
+    let duration = now.saturating_sub(start_ns);
+    record(slot, duration);
+    if duration >= global(&SLOWER_NS) {
+        report_outlier(ctx, slot, now, duration, start_cpu);
+    }
+}
+
+#[inline(always)]
+fn record(slot: usize, duration: u64) {
+    let index = hdr::bucket_index(duration);
+    let group = index / hdr::GROUP_BUCKETS;
+    let key = (slot * GROUPS_PER_FUNC + group) as u32;
+    if let Some(bucket) = BUCKETS
+        .get_ptr_mut(key)
+        // SAFETY: per-CPU array slots are valid for the program's lifetime.
+        .and_then(|p| unsafe { p.as_mut() })
+        .and_then(|g| g.counts.get_mut(index % hdr::GROUP_BUCKETS))
+    {
+        add(bucket, 1);
+    }
+    let Some(s) = stats(slot) else { return };
+    add(&mut s.count, 1);
+    add(&mut s.sum_ns, duration);
+    if let Some(g) = s.group_counts.get_mut(group & (GROUP_COUNT_SLOTS - 1)) {
+        add(g, 1);
+    }
+    // Per-CPU values start zeroed, so 0 also means "no call yet".
+    if s.min_ns == 0 || duration < s.min_ns {
+        s.min_ns = duration;
+    }
+    if duration > s.max_ns {
+        s.max_ns = duration;
+    }
+}
+
+#[inline(always)]
+fn report_outlier<C: EbpfContext>(ctx: &C, slot: usize, now: u64, duration: u64, cpu: u32) {
+    let Some(mut entry) = OUTLIERS.reserve(0) else {
+        if let Some(s) = stats(slot) {
+            add(&mut s.outliers_lost, 1);
+        }
+        return;
+    };
+    let out = entry.as_mut_ptr();
+    // SAFETY: `out` points to a reserved ring-buffer record of our size; every
+    // field is written before submit.
+    unsafe {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        (*out).end_ns = now;
+        (*out).duration_ns = duration;
+        (*out).tgid = (pid_tgid >> 32) as u32;
+        (*out).tid = pid_tgid as u32;
+        (*out).cpu = cpu;
+        (*out).slot = slot as u32;
+        (*out).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        (*out)._pad = 0;
+        (*out).stack_len = 0;
+        if global(&STACKS) != 0 {
+            let size = (MAX_STACK * 8) as u32;
+            let got = bpf_get_stack(ctx.as_ptr(), (*out).stack.as_mut_ptr().cast::<c_void>(), size, 0);
+            if got > 0 {
+                (*out).stack_len = (got / 8) as u32;
+            }
+        }
+    }
+    entry.submit(0);
+}
+
+/// Stamps out the programs of one slot for every attach mechanism.
+macro_rules! slot_programs {
+    ($slot:literal, $fentry:ident, $fexit:ident, $kprobe:ident, $kretprobe:ident, $uprobe:ident, $uretprobe:ident) => {
+        #[fentry]
+        pub fn $fentry(_ctx: FEntryContext) -> i32 {
+            enter($slot);
+            0
+        }
+        #[fexit]
+        pub fn $fexit(ctx: FExitContext) -> i32 {
+            exit(&ctx, $slot);
+            0
+        }
+        #[kprobe]
+        pub fn $kprobe(_ctx: ProbeContext) -> u32 {
+            enter($slot);
+            0
+        }
+        #[kretprobe]
+        pub fn $kretprobe(ctx: RetProbeContext) -> u32 {
+            exit(&ctx, $slot);
+            0
+        }
+        #[uprobe]
+        pub fn $uprobe(_ctx: ProbeContext) -> u32 {
+            enter($slot);
+            0
+        }
+        #[uretprobe]
+        pub fn $uretprobe(ctx: RetProbeContext) -> u32 {
+            exit(&ctx, $slot);
+            0
+        }
+    };
+}
+
+slot_programs!(0, fn_fentry_0, fn_fexit_0, fn_kprobe_0, fn_kretprobe_0, fn_uprobe_0, fn_uretprobe_0);
+slot_programs!(1, fn_fentry_1, fn_fexit_1, fn_kprobe_1, fn_kretprobe_1, fn_uprobe_1, fn_uretprobe_1);
+slot_programs!(2, fn_fentry_2, fn_fexit_2, fn_kprobe_2, fn_kretprobe_2, fn_uprobe_2, fn_uretprobe_2);
+slot_programs!(3, fn_fentry_3, fn_fexit_3, fn_kprobe_3, fn_kretprobe_3, fn_uprobe_3, fn_uretprobe_3);
+slot_programs!(4, fn_fentry_4, fn_fexit_4, fn_kprobe_4, fn_kretprobe_4, fn_uprobe_4, fn_uretprobe_4);
+slot_programs!(5, fn_fentry_5, fn_fexit_5, fn_kprobe_5, fn_kretprobe_5, fn_uprobe_5, fn_uretprobe_5);
+slot_programs!(6, fn_fentry_6, fn_fexit_6, fn_kprobe_6, fn_kretprobe_6, fn_uprobe_6, fn_uretprobe_6);
+slot_programs!(7, fn_fentry_7, fn_fexit_7, fn_kprobe_7, fn_kretprobe_7, fn_uprobe_7, fn_uretprobe_7);
+
+#[inline(always)]
+fn is_net_rx(ctx: &RawTracePointContext) -> bool {
+    // softirq_entry/exit(unsigned int vec_nr)
+    ctx.arg::<u32>(0) == NET_RX_SOFTIRQ
+}
+
+/// NET_RX softirq entry: on kernels without fentry or kprobes, these
+/// tracepoints bracket exactly one `net_rx_action` call. Raw tracepoints,
+/// because they need no tracefs mount and skip the record copy.
+#[raw_tracepoint(tracepoint = "softirq_entry")]
+pub fn fn_softirq_entry(ctx: RawTracePointContext) -> i32 {
+    let slot = global(&SOFTIRQ_SLOT) as usize;
+    if slot < MAX_FUNCS && is_net_rx(&ctx) {
+        enter(slot);
+    }
+    0
+}
+
+#[raw_tracepoint(tracepoint = "softirq_exit")]
+pub fn fn_softirq_exit(ctx: RawTracePointContext) -> i32 {
+    let slot = global(&SOFTIRQ_SLOT) as usize;
+    if slot < MAX_FUNCS && is_net_rx(&ctx) {
+        exit(&ctx, slot);
+    }
+    0
+}

@@ -1,0 +1,63 @@
+//! A BTF-defined `BPF_MAP_TYPE_TASK_STORAGE` map, which aya-ebpf 0.2 lacks.
+//!
+//! Task-local storage hangs a value off each `task_struct`: lookups take no
+//! lock shared with other tasks (unlike a hash map keyed by tid, whose bucket
+//! locks are the contention a tracer must not add), values follow the task
+//! across CPUs and sleeps, and they are freed when the task exits. Needs 5.11+.
+
+use core::ptr;
+
+use aya_ebpf::{
+    bindings::{bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE, BPF_F_NO_PREALLOC},
+    helpers::generated::{bpf_get_current_task_btf, bpf_task_storage_get},
+};
+
+/// Same layout as libbpf's `__uint(type, …)`/`__type(key, …)` map
+/// definitions: each field's pointee type encodes one attribute in BTF.
+#[repr(C)]
+pub struct TaskStorage<T> {
+    r#type: *const [i32; BPF_MAP_TYPE_TASK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+}
+
+// SAFETY: the fields are placeholders the loader reads from BTF; they are
+// never dereferenced.
+unsafe impl<T> Sync for TaskStorage<T> {}
+
+impl<T> TaskStorage<T> {
+    pub const fn new() -> Self {
+        Self {
+            r#type: ptr::null(),
+            key: ptr::null(),
+            value: ptr::null(),
+            map_flags: ptr::null(),
+        }
+    }
+
+    /// The current task's value, created zeroed when `create` is set.
+    /// `None` when the kernel refuses (out of memory, or a BPF program
+    /// already holds this CPU's task-storage lock).
+    #[inline(always)]
+    pub fn current(&self, create: bool) -> Option<&mut T> {
+        let flags = if create {
+            aya_ebpf::bindings::BPF_LOCAL_STORAGE_GET_F_CREATE as u64
+        } else {
+            0
+        };
+        // SAFETY: the helper takes this map and a trusted task pointer; it
+        // returns null or a pointer to a value of this map's value type, owned
+        // by the current task, which outlives this program run.
+        unsafe {
+            let task = bpf_get_current_task_btf();
+            let value = bpf_task_storage_get(
+                ptr::from_ref(self).cast_mut().cast(),
+                task,
+                ptr::null_mut(),
+                flags,
+            );
+            value.cast::<T>().as_mut()
+        }
+    }
+}

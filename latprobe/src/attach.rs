@@ -1,0 +1,344 @@
+//! Attaching `latprobe fn`'s programs to the functions the user named.
+//!
+//! Kernel functions get fentry/fexit when the kernel allows it (cheapest: a
+//! direct call from the function's trampoline), else kprobe/kretprobe. User
+//! functions (`BINARY:SYMBOL`) get uprobes. On a kernel with neither fentry nor
+//! kprobes, `net_rx_action` is still timed through the NET_RX softirq
+//! tracepoints, which bracket exactly one call of it. Return probes are
+//! attached before entry probes, so that no call is seen entering without
+//! being seen leaving.
+
+use std::{fmt, io, num::NonZeroU32, path::{Path, PathBuf}};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    programs::{uprobe::UProbeScope, FEntry, FExit, KProbe, ProgramError, RawTracePoint, UProbe},
+    Btf, Ebpf,
+};
+
+use crate::kallsyms::KernelSymbols;
+
+/// What the user asked to trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Kernel(String),
+    User { binary: PathBuf, symbol: String },
+}
+
+impl Target {
+    /// `FUNC` is a kernel function; `BINARY:SYMBOL` a user function.
+    pub fn parse(text: &str) -> Result<Self> {
+        match text.split_once(':') {
+            None if text.is_empty() => bail!("empty function name"),
+            None => Ok(Target::Kernel(text.to_string())),
+            Some((binary, symbol)) => {
+                if binary.is_empty() || symbol.is_empty() {
+                    bail!("{text:?}: a user function is written BINARY:SYMBOL, e.g. /usr/sbin/nginx:ngx_process_events_and_timers");
+                }
+                let binary = resolve_binary(binary)?;
+                Ok(Target::User { binary, symbol: symbol.to_string() })
+            }
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Target::Kernel(name) => name.clone(),
+            Target::User { binary, symbol } => format!("{}:{symbol}", binary.display()),
+        }
+    }
+}
+
+/// A path, or a bare name looked up in PATH like a shell would.
+fn resolve_binary(binary: &str) -> Result<PathBuf> {
+    let path = Path::new(binary);
+    if binary.contains('/') {
+        if path.is_file() {
+            return Ok(path.canonicalize().unwrap_or_else(|_| path.to_path_buf()));
+        }
+        bail!("binary {binary} does not exist");
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(binary))
+        .find(|p| p.is_file())
+        .ok_or_else(|| anyhow!("binary {binary} does not exist and is not in PATH"))
+}
+
+/// `--attach`: which mechanism to use for kernel functions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// fentry/fexit, falling back to kprobes
+    Auto,
+    Fentry,
+    Kprobe,
+}
+
+/// How one function ended up traced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mechanism {
+    Fentry,
+    Kprobe,
+    Uprobe,
+    NetRxSoftirq,
+}
+
+impl fmt::Display for Mechanism {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mechanism::Fentry => "fentry",
+            Mechanism::Kprobe => "kprobe",
+            Mechanism::Uprobe => "uprobe",
+            Mechanism::NetRxSoftirq => "softirq-tracepoint",
+        })
+    }
+}
+
+/// The function whose calls the NET_RX softirq brackets.
+pub const NET_RX_FUNCTION: &str = "net_rx_action";
+
+/// Programs of one slot, in the order they are attached (return side first)
+/// and must be detached (entry side first).
+fn program_names(slot: usize, kind: &str) -> (String, String) {
+    let exit = match kind {
+        "fentry" => "fexit",
+        "kprobe" => "kretprobe",
+        "uprobe" => "uretprobe",
+        _ => unreachable!("unknown program kind {kind}"),
+    };
+    (format!("fn_{exit}_{slot}"), format!("fn_{kind}_{slot}"))
+}
+
+/// The errno behind an aya error, if any.
+fn errno(err: &ProgramError) -> Option<i32> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return io.raw_os_error();
+        }
+        source = e.source();
+    }
+    None
+}
+
+/// An error and its causes on one line, like anyhow's `{:#}`.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text += &format!(": {e}");
+        source = e.source();
+    }
+    text
+}
+
+fn describe(err: &ProgramError) -> String {
+    match errno(err) {
+        Some(libc::EPERM) => "the kernel refused (EPERM: lockdown or a BPF LSM policy)".into(),
+        Some(libc::ENOENT) | Some(libc::ESRCH) => {
+            "not in the kernel's BTF (static or inlined functions may be missing)".into()
+        }
+        Some(libc::EINVAL) | Some(libc::EBUSY) => {
+            "the kernel cannot probe this function (marked notrace, on the kprobe blocklist, or \
+             inlined at its call sites)"
+                .into()
+        }
+        _ => error_chain(err),
+    }
+}
+
+/// Everything needed to attach programs, gathered once.
+pub struct Attacher<'a> {
+    pub ebpf: &'a mut Ebpf,
+    pub btf: Option<Btf>,
+    pub symbols: Option<&'a KernelSymbols>,
+    pub mode: AttachMode,
+    pub pid: Option<u32>,
+    pub verbose: bool,
+}
+
+impl Attacher<'_> {
+    pub fn attach(&mut self, slot: usize, target: &Target) -> Result<Mechanism> {
+        match target {
+            Target::Kernel(name) => self.attach_kernel(slot, name),
+            Target::User { binary, symbol } => {
+                self.attach_uprobe(slot, binary, symbol)?;
+                Ok(Mechanism::Uprobe)
+            }
+        }
+    }
+
+    fn note(&self, text: &str) {
+        if self.verbose {
+            eprintln!("latprobe: {text}");
+        }
+    }
+
+    fn attach_kernel(&mut self, slot: usize, name: &str) -> Result<Mechanism> {
+        if let Some(symbols) = self.symbols {
+            if !symbols.contains(name) {
+                let close = symbols.suggest(name, 5);
+                let hint = if close.is_empty() {
+                    String::from(" It may have been inlined by the compiler, leaving nothing to attach to: trace a caller instead.")
+                } else {
+                    format!(" Did you mean: {}?", close.join(", "))
+                };
+                bail!("unknown kernel function {name}: not in /proc/kallsyms.{hint}");
+            }
+        }
+        let mut failures = Vec::new();
+        if self.mode != AttachMode::Kprobe {
+            match self.attach_fentry(slot, name) {
+                Ok(()) => return Ok(Mechanism::Fentry),
+                Err(e) => {
+                    self.note(&format!("{name}: fentry unavailable: {e}"));
+                    failures.push(format!("fentry: {e}"));
+                }
+            }
+        }
+        if self.mode != AttachMode::Fentry {
+            match self.attach_kprobe(slot, name) {
+                Ok(()) => return Ok(Mechanism::Kprobe),
+                Err(e) => {
+                    self.note(&format!("{name}: kprobe unavailable: {e}"));
+                    failures.push(format!("kprobe: {e}"));
+                }
+            }
+        }
+        if self.mode == AttachMode::Auto && name == NET_RX_FUNCTION {
+            self.attach_softirq()?;
+            eprintln!(
+                "latprobe: {name}: neither fentry nor kprobes work on this kernel; timing the \
+                 NET_RX softirq instead (irq:softirq_entry/exit bracket exactly one {name} call)"
+            );
+            return Ok(Mechanism::NetRxSoftirq);
+        }
+        let mut message = format!("cannot trace kernel function {name}: {}", failures.join("; "));
+        if !kprobes_available() && failures.iter().any(|f| f.contains("EPERM")) {
+            message += ". This kernel allows neither fentry nor kprobes; what still works here: \
+                        `latprobe fn net_rx_action` (through softirq tracepoints), user functions \
+                        (BINARY:SYMBOL), and commands built on tracepoints and perf events";
+        }
+        bail!(message)
+    }
+
+    fn attach_fentry(&mut self, slot: usize, name: &str) -> Result<(), String> {
+        let btf = self.btf.as_ref().ok_or("kernel BTF could not be read")?;
+        let (exit, entry) = program_names(slot, "fentry");
+        let fexit: &mut FExit = program(self.ebpf, &exit)?;
+        fexit.load(name, btf).map_err(|e| describe(&e))?;
+        fexit.attach().map_err(|e| describe(&e))?;
+        let fentry: &mut FEntry = program(self.ebpf, &entry)?;
+        fentry.load(name, btf).map_err(|e| describe(&e))?;
+        fentry.attach().map_err(|e| describe(&e))?;
+        Ok(())
+    }
+
+    fn attach_kprobe(&mut self, slot: usize, name: &str) -> Result<(), String> {
+        if !kprobes_available() {
+            return Err("kprobes are not available (CONFIG_KPROBES is not set)".into());
+        }
+        let (exit, entry) = program_names(slot, "kprobe");
+        for prog_name in [exit, entry] {
+            let prog: &mut KProbe = program(self.ebpf, &prog_name)?;
+            prog.load().map_err(|e| describe(&e))?;
+            prog.attach(name, 0).map_err(|e| describe(&e))?;
+        }
+        Ok(())
+    }
+
+    fn attach_uprobe(&mut self, slot: usize, binary: &Path, symbol: &str) -> Result<()> {
+        let scope = match self.pid.and_then(NonZeroU32::new) {
+            Some(pid) => UProbeScope::OneProcess(pid),
+            None => UProbeScope::AllProcesses,
+        };
+        let (exit, entry) = program_names(slot, "uprobe");
+        for prog_name in [exit, entry] {
+            let prog: &mut UProbe = program(self.ebpf, &prog_name).map_err(|e| anyhow!(e))?;
+            prog.load().with_context(|| format!("loading {prog_name}"))?;
+            prog.attach(symbol, binary, scope).map_err(|e| {
+                anyhow!(
+                    "cannot attach to {symbol} in {}: {:#} (is the symbol exported, and the binary \
+                     not stripped? `nm -D {0}` and `nm {0}` list its symbols)",
+                    binary.display(),
+                    anyhow::Error::new(e)
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn attach_softirq(&mut self) -> Result<()> {
+        for (prog_name, event) in [("fn_softirq_exit", "softirq_exit"), ("fn_softirq_entry", "softirq_entry")] {
+            let prog: &mut RawTracePoint = program(self.ebpf, prog_name).map_err(|e| anyhow!(e))?;
+            prog.load().with_context(|| format!("loading {prog_name}"))?;
+            prog.attach(event)
+                .with_context(|| format!("attaching to raw tracepoint irq:{event}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// perf's kprobe PMU is how kprobes are created without tracefs files that
+/// could outlive latprobe; its absence means CONFIG_KPROBES is off.
+pub fn kprobes_available() -> bool {
+    Path::new("/sys/bus/event_source/devices/kprobe").exists()
+}
+
+fn program<'e, P>(ebpf: &'e mut Ebpf, name: &str) -> Result<&'e mut P, String>
+where
+    &'e mut P: TryFrom<&'e mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("program {name} is missing from the embedded object"))?;
+    prog.try_into().map_err(|e: ProgramError| e.to_string())
+}
+
+/// Detaches the entry side of every slot, so no new call starts being timed
+/// while the final report is read. Return probes stay until drop.
+pub fn detach_entries(ebpf: &mut Ebpf) {
+    for slot in 0..latprobe_common::func::MAX_FUNCS {
+        for kind in ["fentry", "kprobe", "uprobe"] {
+            let (_, entry) = program_names(slot, kind);
+            unload(ebpf, &entry);
+        }
+    }
+    unload(ebpf, "fn_softirq_entry");
+}
+
+/// Unloads a program, detaching its links; a program never loaded is fine.
+fn unload(ebpf: &mut Ebpf, name: &str) {
+    use aya::programs::Program;
+    let _ = match ebpf.program_mut(name) {
+        Some(Program::FEntry(p)) => p.unload(),
+        Some(Program::KProbe(p)) => p.unload(),
+        Some(Program::UProbe(p)) => p.unload(),
+        Some(Program::RawTracePoint(p)) => p.unload(),
+        _ => Ok(()),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kernel_and_user_targets() {
+        assert_eq!(Target::parse("net_rx_action").unwrap(), Target::Kernel("net_rx_action".into()));
+        let t = Target::parse("/bin/sh:main").unwrap();
+        assert!(matches!(t, Target::User { ref symbol, .. } if symbol == "main"));
+        let t = Target::parse("sh:main").unwrap();
+        assert!(matches!(t, Target::User { ref binary, .. } if binary.is_absolute()));
+    }
+
+    #[test]
+    fn rejects_missing_binaries_and_malformed_targets() {
+        let e = Target::parse("/no/such/binary:main").unwrap_err().to_string();
+        assert_eq!(e, "binary /no/such/binary does not exist");
+        assert!(Target::parse(":main").is_err());
+        assert!(Target::parse("/bin/sh:").is_err());
+        assert!(Target::parse("").is_err());
+    }
+}

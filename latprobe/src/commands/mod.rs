@@ -1,0 +1,3 @@
+//! One module per latprobe command.
+
+pub mod func;

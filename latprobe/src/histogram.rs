@@ -1,0 +1,195 @@
+//! Turns the kernel's bucket counts into percentiles and a log2 histogram.
+//!
+//! The kernel counts in exactly the buckets of an HDR histogram with three
+//! significant digits (see `latprobe_common::hdr`), so replaying them into
+//! `hdrhistogram` loses nothing. Exact count, sum, min and max come from the
+//! kernel's running totals.
+
+use anyhow::{Context, Result};
+use hdrhistogram::Histogram;
+use latprobe_common::hdr;
+
+/// The quantiles every report shows, and their JSON names.
+pub const QUANTILES: [(f64, &str); 5] = [
+    (0.50, "p50"),
+    (0.90, "p90"),
+    (0.99, "p99"),
+    (0.999, "p999"),
+    (0.9999, "p9999"),
+];
+
+/// Latencies of one function over one period.
+#[derive(Clone)]
+pub struct Latencies {
+    hist: Histogram<u64>,
+    /// Exact sum of all durations, for the mean.
+    sum_ns: u64,
+    /// Exact extremes when known (the kernel tracks them over the whole run);
+    /// otherwise taken from the histogram.
+    exact_min_max: Option<(u64, u64)>,
+}
+
+impl Latencies {
+    pub fn new() -> Self {
+        let hist = Histogram::new_with_bounds(1, hdr::MAX_TRACKED_NS, 3)
+            .expect("static HDR bounds are valid");
+        Self { hist, sum_ns: 0, exact_min_max: None }
+    }
+
+    /// Adds `count` values that fell into kernel bucket `index`.
+    pub fn add_bucket(&mut self, index: usize, count: u64) -> Result<()> {
+        // Bucket 0 holds zero-length calls; HDR's lowest value is 1 ns.
+        let value = hdr::bucket_low(index).max(1);
+        self.hist
+            .record_n(value, count)
+            .with_context(|| format!("recording {count} values of {value} ns"))
+    }
+
+    pub fn set_totals(&mut self, sum_ns: u64, min_ns: u64, max_ns: u64) {
+        self.sum_ns = sum_ns;
+        self.exact_min_max = (min_ns <= max_ns).then_some((min_ns, max_ns));
+    }
+
+    pub fn count(&self) -> u64 {
+        self.hist.len()
+    }
+
+    pub fn min_ns(&self) -> u64 {
+        match self.exact_min_max {
+            Some((min, _)) => min,
+            None if self.count() == 0 => 0,
+            None => self.hist.min(),
+        }
+    }
+
+    pub fn max_ns(&self) -> u64 {
+        match self.exact_min_max {
+            Some((_, max)) => max,
+            None if self.count() == 0 => 0,
+            None => self.hist.max(),
+        }
+    }
+
+    pub fn mean_ns(&self) -> u64 {
+        self.sum_ns.checked_div(self.count()).unwrap_or(0)
+    }
+
+    /// The value at quantile `q`: the highest value of the bucket it falls in
+    /// (at most 0.1% above the true value), never above the exact max.
+    pub fn quantile_ns(&self, q: f64) -> u64 {
+        if self.count() == 0 {
+            return 0;
+        }
+        self.hist.value_at_quantile(q).min(self.max_ns())
+    }
+
+    /// What happened between `earlier` (a snapshot of the same run) and now.
+    /// Min and max come from the histogram: the kernel's are for the whole run.
+    pub fn since(&self, earlier: &Latencies) -> Result<Latencies> {
+        let mut hist = self.hist.clone();
+        hist.subtract(&earlier.hist).context("subtracting the previous report")?;
+        Ok(Latencies {
+            hist,
+            sum_ns: self.sum_ns.saturating_sub(earlier.sum_ns),
+            exact_min_max: None,
+        })
+    }
+
+    /// Counts per power-of-two range of `value / unit_ns`, as SystemTap and bcc
+    /// print them: `(low, high, count)` from the first non-empty range to the
+    /// last. Exact, since no kernel bucket straddles a power of two of ns; with
+    /// a coarser unit, each bucket is placed by its lowest value.
+    pub fn log2_buckets(&self, unit_ns: u64) -> Vec<(u64, u64, u64)> {
+        let mut slots = [0u64; 64];
+        for v in self.hist.iter_recorded() {
+            let scaled = v.value_iterated_to() / unit_ns;
+            // Slot 0 is the value 0; slot k holds [2^(k-1), 2^k).
+            let slot = if scaled == 0 { 0 } else { 64 - scaled.leading_zeros() as usize };
+            slots[slot] += v.count_at_value();
+        }
+        let Some(first) = slots.iter().position(|&c| c > 0) else {
+            return Vec::new();
+        };
+        let last = slots.iter().rposition(|&c| c > 0).unwrap_or(first);
+        (first..=last)
+            .map(|slot| {
+                let (low, high) = if slot == 0 { (0, 0) } else { (1u64 << (slot - 1), (1u64 << slot) - 1) };
+                (low, high, slots[slot])
+            })
+            .collect()
+    }
+}
+
+/// The unit a log2 histogram is drawn in: the coarsest that keeps the largest
+/// value's range readable, like bcc's `-u`/`-m`.
+pub fn log2_unit(max_ns: u64) -> (u64, &'static str) {
+    match max_ns {
+        0..=99_999 => (1, "nsecs"),
+        100_000..=9_999_999_999 => (1_000, "usecs"),
+        _ => (1_000_000, "msecs"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_values(values: &[u64]) -> Latencies {
+        let mut l = Latencies::new();
+        for &v in values {
+            l.add_bucket(hdr::bucket_index(v), 1).unwrap();
+        }
+        let sum = values.iter().sum();
+        l.set_totals(sum, *values.iter().min().unwrap(), *values.iter().max().unwrap());
+        l
+    }
+
+    #[test]
+    fn kernel_buckets_match_hdr_buckets() {
+        let hist = Histogram::<u64>::new_with_bounds(1, hdr::MAX_TRACKED_NS, 3).unwrap();
+        for v in [1u64, 2047, 2048, 2049, 4095, 4096, 5_000_000, 5_123_456, 60_000_000_000] {
+            let i = hdr::bucket_index(v);
+            assert!(hdr::bucket_low(i) <= v && v <= hdr::bucket_high(i), "{v} not in bucket {i}");
+            assert_eq!(hist.lowest_equivalent(v), hdr::bucket_low(i), "low of {v}");
+            assert_eq!(hist.highest_equivalent(v), hdr::bucket_high(i), "high of {v}");
+        }
+        assert_eq!(hdr::bucket_index(u64::MAX), hdr::BUCKETS - 1);
+    }
+
+    #[test]
+    fn percentiles_have_three_significant_digits() {
+        // 1000 calls of 5 ms and one of 23 ms: the tail that averages hide.
+        let mut values = vec![5_000_000u64; 999];
+        values.push(23_000_000);
+        let l = from_values(&values);
+        assert_eq!(l.count(), 1000);
+        let p50 = l.quantile_ns(0.5);
+        assert!((5_000_000..=5_005_000).contains(&p50), "p50 {p50}");
+        assert_eq!(l.quantile_ns(0.9999), 23_000_000);
+        assert_eq!(l.max_ns(), 23_000_000);
+        assert_eq!(l.min_ns(), 5_000_000);
+        assert_eq!(l.mean_ns(), (999 * 5_000_000 + 23_000_000) / 1000);
+    }
+
+    #[test]
+    fn log2_buckets_are_exact_and_contiguous() {
+        let l = from_values(&[3, 5, 6, 7, 900]);
+        let b = l.log2_buckets(1);
+        assert_eq!(b.first(), Some(&(2, 3, 1)));
+        assert_eq!(b[1], (4, 7, 3));
+        assert_eq!(b.last(), Some(&(512, 1023, 1)));
+        assert_eq!(b.iter().map(|x| x.2).sum::<u64>(), 5);
+        let us = from_values(&[5_000_000, 5_100_000]).log2_buckets(1000);
+        assert_eq!(us, vec![(4096, 8191, 2)]);
+    }
+
+    #[test]
+    fn since_subtracts_an_earlier_snapshot() {
+        let before = from_values(&[1000, 2000]);
+        let after = from_values(&[1000, 2000, 3000, 3000]);
+        let delta = after.since(&before).unwrap();
+        assert_eq!(delta.count(), 2);
+        assert_eq!(delta.mean_ns(), 3000);
+        assert_eq!(delta.min_ns(), 3000);
+    }
+}

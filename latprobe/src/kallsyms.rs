@@ -1,0 +1,137 @@
+//! Kernel symbols from /proc/kallsyms: does a function exist, what are the
+//! close names when it does not, and which function holds an address.
+
+use std::{fs, io};
+
+/// Text symbols of the running kernel (and its modules), sorted by address.
+pub struct KernelSymbols {
+    /// (address, name); addresses are all zero when kptr_restrict hides them.
+    symbols: Vec<(u64, String)>,
+    addresses_visible: bool,
+}
+
+impl KernelSymbols {
+    pub fn load() -> io::Result<Self> {
+        Ok(Self::parse(&fs::read_to_string("/proc/kallsyms")?))
+    }
+
+    pub fn parse(text: &str) -> Self {
+        let mut symbols: Vec<(u64, String)> = text
+            .lines()
+            .filter_map(|line| {
+                let mut parts = line.split_whitespace();
+                let addr = u64::from_str_radix(parts.next()?, 16).ok()?;
+                let kind = parts.next()?;
+                let name = parts.next()?;
+                matches!(kind, "t" | "T" | "w" | "W").then(|| (addr, name.to_string()))
+            })
+            .collect();
+        symbols.sort_unstable();
+        let addresses_visible = symbols.iter().any(|(a, _)| *a != 0);
+        Self { symbols, addresses_visible }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.symbols.iter().any(|(_, n)| n == name)
+    }
+
+    pub fn addresses_visible(&self) -> bool {
+        self.addresses_visible
+    }
+
+    /// `function+0xoffset` for a kernel text address.
+    pub fn symbolize(&self, addr: u64) -> Option<String> {
+        if !self.addresses_visible {
+            return None;
+        }
+        let i = self.symbols.partition_point(|(a, _)| *a <= addr).checked_sub(1)?;
+        let (base, name) = &self.symbols[i];
+        Some(format!("{name}+{:#x}", addr - base))
+    }
+
+    /// Up to `limit` function names close to `name`: same prefix or substring
+    /// first, then by edit distance.
+    pub fn suggest(&self, name: &str, limit: usize) -> Vec<String> {
+        let mut scored: Vec<(usize, &str)> = self
+            .symbols
+            .iter()
+            .map(|(_, n)| n.as_str())
+            .filter(|n| !n.starts_with("__pfx_"))
+            .filter_map(|n| {
+                let score = if n.contains(name) || name.contains(n) && n.len() > 3 {
+                    n.len().abs_diff(name.len())
+                } else {
+                    let d = edit_distance(name, n);
+                    if d > name.len() / 3 + 1 {
+                        return None;
+                    }
+                    100 + d
+                };
+                Some((score, n))
+            })
+            .collect();
+        scored.sort_unstable();
+        scored.dedup_by(|a, b| a.1 == b.1);
+        scored.into_iter().take(limit).map(|(_, n)| n.to_string()).collect()
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == cb { prev } else { 1 + prev.min(cur).min(row[j]) };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+ffffffff81000000 T _stext
+ffffffff81a00000 T net_rx_action
+ffffffff81a00400 t tcp_collapse
+ffffffff81a00800 T tcp_v4_rcv
+ffffffff81a00c00 D some_data
+ffffffff81a01000 T tcp_v6_rcv [ipv6]
+";
+
+    #[test]
+    fn finds_functions_and_not_data() {
+        let k = KernelSymbols::parse(SAMPLE);
+        assert!(k.contains("tcp_collapse"));
+        assert!(k.contains("tcp_v6_rcv"));
+        assert!(!k.contains("some_data"));
+    }
+
+    #[test]
+    fn symbolizes_with_offset() {
+        let k = KernelSymbols::parse(SAMPLE);
+        assert_eq!(k.symbolize(0xffffffff81a00410).as_deref(), Some("tcp_collapse+0x10"));
+        assert_eq!(k.symbolize(0x10), None);
+    }
+
+    #[test]
+    fn hidden_addresses_are_not_symbolized() {
+        let k = KernelSymbols::parse("0000000000000000 T net_rx_action\n");
+        assert!(!k.addresses_visible());
+        assert!(k.contains("net_rx_action"));
+        assert_eq!(k.symbolize(0), None);
+    }
+
+    #[test]
+    fn suggests_close_names() {
+        let k = KernelSymbols::parse(SAMPLE);
+        assert_eq!(k.suggest("net_rx_acton", 3), vec!["net_rx_action"]);
+        assert_eq!(k.suggest("tcp_v4_rc", 1), vec!["tcp_v4_rcv"]);
+        assert!(k.suggest("zzzzzzzzzz", 3).is_empty());
+    }
+}

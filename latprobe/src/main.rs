@@ -1,0 +1,42 @@
+//! latprobe: find where tail latency comes from on a Linux server.
+
+mod attach;
+mod bpf;
+mod cli;
+mod clock;
+mod commands;
+mod duration;
+mod histogram;
+mod kallsyms;
+mod launch;
+mod output;
+mod report;
+mod session;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("latprobe: error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            cli::Command::Fn(args) => commands::func::run(args, cli.verbose).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<output::BrokenPipe>() => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("latprobe: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! How `latprobe fn` prints: a text report for people, newline-delimited
+//! JSON for programs. Pure formatting; nothing here touches the kernel.
+
+use serde::Serialize;
+
+use crate::{
+    duration::format_ns,
+    histogram::{log2_unit, Latencies, QUANTILES},
+};
+
+/// Output format chosen with `--format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// One function's latencies over one report period.
+pub struct FunctionReport<'a> {
+    pub function: &'a str,
+    pub attach: &'a str,
+    /// `interval` for a periodic report, `final` for the whole run.
+    pub period: &'a str,
+    pub seconds: f64,
+    pub latencies: &'a Latencies,
+    /// Calls that ran but could not be timed.
+    pub missed: u64,
+    /// Outliers that did not reach userspace.
+    pub outliers_lost: u64,
+}
+
+#[derive(Serialize)]
+struct HistogramJson<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: &'a str,
+    attach: &'a str,
+    period: &'a str,
+    seconds: f64,
+    count: u64,
+    min_ns: u64,
+    mean_ns: u64,
+    max_ns: u64,
+    p50_ns: u64,
+    p90_ns: u64,
+    p99_ns: u64,
+    p999_ns: u64,
+    p9999_ns: u64,
+    lost: u64,
+    missed: u64,
+    outliers_lost: u64,
+    log2_ns: Vec<Log2Json>,
+}
+
+#[derive(Serialize)]
+struct Log2Json {
+    low_ns: u64,
+    high_ns: u64,
+    count: u64,
+}
+
+impl FunctionReport<'_> {
+    pub fn lost(&self) -> u64 {
+        self.missed + self.outliers_lost
+    }
+
+    pub fn to_json(&self) -> String {
+        let l = self.latencies;
+        let q = |i: usize| l.quantile_ns(QUANTILES[i].0);
+        let json = HistogramJson {
+            kind: "histogram",
+            function: self.function,
+            attach: self.attach,
+            period: self.period,
+            seconds: (self.seconds * 1000.0).round() / 1000.0,
+            count: l.count(),
+            min_ns: l.min_ns(),
+            mean_ns: l.mean_ns(),
+            max_ns: l.max_ns(),
+            p50_ns: q(0),
+            p90_ns: q(1),
+            p99_ns: q(2),
+            p999_ns: q(3),
+            p9999_ns: q(4),
+            lost: self.lost(),
+            missed: self.missed,
+            outliers_lost: self.outliers_lost,
+            log2_ns: l
+                .log2_buckets(1)
+                .into_iter()
+                .map(|(low_ns, high_ns, count)| Log2Json { low_ns, high_ns, count })
+                .collect(),
+        };
+        serde_json::to_string(&json).expect("report serializes")
+    }
+
+    pub fn to_text(&self) -> String {
+        let l = self.latencies;
+        let mut out = format!(
+            "{} [{}] {} {:.1}s: {} calls",
+            self.function,
+            self.attach,
+            self.period,
+            self.seconds,
+            l.count()
+        );
+        if self.lost() > 0 {
+            out += &format!(
+                ", LOST {} ({} calls untimed, {} outliers undelivered)",
+                self.lost(),
+                self.missed,
+                self.outliers_lost
+            );
+        }
+        out.push('\n');
+        if l.count() == 0 {
+            return out;
+        }
+        out += &format!(
+            "  min {}  mean {}  max {}\n ",
+            format_ns(l.min_ns()),
+            format_ns(l.mean_ns()),
+            format_ns(l.max_ns())
+        );
+        for (q, name) in QUANTILES {
+            let label = match name {
+                "p999" => "p99.9".to_string(),
+                "p9999" => "p99.99".to_string(),
+                other => other.to_string(),
+            };
+            out += &format!(" {label} {}", format_ns(l.quantile_ns(q)));
+        }
+        out.push('\n');
+        out += &log2_text(l);
+        out
+    }
+}
+
+/// A bcc-style log2 histogram, in the unit that suits the largest value.
+fn log2_text(l: &Latencies) -> String {
+    let (unit_ns, unit) = log2_unit(l.max_ns());
+    let buckets = l.log2_buckets(unit_ns);
+    let peak = buckets.iter().map(|b| b.2).max().unwrap_or(0).max(1);
+    let mut out = format!("  {unit:>22} : {:<10} distribution\n", "count");
+    for (low, high, count) in buckets {
+        let bar_len = ((count as f64 / peak as f64) * 40.0).ceil() as usize;
+        out += &format!(
+            "  {:>9} -> {:<9} : {:<10} |{:<40}|\n",
+            low,
+            high,
+            count,
+            "*".repeat(bar_len.min(40))
+        );
+    }
+    out
+}
+
+/// One call slower than `--slower`.
+pub struct OutlierReport<'a> {
+    pub time: String,
+    pub function: &'a str,
+    pub duration_ns: u64,
+    pub cpu: u32,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    /// Symbolized kernel frames, innermost first (empty without `--stacks`).
+    pub stack: Vec<(u64, Option<String>)>,
+}
+
+#[derive(Serialize)]
+struct OutlierJson<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    time: &'a str,
+    function: &'a str,
+    duration_ns: u64,
+    cpu: u32,
+    pid: u32,
+    tid: u32,
+    comm: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    stack: Vec<FrameJson>,
+}
+
+#[derive(Serialize)]
+struct FrameJson {
+    addr: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    symbol: Option<String>,
+}
+
+impl OutlierReport<'_> {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&OutlierJson {
+            kind: "outlier",
+            time: &self.time,
+            function: self.function,
+            duration_ns: self.duration_ns,
+            cpu: self.cpu,
+            pid: self.pid,
+            tid: self.tid,
+            comm: &self.comm,
+            stack: self
+                .stack
+                .iter()
+                .map(|(addr, symbol)| FrameJson { addr: format!("{addr:#x}"), symbol: symbol.clone() })
+                .collect(),
+        })
+        .expect("outlier serializes")
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut out = format!(
+            "{} {} {} cpu={} pid={} tid={} comm={}\n",
+            self.time,
+            self.function,
+            format_ns(self.duration_ns),
+            self.cpu,
+            self.pid,
+            self.tid,
+            self.comm
+        );
+        for (addr, symbol) in &self.stack {
+            match symbol {
+                Some(s) => out += &format!("    {s}\n"),
+                None => out += &format!("    {addr:#x}\n"),
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use latprobe_common::hdr;
+
+    use super::*;
+
+    fn latencies(values: &[u64]) -> Latencies {
+        let mut l = Latencies::new();
+        for &v in values {
+            l.add_bucket(hdr::bucket_index(v), 1).unwrap();
+        }
+        l.set_totals(values.iter().sum(), *values.iter().min().unwrap(), *values.iter().max().unwrap());
+        l
+    }
+
+    #[test]
+    fn json_has_the_documented_fields() {
+        let l = latencies(&[1000, 2000, 3000, 4000]);
+        let r = FunctionReport {
+            function: "net_rx_action",
+            attach: "fentry",
+            period: "final",
+            seconds: 1.0,
+            latencies: &l,
+            missed: 1,
+            outliers_lost: 2,
+        };
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(v["type"], "histogram");
+        assert_eq!(v["function"], "net_rx_action");
+        assert_eq!(v["attach"], "fentry");
+        assert_eq!(v["count"], 4);
+        assert_eq!(v["min_ns"], 1000);
+        assert_eq!(v["mean_ns"], 2500);
+        assert_eq!(v["max_ns"], 4000);
+        assert_eq!(v["p50_ns"], 2000);
+        assert_eq!(v["p999_ns"], 4000);
+        assert_eq!(v["lost"], 3);
+        assert_eq!(v["log2_ns"][0]["low_ns"], 512);
+    }
+
+    #[test]
+    fn text_report_matches_expected() {
+        let l = latencies(&[5_000_000, 5_000_000, 5_100_000, 23_000_000]);
+        let r = FunctionReport {
+            function: "do_nanosleep",
+            attach: "kprobe",
+            period: "final",
+            seconds: 2.0,
+            latencies: &l,
+            missed: 0,
+            outliers_lost: 0,
+        };
+        let expected = "\
+do_nanosleep [kprobe] final 2.0s: 4 calls
+  min 5.00ms  mean 9.53ms  max 23.0ms
+  p50 5.00ms p90 23.0ms p99 23.0ms p99.9 23.0ms p99.99 23.0ms
+                   usecs : count      distribution
+       4096 -> 8191      : 3          |****************************************|
+       8192 -> 16383     : 0          |                                        |
+      16384 -> 32767     : 1          |**************                          |
+";
+        assert_eq!(r.to_text(), expected);
+    }
+
+    #[test]
+    fn outlier_text_and_json() {
+        let o = OutlierReport {
+            time: "2026-11-22T11:34:23.123456Z".into(),
+            function: "tcp_collapse",
+            duration_ns: 21_000_000,
+            cpu: 3,
+            pid: 10,
+            tid: 11,
+            comm: "nginx".into(),
+            stack: vec![(0xffffffff81a00410, Some("tcp_collapse+0x10".into())), (0x1, None)],
+        };
+        assert_eq!(
+            o.to_text(),
+            "2026-11-22T11:34:23.123456Z tcp_collapse 21.0ms cpu=3 pid=10 tid=11 comm=nginx\n    tcp_collapse+0x10\n    0x1\n"
+        );
+        let v: serde_json::Value = serde_json::from_str(&o.to_json()).unwrap();
+        assert_eq!(v["type"], "outlier");
+        assert_eq!(v["duration_ns"], 21_000_000);
+        assert_eq!(v["stack"][0]["symbol"], "tcp_collapse+0x10");
+    }
+}
