@@ -1,0 +1,101 @@
+//! Deterministic workloads for latprobe's tests: each makes an exact number
+//! of calls into a known kernel or user function, so tests can assert exact
+//! counts and known durations.
+//!
+//! ```text
+//! workload STEP [STEP…]     steps run in order:
+//!   getppid N               N getppid() system calls
+//!   sleep N DUR             N nanosleep() calls of DUR (e.g. 5ms)
+//!   recurse N DEPTH DUR     N calls of a function recursing DEPTH deep, the
+//!                           innermost sleeping DUR (a uprobe target)
+//!   udp N                   N UDP datagrams over loopback (NET_RX softirqs)
+//!   spin DUR                burn CPU for DUR
+//! ```
+
+use std::{
+    env,
+    hint::black_box,
+    net::UdpSocket,
+    process::exit,
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+fn duration(text: &str) -> Duration {
+    let (number, scale) = if let Some(n) = text.strip_suffix("us") {
+        (n, 1e-6)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        usage(&format!("bad duration {text}"))
+    };
+    Duration::from_secs_f64(number.parse::<f64>().unwrap_or_else(|_| usage(text)) * scale)
+}
+
+fn usage(why: &str) -> ! {
+    eprintln!("workload: {why}; see the doc comment of latprobe/examples/workload.rs");
+    exit(2)
+}
+
+/// The uprobe target of the recursion tests: kept out of line and unmangled
+/// so its symbol is in the binary under this exact name.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn latprobe_workload_recurse(depth: u32, nap_us: u64) -> u64 {
+    if depth <= 1 {
+        sleep(Duration::from_micros(nap_us));
+        return 1;
+    }
+    black_box(latprobe_workload_recurse(depth - 1, nap_us)) + 1
+}
+
+fn main() {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let mut rest = args.as_slice();
+    let number = |s: &str| s.parse::<u64>().unwrap_or_else(|_| usage(&format!("bad number {s}")));
+    while let Some((step, tail)) = rest.split_first() {
+        rest = match (step.as_str(), tail) {
+            ("getppid", [n, tail @ ..]) => {
+                for _ in 0..number(n) {
+                    // SAFETY: getppid has no preconditions.
+                    black_box(unsafe { libc::getppid() });
+                }
+                tail
+            }
+            ("sleep", [n, d, tail @ ..]) => {
+                let d = duration(d);
+                for _ in 0..number(n) {
+                    sleep(d);
+                }
+                tail
+            }
+            ("recurse", [n, depth, d, tail @ ..]) => {
+                let nap = duration(d).as_micros() as u64;
+                for _ in 0..number(n) {
+                    black_box(latprobe_workload_recurse(number(depth) as u32, nap));
+                }
+                tail
+            }
+            ("udp", [n, tail @ ..]) => {
+                let rx = UdpSocket::bind("127.0.0.1:0").expect("bind receiver");
+                let tx = UdpSocket::bind("127.0.0.1:0").expect("bind sender");
+                let mut buf = [0u8; 64];
+                for _ in 0..number(n) {
+                    tx.send_to(b"latprobe", rx.local_addr().unwrap()).expect("send");
+                    rx.recv(&mut buf).expect("receive");
+                }
+                tail
+            }
+            ("spin", [d, tail @ ..]) => {
+                let until = Instant::now() + duration(d);
+                while Instant::now() < until {
+                    black_box(0);
+                }
+                tail
+            }
+            _ => usage(&format!("unknown or incomplete step at {step:?}")),
+        };
+    }
+}

@@ -1,0 +1,217 @@
+//! `latprobe fn` against real kernels: exact counts and known durations from
+//! the deterministic workload. Runs on the host and, through `xtask vm-test`,
+//! inside every kernel of the VM matrix. Tests share kernel state: run them
+//! with `--test-threads=1`.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    thread::sleep,
+    time::Duration,
+};
+
+use common::*;
+
+const GETPPID: &str = "__x64_sys_getppid";
+const NANOSLEEP: &str = "hrtimer_nanosleep";
+
+fn exact_count(mode: &str) {
+    let test = format!("exact_count_{mode}");
+    if let Some(why) = kernel_probes_unavailable() {
+        return skip(&test, &why);
+    }
+    let w = workload();
+    let run = latprobe(&["fn", GETPPID, "--attach", mode, "--format", "json", "--", &w, "getppid", "1000"]);
+    run.assert_success();
+    let h = run.final_histogram(GETPPID);
+    assert_eq!(h["attach"], mode, "{h}");
+    assert_eq!(u64_of(&h, "count"), 1000, "1000 getppid() calls made: {h}");
+    assert_eq!(u64_of(&h, "lost"), 0, "{h}");
+    assert!(u64_of(&h, "min_ns") <= u64_of(&h, "p50_ns") && u64_of(&h, "p50_ns") <= u64_of(&h, "max_ns"), "{h}");
+}
+
+#[test]
+fn exact_count_fentry() {
+    exact_count("fentry");
+}
+
+#[test]
+fn exact_count_kprobe() {
+    exact_count("kprobe");
+}
+
+#[test]
+fn sleeps_of_5ms_give_a_5ms_median() {
+    if let Some(why) = kernel_probes_unavailable() {
+        return skip("sleeps_of_5ms_give_a_5ms_median", &why);
+    }
+    let w = workload();
+    let run = latprobe(&["fn", NANOSLEEP, "--format", "json", "--", &w, "sleep", "40", "5ms"]);
+    run.assert_success();
+    let h = run.final_histogram(NANOSLEEP);
+    assert_eq!(u64_of(&h, "count"), 40, "{h}");
+    let p50 = u64_of(&h, "p50_ns");
+    assert!((5_000_000..=7_000_000).contains(&p50), "p50 of 5 ms sleeps was {p50} ns: {h}");
+    assert!(u64_of(&h, "min_ns") >= 5_000_000, "no sleep is shorter than asked: {h}");
+}
+
+#[test]
+fn pid_filter_counts_only_that_process() {
+    if let Some(why) = kernel_probes_unavailable() {
+        return skip("pid_filter_counts_only_that_process", &why);
+    }
+    // The target waits 3 s (time for latprobe to attach), then calls 300 times;
+    // a bystander calls 500 times meanwhile and must not be counted.
+    let mut target = Command::new(workload_bin()).args(["sleep", "1", "3s", "getppid", "300"]).spawn().unwrap();
+    let mut bystander = Command::new(workload_bin()).args(["sleep", "1", "3s", "getppid", "500"]).spawn().unwrap();
+    let pid = target.id().to_string();
+    let run = latprobe(&["fn", GETPPID, "--pid", &pid, "--format", "json"]);
+    target.wait().unwrap();
+    bystander.wait().unwrap();
+    run.assert_success();
+    let h = run.final_histogram(GETPPID);
+    assert_eq!(u64_of(&h, "count"), 300, "{h}");
+}
+
+#[test]
+fn recursion_is_timed_per_call() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("recursion_is_timed_per_call", &why);
+    }
+    // 10 calls recursing 5 deep: 50 calls, each level timed separately; the
+    // outermost contain the innermost 2 ms sleep.
+    let w = workload();
+    let func = format!("{w}:latprobe_workload_recurse");
+    let run = latprobe(&["fn", &func, "--format", "json", "--", &w, "recurse", "10", "5", "2ms"]);
+    run.assert_success();
+    let h = run.final_histogram(&func);
+    assert_eq!(h["attach"], "uprobe");
+    assert_eq!(u64_of(&h, "count"), 50, "{h}");
+    assert_eq!(u64_of(&h, "lost"), 0, "{h}");
+    assert!(u64_of(&h, "min_ns") >= 2_000_000, "every level contains the 2 ms sleep: {h}");
+}
+
+#[test]
+fn recursion_deeper_than_tracked_is_reported_as_lost() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("recursion_deeper_than_tracked_is_reported_as_lost", &why);
+    }
+    // 4 calls recursing 10 deep: 8 levels are tracked per task, the 2
+    // deepest of each call are counted as lost, never mistimed.
+    let w = workload();
+    let func = format!("{w}:latprobe_workload_recurse");
+    let run = latprobe(&["fn", &func, "--format", "json", "--", &w, "recurse", "4", "10", "100us"]);
+    run.assert_success();
+    let h = run.final_histogram(&func);
+    assert_eq!(u64_of(&h, "count"), 32, "{h}");
+    assert_eq!(u64_of(&h, "missed"), 8, "{h}");
+    assert_eq!(u64_of(&h, "lost"), 8, "{h}");
+}
+
+#[test]
+fn slower_reports_each_slow_call_with_its_stack() {
+    if let Some(why) = kernel_probes_unavailable() {
+        return skip("slower_reports_each_slow_call_with_its_stack", &why);
+    }
+    let w = workload();
+    let run = latprobe(&[
+        "fn", NANOSLEEP, "--slower", "3ms", "--stacks", "--format", "json", "--", &w, "sleep", "5", "5ms", "sleep", "20",
+        "200us",
+    ]);
+    run.assert_success();
+    let outliers = run.outliers();
+    assert_eq!(outliers.len(), 5, "5 sleeps of 5 ms are over 3 ms, 20 of 200 us are not:\n{}", run.stdout);
+    for o in &outliers {
+        assert_eq!(o["function"], NANOSLEEP);
+        assert_eq!(o["comm"], "workload");
+        assert!(u64_of(o, "duration_ns") >= 5_000_000, "{o}");
+        let stack = o["stack"].as_array().unwrap_or_else(|| panic!("no stack: {o}"));
+        assert!(
+            stack.iter().any(|f| f["symbol"].as_str().is_some_and(|s| s.contains("nanosleep"))),
+            "the stack passes through a nanosleep function: {o}"
+        );
+    }
+    assert_eq!(u64_of(&run.final_histogram(NANOSLEEP), "count"), 25);
+}
+
+#[test]
+fn net_rx_action_counts_every_net_rx_softirq() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("net_rx_action_counts_every_net_rx_softirq", &why);
+    }
+    let mut child = Command::new(latprobe_bin())
+        .args(["fn", "net_rx_action", "--secs", "6", "--format", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    while !said.contains("tracing") {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!("latprobe ended before tracing: {said}");
+        }
+        said += &line;
+    }
+    let before = net_rx_softirqs();
+    let status = Command::new(workload_bin()).args(["udp", "200"]).status().unwrap();
+    assert!(status.success());
+    let after = net_rx_softirqs();
+    let out = child.wait_with_output().unwrap();
+    let run = Run {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: said,
+        output: out,
+    };
+    run.assert_success();
+    let h = run.final_histogram("net_rx_action");
+    let expected = if kernel_probes_unavailable().is_some() { "softirq-tracepoint" } else { "fentry" };
+    assert_eq!(h["attach"], expected, "{h}");
+    let count = u64_of(&h, "count");
+    let delta = after - before;
+    assert!(delta >= 1, "loopback UDP raised NET_RX softirqs");
+    // latprobe's window encloses the workload's: it sees at least every
+    // softirq the kernel counted meanwhile.
+    assert!(count >= delta, "latprobe counted {count} net_rx_action calls, the kernel {delta} NET_RX softirqs");
+    assert_eq!(u64_of(&h, "lost"), 0, "{h}");
+}
+
+#[test]
+fn probes_are_gone_after_sigkill() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("probes_are_gone_after_sigkill", &why);
+    }
+    let func = if kernel_probes_unavailable().is_none() { GETPPID } else { "net_rx_action" };
+    let mut child = Command::new(latprobe_bin()).args(["fn", func]).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("tracing") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "latprobe ended before tracing");
+    }
+    assert!(ours_loaded() > 0, "latprobe's programs are loaded while it runs");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The kernel frees programs once the last fd closes; give it a moment.
+    for _ in 0..50 {
+        if ours_loaded() == 0 {
+            break;
+        }
+        sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ours_loaded(), 0, "programs left attached after SIGKILL");
+    if let Ok(events) = std::fs::read_to_string("/sys/kernel/tracing/kprobe_events") {
+        assert!(events.trim().is_empty(), "leftover kprobes: {events}");
+    }
+}
+
+/// latprobe's `fn` programs currently loaded in the kernel.
+fn ours_loaded() -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("fn_")))
+        .count()
+}
