@@ -19,10 +19,6 @@ impl WallClock {
         Self { offset_ns: now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC) }
     }
 
-    pub fn monotonic_now_ns() -> u64 {
-        now(libc::CLOCK_MONOTONIC) as u64
-    }
-
     /// RFC 3339 UTC time with microseconds.
     pub fn format(&self, monotonic_ns: u64) -> String {
         format_unix_ns((monotonic_ns as i128 + self.offset_ns).max(0) as u64)

@@ -24,8 +24,3 @@ pub fn emit(text: &str) -> anyhow::Result<()> {
         other => Ok(other?),
     }
 }
-
-/// Writes one line to stdout.
-pub fn emit_line(line: &str) -> anyhow::Result<()> {
-    emit(&format!("{line}\n"))
-}

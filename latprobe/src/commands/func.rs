@@ -137,6 +137,12 @@ pub async fn run(args: FnArgs, verbose: bool) -> Result<()> {
     })?;
 
     let symbols = KernelSymbols::load().ok();
+    if args.stacks && !symbols.as_ref().is_some_and(KernelSymbols::addresses_visible) {
+        eprintln!(
+            "latprobe: kernel addresses are hidden (/proc/sys/kernel/kptr_restrict), so stacks \
+             print as raw addresses: run as root, or set kptr_restrict to 0"
+        );
+    }
     let mut traced = Vec::new();
     {
         let mut attacher = Attacher {
