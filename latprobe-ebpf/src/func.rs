@@ -27,7 +27,7 @@ use aya_ebpf::{
 };
 use latprobe_common::{
     func::{
-        BucketGroup, FuncStats, Outlier, TaskFrames, GROUPS_PER_FUNC, GROUP_COUNT_SLOTS, MAX_FUNCS,
+        BucketGroup, FuncStats, Outlier, TaskFrames, GROUPS_PER_FUNC, GROUP_COUNT_SLOTS, MAX_DEPTH, MAX_FUNCS,
         MAX_STACK, NET_RX_SOFTIRQ,
     },
     hdr,
@@ -91,6 +91,21 @@ fn stats(slot: usize) -> Option<&'static mut FuncStats> {
     STATS.get_ptr_mut(slot as u32).and_then(|p| unsafe { p.as_mut() })
 }
 
+/// Bounds an index so that older verifiers (6.1, 6.12) can follow it.
+/// LLVM drops a plain `& (len - 1)` after a range check and may index with a
+/// register other than the one it checked; those verifiers then lose the
+/// bound. The AND is emitted in assembly so it survives, right before use.
+/// `len` must be a power of two.
+#[inline(always)]
+fn masked(index: usize, len: usize) -> usize {
+    let mut i = index;
+    // SAFETY: a register-only AND; no memory is touched.
+    unsafe {
+        core::arch::asm!("{i} &= {m}", i = inout(reg) i, m = in(reg) len - 1, options(pure, nomem, nostack));
+    }
+    i
+}
+
 #[inline(always)]
 fn enter(slot: usize) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -98,58 +113,65 @@ fn enter(slot: usize) {
     if want != 0 && tgid != want {
         return;
     }
+    let slot = masked(slot, MAX_FUNCS);
     let Some(frames) = FRAMES.current(true) else {
         if let Some(s) = stats(slot) {
             add(&mut s.missed, 1);
         }
         return;
     };
-    let (Some(depth), Some(stack)) = (frames.depth.get_mut(slot), frames.frames.get_mut(slot))
-    else {
-        return;
+    // SAFETY (all indexing below): `slot` and the depth index are masked
+    // to their power-of-two array lengths.
+    let (depth, stack) = unsafe {
+        (frames.depth.get_unchecked_mut(slot), frames.frames.get_unchecked_mut(slot))
     };
     let d = *depth as usize;
-    if let Some(frame) = stack.get_mut(d) {
+    if d < MAX_DEPTH {
+        // SAFETY: masked to MAX_DEPTH.
+        let frame = unsafe { stack.get_unchecked_mut(masked(d, MAX_DEPTH)) };
         // SAFETY: helpers without arguments.
         frame.cpu = unsafe { bpf_get_smp_processor_id() };
         // Read the clock last, to leave our own bookkeeping out of the call.
         // SAFETY: as above.
         frame.start_ns = unsafe { bpf_ktime_get_ns() };
     }
-    *depth += 1;
+    *depth = (d + 1) as u32;
 }
 
 #[inline(always)]
 fn exit<C: EbpfContext>(ctx: &C, slot: usize) {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    let slot = masked(slot, MAX_FUNCS);
     // Calls that entered before we attached have no frame: skip them.
     let Some(frames) = FRAMES.current(false) else {
         return;
     };
-    let (Some(depth), Some(stack)) = (frames.depth.get_mut(slot), frames.frames.get_mut(slot))
-    else {
-        return;
+    // SAFETY: `slot` is masked to MAX_FUNCS.
+    let (depth, stack) = unsafe {
+        (frames.depth.get_unchecked_mut(slot), frames.frames.get_unchecked(slot))
     };
     if *depth == 0 {
         return;
     }
-    *depth -= 1;
-    let Some(frame) = stack.get(*depth as usize) else {
+    let d = *depth as usize - 1;
+    *depth = d as u32;
+    if d >= MAX_DEPTH {
         if let Some(s) = stats(slot) {
             add(&mut s.missed, 1);
         }
         return;
-    };
-    let (start_ns, start_cpu) = (frame.start_ns, frame.cpu);
+    }
+    // SAFETY: masked to MAX_DEPTH.
+    let frame = *unsafe { stack.get_unchecked(masked(d, MAX_DEPTH)) };
     let want_cpu = global(&TARGET_CPU);
-    if want_cpu != u32::MAX && start_cpu != want_cpu {
+    if want_cpu != u32::MAX && frame.cpu != want_cpu {
         return;
     }
-    let duration = now.saturating_sub(start_ns);
+    let duration = now.saturating_sub(frame.start_ns);
     record(slot, duration);
     if duration >= global(&SLOWER_NS) {
-        report_outlier(ctx, slot, now, duration, start_cpu);
+        report_outlier(ctx, slot, now, duration, frame.cpu);
     }
 }
 
@@ -158,20 +180,21 @@ fn record(slot: usize, duration: u64) {
     let index = hdr::bucket_index(duration);
     let group = index / hdr::GROUP_BUCKETS;
     let key = (slot * GROUPS_PER_FUNC + group) as u32;
+    let sub = masked(index, hdr::GROUP_BUCKETS);
     if let Some(bucket) = BUCKETS
         .get_ptr_mut(key)
         // SAFETY: per-CPU array slots are valid for the program's lifetime.
         .and_then(|p| unsafe { p.as_mut() })
-        .and_then(|g| g.counts.get_mut(index % hdr::GROUP_BUCKETS))
+        // SAFETY: `sub` is masked to GROUP_BUCKETS.
+        .map(|g| unsafe { g.counts.get_unchecked_mut(sub) })
     {
         add(bucket, 1);
     }
     let Some(s) = stats(slot) else { return };
     add(&mut s.count, 1);
     add(&mut s.sum_ns, duration);
-    if let Some(g) = s.group_counts.get_mut(group & (GROUP_COUNT_SLOTS - 1)) {
-        add(g, 1);
-    }
+    // SAFETY: masked to GROUP_COUNT_SLOTS.
+    add(unsafe { s.group_counts.get_unchecked_mut(masked(group, GROUP_COUNT_SLOTS)) }, 1);
     // Per-CPU values start zeroed, so 0 also means "no call yet".
     if s.min_ns == 0 || duration < s.min_ns {
         s.min_ns = duration;

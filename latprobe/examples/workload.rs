@@ -5,6 +5,7 @@
 //! ```text
 //! workload STEP [STEP…]     steps run in order:
 //!   getppid N               N getppid() system calls
+//!   read N                  N one-byte read()s of /dev/zero (N vfs_read calls)
 //!   sleep N DUR             N nanosleep() calls of DUR (e.g. 5ms)
 //!   recurse N DEPTH DUR     N calls of a function recursing DEPTH deep, the
 //!                           innermost sleeping DUR (a uprobe target)
@@ -14,6 +15,8 @@
 
 use std::{
     env,
+    fs::File,
+    io::Read,
     hint::black_box,
     net::UdpSocket,
     process::exit,
@@ -61,6 +64,14 @@ fn main() {
                 for _ in 0..number(n) {
                     // SAFETY: getppid has no preconditions.
                     black_box(unsafe { libc::getppid() });
+                }
+                tail
+            }
+            ("read", [n, tail @ ..]) => {
+                let zero = File::open("/dev/zero").expect("open /dev/zero");
+                let mut byte = [0u8; 1];
+                for _ in 0..number(n) {
+                    (&zero).read_exact(&mut byte).expect("read /dev/zero");
                 }
                 tail
             }

@@ -134,8 +134,8 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 }
 
 fn describe(err: &ProgramError) -> String {
-    match errno(err) {
-        Some(libc::EPERM) => "the kernel refused (EPERM: lockdown or a BPF LSM policy)".into(),
+    let hint = match errno(err) {
+        Some(libc::EPERM) => String::from("the kernel refused (EPERM: lockdown or a BPF LSM policy)"),
         Some(libc::ENOENT) | Some(libc::ESRCH) => {
             "not in the kernel's BTF (static or inlined functions may be missing)".into()
         }
@@ -144,8 +144,9 @@ fn describe(err: &ProgramError) -> String {
              inlined at its call sites)"
                 .into()
         }
-        _ => error_chain(err),
-    }
+        _ => return error_chain(err),
+    };
+    format!("{hint} [{}]", error_chain(err))
 }
 
 /// Everything needed to attach programs, gathered once.

@@ -14,7 +14,8 @@ use std::{
 
 use common::*;
 
-const GETPPID: &str = "__x64_sys_getppid";
+/// Called exactly once per read(): the workload's `read N` makes N calls.
+const READ: &str = "vfs_read";
 const NANOSLEEP: &str = "hrtimer_nanosleep";
 
 fn exact_count(mode: &str) {
@@ -23,11 +24,11 @@ fn exact_count(mode: &str) {
         return skip(&test, &why);
     }
     let w = workload();
-    let run = latprobe(&["fn", GETPPID, "--attach", mode, "--format", "json", "--", &w, "getppid", "1000"]);
+    let run = latprobe(&["fn", READ, "--attach", mode, "--format", "json", "--", &w, "read", "1000"]);
     run.assert_success();
-    let h = run.final_histogram(GETPPID);
+    let h = run.final_histogram(READ);
     assert_eq!(h["attach"], mode, "{h}");
-    assert_eq!(u64_of(&h, "count"), 1000, "1000 getppid() calls made: {h}");
+    assert_eq!(u64_of(&h, "count"), 1000, "1000 read() calls made: {h}");
     assert_eq!(u64_of(&h, "lost"), 0, "{h}");
     assert!(u64_of(&h, "min_ns") <= u64_of(&h, "p50_ns") && u64_of(&h, "p50_ns") <= u64_of(&h, "max_ns"), "{h}");
 }
@@ -62,16 +63,16 @@ fn pid_filter_counts_only_that_process() {
     if let Some(why) = kernel_probes_unavailable() {
         return skip("pid_filter_counts_only_that_process", &why);
     }
-    // The target waits 3 s (time for latprobe to attach), then calls 300 times;
-    // a bystander calls 500 times meanwhile and must not be counted.
-    let mut target = Command::new(workload_bin()).args(["sleep", "1", "3s", "getppid", "300"]).spawn().unwrap();
-    let mut bystander = Command::new(workload_bin()).args(["sleep", "1", "3s", "getppid", "500"]).spawn().unwrap();
+    // The target waits 3 s (time for latprobe to attach), then reads 300 times;
+    // a bystander reads 500 times meanwhile and must not be counted.
+    let mut target = Command::new(workload_bin()).args(["sleep", "1", "3s", "read", "300"]).spawn().unwrap();
+    let mut bystander = Command::new(workload_bin()).args(["sleep", "1", "3s", "read", "500"]).spawn().unwrap();
     let pid = target.id().to_string();
-    let run = latprobe(&["fn", GETPPID, "--pid", &pid, "--format", "json"]);
+    let run = latprobe(&["fn", READ, "--pid", &pid, "--secs", "6", "--format", "json"]);
     target.wait().unwrap();
     bystander.wait().unwrap();
     run.assert_success();
-    let h = run.final_histogram(GETPPID);
+    let h = run.final_histogram(READ);
     assert_eq!(u64_of(&h, "count"), 300, "{h}");
 }
 
@@ -184,7 +185,7 @@ fn probes_are_gone_after_sigkill() {
     if let Some(why) = bpf_unavailable() {
         return skip("probes_are_gone_after_sigkill", &why);
     }
-    let func = if kernel_probes_unavailable().is_none() { GETPPID } else { "net_rx_action" };
+    let func = if kernel_probes_unavailable().is_none() { READ } else { "net_rx_action" };
     let mut child = Command::new(latprobe_bin()).args(["fn", func]).stderr(Stdio::piped()).spawn().unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
