@@ -3,6 +3,15 @@
 
 use std::{fs, io};
 
+/// Larger than any kernel function; see [`KernelSymbols::symbolize`].
+const MAX_FUNCTION_SIZE: u64 = 64 * 1024;
+
+/// Whether a symbolized frame is latprobe's own program or the trampoline
+/// that called it, rather than the traced code.
+pub fn is_bpf_frame(symbol: &str) -> bool {
+    symbol.starts_with("bpf_prog_") || symbol.starts_with("bpf_trampoline_")
+}
+
 /// Text symbols of the running kernel (and its modules), sorted by address.
 pub struct KernelSymbols {
     /// (address, name); addresses are all zero when kptr_restrict hides them.
@@ -46,6 +55,11 @@ impl KernelSymbols {
         }
         let i = self.symbols.partition_point(|(a, _)| *a <= addr).checked_sub(1)?;
         let (base, name) = &self.symbols[i];
+        // kallsyms has no sizes: an address far past the nearest symbol is in
+        // code it does not list (the last symbol of a region would claim it).
+        if addr - base > MAX_FUNCTION_SIZE {
+            return None;
+        }
         Some(format!("{name}+{:#x}", addr - base))
     }
 
@@ -117,6 +131,7 @@ ffffffff81a01000 T tcp_v6_rcv [ipv6]
         let k = KernelSymbols::parse(SAMPLE);
         assert_eq!(k.symbolize(0xffffffff81a00410).as_deref(), Some("tcp_collapse+0x10"));
         assert_eq!(k.symbolize(0x10), None);
+        assert_eq!(k.symbolize(0xffffffff81a01000 + 0x20_0000), None, "far past the last symbol");
     }
 
     #[test]

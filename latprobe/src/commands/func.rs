@@ -23,7 +23,7 @@ use crate::{
     cli::FnArgs,
     clock::WallClock,
     histogram::Latencies,
-    kallsyms::KernelSymbols,
+    kallsyms::{self, KernelSymbols},
     launch::GatedChild,
     output::emit,
     report::{Format, FunctionReport, OutlierReport},
@@ -270,9 +270,11 @@ impl OutlierPrinter<'_> {
             drop(item);
             let Some(name) = self.names.get(o.slot as usize) else { continue };
             let comm_len = o.comm.iter().position(|&b| b == 0).unwrap_or(o.comm.len());
+            // The stack starts inside our own program and its trampoline.
             let stack = o.stack[..(o.stack_len as usize).min(o.stack.len())]
                 .iter()
                 .map(|&addr| (addr, self.symbols.and_then(|s| s.symbolize(addr))))
+                .skip_while(|(_, sym)| sym.as_deref().is_none_or(kallsyms::is_bpf_frame))
                 .collect();
             let report = OutlierReport {
                 time: self.clock.format(o.end_ns),
