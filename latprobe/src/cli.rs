@@ -58,7 +58,7 @@ pub struct FnArgs {
     /// Also print a report of each interval, e.g. 10s
     #[arg(long, value_name = "DUR", value_parser = duration::parse_arg)]
     pub interval: Option<u64>,
-    /// Only calls made by this process
+    /// Only calls made by this process; stop when it exits
     #[arg(long, value_name = "PID", conflicts_with = "command")]
     pub pid: Option<u32>,
     /// Only calls that started on this CPU

@@ -103,8 +103,8 @@ impl Latencies {
         let mut slots = [0u64; 64];
         for v in self.hist.iter_recorded() {
             let scaled = v.value_iterated_to() / unit_ns;
-            // Slot 0 is the value 0; slot k holds [2^(k-1), 2^k).
-            let slot = if scaled == 0 { 0 } else { 64 - scaled.leading_zeros() as usize };
+            // As bcc: slot 0 holds 0 and 1, slot k holds [2^k, 2^(k+1)).
+            let slot = if scaled <= 1 { 0 } else { 63 - scaled.leading_zeros() as usize };
             slots[slot] += v.count_at_value();
         }
         let Some(first) = slots.iter().position(|&c| c > 0) else {
@@ -113,7 +113,7 @@ impl Latencies {
         let last = slots.iter().rposition(|&c| c > 0).unwrap_or(first);
         (first..=last)
             .map(|slot| {
-                let (low, high) = if slot == 0 { (0, 0) } else { (1u64 << (slot - 1), (1u64 << slot) - 1) };
+                let (low, high) = if slot == 0 { (0, 1) } else { (1u64 << slot, (1u64 << (slot + 1)) - 1) };
                 (low, high, slots[slot])
             })
             .collect()
@@ -176,6 +176,7 @@ mod tests {
         let l = from_values(&[3, 5, 6, 7, 900]);
         let b = l.log2_buckets(1);
         assert_eq!(b.first(), Some(&(2, 3, 1)));
+        assert_eq!(from_values(&[1, 2]).log2_buckets(1), vec![(0, 1, 1), (2, 3, 1)]);
         assert_eq!(b[1], (4, 7, 3));
         assert_eq!(b.last(), Some(&(512, 1023, 1)));
         assert_eq!(b.iter().map(|x| x.2).sum::<u64>(), 5);

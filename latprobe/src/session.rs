@@ -5,8 +5,11 @@
 
 use std::{process::ExitStatus, time::Duration};
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
 use anyhow::{Context, Result};
 use tokio::{
+    io::{unix::AsyncFd, Interest},
     process::Child,
     signal::unix::{signal, Signal, SignalKind},
     time::{sleep_until, Instant},
@@ -18,6 +21,28 @@ pub enum End {
     Deadline,
     Signal(&'static str),
     CommandExited(ExitStatus),
+    ProcessExited(u32),
+}
+
+/// Becomes readable when a process exits (`pidfd_open`, Linux 5.3+).
+struct PidFd(OwnedFd);
+
+impl AsRawFd for PidFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+fn pidfd(pid: u32) -> Option<AsyncFd<PidFd>> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel just returned this fd; we own it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // SAFETY: the pidfd is owned by the PidFd inside the AsyncFd; they drop together.
+    unsafe { AsyncFd::register_with_interest(PidFd(owned), Interest::READABLE) }.ok()
 }
 
 /// The end conditions of one run. Create it before loading anything, so a
@@ -27,6 +52,8 @@ pub struct Session {
     interrupt: Signal,
     terminate: Signal,
     hangup: Signal,
+    /// `--pid`: the run ends when that process does.
+    watched: Option<(u32, AsyncFd<PidFd>)>,
 }
 
 impl Session {
@@ -37,7 +64,14 @@ impl Session {
             interrupt: listen(SignalKind::interrupt())?,
             terminate: listen(SignalKind::terminate())?,
             hangup: listen(SignalKind::hangup())?,
+            watched: None,
         })
+    }
+
+    /// Ends the run when process `pid` exits (best effort: without pidfd
+    /// support the run simply goes on).
+    pub fn watch_process(&mut self, pid: u32) {
+        self.watched = pidfd(pid).map(|fd| (pid, fd));
     }
 
     /// Starts the `--secs` clock now (tracing has begun).
@@ -59,7 +93,17 @@ impl Session {
                 None => std::future::pending().await,
             }
         };
+        let process_exit = async {
+            match &self.watched {
+                Some((pid, fd)) => {
+                    let _ = fd.readable().await;
+                    *pid
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            pid = process_exit => End::ProcessExited(pid),
             () = deadline => End::Deadline,
             _ = self.interrupt.recv() => End::Signal("SIGINT"),
             _ = self.terminate.recv() => End::Signal("SIGTERM"),

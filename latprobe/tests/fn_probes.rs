@@ -68,12 +68,31 @@ fn pid_filter_counts_only_that_process() {
     let mut target = Command::new(workload_bin()).args(["sleep", "1", "3s", "read", "300"]).spawn().unwrap();
     let mut bystander = Command::new(workload_bin()).args(["sleep", "1", "3s", "read", "500"]).spawn().unwrap();
     let pid = target.id().to_string();
-    let run = latprobe(&["fn", READ, "--pid", &pid, "--secs", "6", "--format", "json"]);
+    // No --secs: the run ends when the target exits.
+    let run = latprobe(&["fn", READ, "--pid", &pid, "--format", "json"]);
     target.wait().unwrap();
     bystander.wait().unwrap();
     run.assert_success();
     let h = run.final_histogram(READ);
     assert_eq!(u64_of(&h, "count"), 300, "{h}");
+}
+
+#[test]
+fn interval_reports_add_up_to_the_final_one() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("interval_reports_add_up_to_the_final_one", &why);
+    }
+    let w = workload();
+    let func = format!("{w}:latprobe_workload_recurse");
+    // 6 calls of ~400 ms with 1 s reports: interval reports while it runs.
+    let run = latprobe(&["fn", &func, "--interval", "1s", "--format", "json", "--", &w, "recurse", "6", "1", "400ms"]);
+    run.assert_success();
+    let intervals: Vec<_> = run.records().into_iter().filter(|r| r["period"] == "interval").collect();
+    assert!(intervals.len() >= 1, "at least one interval report in ~2.4 s:\n{}", run.stdout);
+    let in_intervals: u64 = intervals.iter().map(|r| u64_of(r, "count")).sum();
+    let total = u64_of(&run.final_histogram(&func), "count");
+    assert_eq!(total, 6);
+    assert!(in_intervals <= total, "intervals count {in_intervals} of {total}");
 }
 
 #[test]

@@ -117,6 +117,9 @@ pub async fn run(args: FnArgs, verbose: bool) -> Result<()> {
         }
     }
     bpf::preflight()?;
+    if let Some(pid) = args.pid {
+        session.watch_process(pid);
+    }
 
     let mut child = if args.command.is_empty() { None } else { Some(GatedChild::spawn(&args.command)?) };
     let tgid = args.pid.or(child.as_ref().map(|c| c.pid)).unwrap_or(0);
@@ -221,6 +224,7 @@ pub async fn run(args: FnArgs, verbose: bool) -> Result<()> {
             eprintln!("latprobe: {} exited with {status}", args.command[0]);
         }
         End::Signal(name) if verbose => eprintln!("latprobe: ended by {name}"),
+        End::ProcessExited(pid) => eprintln!("latprobe: process {pid} exited"),
         _ => {}
     }
     Ok(())
