@@ -11,6 +11,7 @@
 //!                           innermost sleeping DUR (a uprobe target)
 //!   udp N                   N UDP datagrams over loopback (NET_RX softirqs)
 //!   spin DUR                burn CPU for DUR
+//!   report                  print `elapsed_ns=N` since the workload started
 //! ```
 
 use std::{
@@ -55,6 +56,7 @@ pub extern "C" fn latprobe_workload_recurse(depth: u32, nap_us: u64) -> u64 {
 }
 
 fn main() {
+    let started = Instant::now();
     let args: Vec<String> = env::args().skip(1).collect();
     let mut rest = args.as_slice();
     let number = |s: &str| s.parse::<u64>().unwrap_or_else(|_| usage(&format!("bad number {s}")));
@@ -104,6 +106,10 @@ fn main() {
                 while Instant::now() < until {
                     black_box(0);
                 }
+                tail
+            }
+            ("report", tail) => {
+                println!("elapsed_ns={}", started.elapsed().as_nanos());
                 tail
             }
             _ => usage(&format!("unknown or incomplete step at {step:?}")),

@@ -16,7 +16,7 @@ use aya::{
     Btf, Ebpf,
 };
 
-use crate::kallsyms::KernelSymbols;
+use crate::kallsyms::{self, KernelSymbols};
 
 /// What the user asked to trace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,7 +153,6 @@ fn describe(err: &ProgramError) -> String {
 pub struct Attacher<'a> {
     pub ebpf: &'a mut Ebpf,
     pub btf: Option<Btf>,
-    pub symbols: Option<&'a KernelSymbols>,
     pub mode: AttachMode,
     pub pid: Option<u32>,
     pub verbose: bool,
@@ -177,8 +176,8 @@ impl Attacher<'_> {
     }
 
     fn attach_kernel(&mut self, slot: usize, name: &str) -> Result<Mechanism> {
-        if let Some(symbols) = self.symbols {
-            if !symbols.contains(name) {
+        if kallsyms::kernel_has_function(name) == Some(false) {
+            if let Ok(symbols) = KernelSymbols::load() {
                 let close = symbols.suggest(name, 5);
                 let hint = if close.is_empty() {
                     String::from(" It may have been inlined by the compiler, leaving nothing to attach to: trace a caller instead.")

@@ -12,6 +12,20 @@ pub fn is_bpf_frame(symbol: &str) -> bool {
     symbol.starts_with("bpf_prog_") || symbol.starts_with("bpf_trampoline_")
 }
 
+/// Whether the running kernel has a text symbol `name`, reading
+/// /proc/kallsyms line by line rather than keeping its ~150k names.
+/// `None` when the file cannot be read.
+pub fn kernel_has_function(name: &str) -> Option<bool> {
+    use std::io::BufRead;
+    let file = fs::File::open("/proc/kallsyms").ok()?;
+    let found = io::BufReader::new(file).lines().map_while(Result::ok).any(|line| {
+        let mut parts = line.split_whitespace();
+        let (_, kind, sym) = (parts.next(), parts.next(), parts.next());
+        matches!(kind, Some("t" | "T" | "w" | "W")) && sym == Some(name)
+    });
+    Some(found)
+}
+
 /// Text symbols of the running kernel (and its modules), sorted by address.
 pub struct KernelSymbols {
     /// (address, name); addresses are all zero when kptr_restrict hides them.
@@ -40,6 +54,7 @@ impl KernelSymbols {
         Self { symbols, addresses_visible }
     }
 
+    #[cfg(test)]
     pub fn contains(&self, name: &str) -> bool {
         self.symbols.iter().any(|(_, n)| n == name)
     }

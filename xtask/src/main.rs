@@ -1,5 +1,6 @@
 //! latprobe's developer tasks: the VM kernel matrix and the tests run in it.
 
+mod bench;
 mod vm;
 mod vm_test;
 
@@ -38,6 +39,11 @@ enum Task {
         /// The command to run inside
         #[arg(last = true)]
         command: Vec<String>,
+    },
+    /// Measure latprobe's overhead and memory next to funclatency and bpftrace, in a VM
+    Bench {
+        #[arg(long, default_value = "6.12")]
+        kernel: String,
     },
     /// Build latprobe and its tests statically and run the tests inside VMs
     VmTest {
@@ -80,6 +86,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             return Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE });
         }
         Task::VmTest { kernel, filter } => return vm_test::run(&kernel, filter.as_deref()),
+        Task::Bench { kernel } => return bench::run(&kernel),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -129,6 +129,10 @@ pub async fn run(args: FnArgs, verbose: bool) -> Result<()> {
         .unwrap_or(MAX_FUNCS) as u32;
     let (cpu, slower, stacks) = (args.cpu.unwrap_or(u32::MAX), args.slower.unwrap_or(u64::MAX), u32::from(args.stacks));
     let buckets_len = (targets.len() * GROUPS_PER_FUNC) as u32;
+    // Room for bursts of outliers when they are asked for; one page otherwise.
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32;
+    let ring_bytes: u32 = if args.slower.is_some() { 4 << 20 } else { page };
     let mut ebpf = bpf::load(|loader| {
         loader
             .override_global(globals::TARGET_TGID, &tgid, true)
@@ -136,10 +140,12 @@ pub async fn run(args: FnArgs, verbose: bool) -> Result<()> {
             .override_global(globals::SLOWER_NS, &slower, true)
             .override_global(globals::STACKS, &stacks, true)
             .override_global(globals::SOFTIRQ_SLOT, &softirq_slot, true)
-            .map_max_entries("BUCKETS", buckets_len);
+            .map_max_entries("BUCKETS", buckets_len)
+            .map_max_entries("OUTLIERS", ring_bytes);
     })?;
 
-    let symbols = KernelSymbols::load().ok();
+    // Kernel symbols are only needed to print stacks; they take megabytes.
+    let symbols = if args.stacks { KernelSymbols::load().ok() } else { None };
     if args.stacks && !symbols.as_ref().is_some_and(KernelSymbols::addresses_visible) {
         eprintln!(
             "latprobe: kernel addresses are hidden (/proc/sys/kernel/kptr_restrict), so stacks \
@@ -151,7 +157,6 @@ pub async fn run(args: FnArgs, verbose: bool) -> Result<()> {
         let mut attacher = Attacher {
             ebpf: &mut ebpf,
             btf: Btf::from_sys_fs().ok(),
-            symbols: symbols.as_ref(),
             mode: args.attach,
             pid: (tgid != 0).then_some(tgid),
             verbose,
