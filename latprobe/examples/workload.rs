@@ -11,6 +11,7 @@
 //!                           innermost sleeping DUR (a uprobe target)
 //!   udp N                   N UDP datagrams over loopback (NET_RX softirqs)
 //!   spin DUR                burn CPU for DUR
+//!   pin CPU                 run the following steps on CPU only
 //!   report                  print `elapsed_ns=N` since the workload started
 //! ```
 
@@ -53,6 +54,18 @@ pub extern "C" fn latprobe_workload_recurse(depth: u32, nap_us: u64) -> u64 {
         return 1;
     }
     black_box(latprobe_workload_recurse(depth - 1, nap_us)) + 1
+}
+
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity get
+    // valid pointers to it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            usage(&format!("cannot pin to CPU {cpu}: {}", std::io::Error::last_os_error()));
+        }
+    }
 }
 
 fn main() {
@@ -106,6 +119,10 @@ fn main() {
                 while Instant::now() < until {
                     black_box(0);
                 }
+                tail
+            }
+            ("pin", [cpu, tail @ ..]) => {
+                pin_to(number(cpu) as usize);
                 tail
             }
             ("report", tail) => {
