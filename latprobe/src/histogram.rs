@@ -120,6 +120,20 @@ impl Latencies {
     }
 }
 
+#[cfg(test)]
+impl Latencies {
+    /// Latencies of exactly these values, as the kernel would count them.
+    pub fn of(values: &[u64]) -> Latencies {
+        let mut l = Latencies::new();
+        for &v in values {
+            l.add_bucket(hdr::bucket_index(v), 1).unwrap();
+        }
+        let (min, max) = (values.iter().min().copied().unwrap_or(0), values.iter().max().copied().unwrap_or(0));
+        l.set_totals(values.iter().sum(), min, max);
+        l
+    }
+}
+
 /// The unit a log2 histogram is drawn in: the coarsest that keeps the largest
 /// value's range readable, like bcc's `-u`/`-m`.
 pub fn log2_unit(max_ns: u64) -> (u64, &'static str) {
@@ -134,15 +148,6 @@ pub fn log2_unit(max_ns: u64) -> (u64, &'static str) {
 mod tests {
     use super::*;
 
-    fn from_values(values: &[u64]) -> Latencies {
-        let mut l = Latencies::new();
-        for &v in values {
-            l.add_bucket(hdr::bucket_index(v), 1).unwrap();
-        }
-        let sum = values.iter().sum();
-        l.set_totals(sum, *values.iter().min().unwrap(), *values.iter().max().unwrap());
-        l
-    }
 
     #[test]
     fn kernel_buckets_match_hdr_buckets() {
@@ -161,7 +166,7 @@ mod tests {
         // 1000 calls of 5 ms and one of 23 ms: the tail that averages hide.
         let mut values = vec![5_000_000u64; 999];
         values.push(23_000_000);
-        let l = from_values(&values);
+        let l = Latencies::of(&values);
         assert_eq!(l.count(), 1000);
         let p50 = l.quantile_ns(0.5);
         assert!((5_000_000..=5_005_000).contains(&p50), "p50 {p50}");
@@ -173,21 +178,21 @@ mod tests {
 
     #[test]
     fn log2_buckets_are_exact_and_contiguous() {
-        let l = from_values(&[3, 5, 6, 7, 900]);
+        let l = Latencies::of(&[3, 5, 6, 7, 900]);
         let b = l.log2_buckets(1);
         assert_eq!(b.first(), Some(&(2, 3, 1)));
-        assert_eq!(from_values(&[1, 2]).log2_buckets(1), vec![(0, 1, 1), (2, 3, 1)]);
+        assert_eq!(Latencies::of(&[1, 2]).log2_buckets(1), vec![(0, 1, 1), (2, 3, 1)]);
         assert_eq!(b[1], (4, 7, 3));
         assert_eq!(b.last(), Some(&(512, 1023, 1)));
         assert_eq!(b.iter().map(|x| x.2).sum::<u64>(), 5);
-        let us = from_values(&[5_000_000, 5_100_000]).log2_buckets(1000);
+        let us = Latencies::of(&[5_000_000, 5_100_000]).log2_buckets(1000);
         assert_eq!(us, vec![(4096, 8191, 2)]);
     }
 
     #[test]
     fn since_subtracts_an_earlier_snapshot() {
-        let before = from_values(&[1000, 2000]);
-        let after = from_values(&[1000, 2000, 3000, 3000]);
+        let before = Latencies::of(&[1000, 2000]);
+        let after = Latencies::of(&[1000, 2000, 3000, 3000]);
         let delta = after.since(&before).unwrap();
         assert_eq!(delta.count(), 2);
         assert_eq!(delta.mean_ns(), 3000);

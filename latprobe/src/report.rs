@@ -233,22 +233,12 @@ impl OutlierReport<'_> {
 
 #[cfg(test)]
 mod tests {
-    use latprobe_common::hdr;
-
     use super::*;
 
-    fn latencies(values: &[u64]) -> Latencies {
-        let mut l = Latencies::new();
-        for &v in values {
-            l.add_bucket(hdr::bucket_index(v), 1).unwrap();
-        }
-        l.set_totals(values.iter().sum(), *values.iter().min().unwrap(), *values.iter().max().unwrap());
-        l
-    }
 
     #[test]
     fn json_has_the_documented_fields() {
-        let l = latencies(&[1000, 2000, 3000, 4000]);
+        let l = Latencies::of(&[1000, 2000, 3000, 4000]);
         let r = FunctionReport {
             function: "net_rx_action",
             attach: "fentry",
@@ -274,7 +264,7 @@ mod tests {
 
     #[test]
     fn text_report_matches_expected() {
-        let l = latencies(&[5_000_000, 5_000_000, 5_100_000, 23_000_000]);
+        let l = Latencies::of(&[5_000_000, 5_000_000, 5_100_000, 23_000_000]);
         let r = FunctionReport {
             function: "do_nanosleep",
             attach: "kprobe",

@@ -110,6 +110,16 @@ fn cpu_filter_counts_calls_started_on_that_cpu() {
     assert_eq!(u64_of(&run.final_histogram(&func), "count"), 20, "only the 20 calls made on CPU 1");
 }
 
+/// The final histogram of the workload's recursive function after `calls`
+/// calls recursing `depth` deep, the innermost sleeping `nap`.
+fn time_recursion(calls: &str, depth: &str, nap: &str) -> serde_json::Value {
+    let w = workload();
+    let func = format!("{w}:latprobe_workload_recurse");
+    let run = latprobe(&["fn", &func, "--format", "json", "--", &w, "recurse", calls, depth, nap]);
+    run.assert_success();
+    run.final_histogram(&func)
+}
+
 #[test]
 fn recursion_is_timed_per_call() {
     if let Some(why) = bpf_unavailable() {
@@ -117,11 +127,7 @@ fn recursion_is_timed_per_call() {
     }
     // 10 calls recursing 5 deep: 50 calls, each level timed separately; the
     // outermost contain the innermost 2 ms sleep.
-    let w = workload();
-    let func = format!("{w}:latprobe_workload_recurse");
-    let run = latprobe(&["fn", &func, "--format", "json", "--", &w, "recurse", "10", "5", "2ms"]);
-    run.assert_success();
-    let h = run.final_histogram(&func);
+    let h = time_recursion("10", "5", "2ms");
     assert_eq!(h["attach"], "uprobe");
     assert_eq!(u64_of(&h, "count"), 50, "{h}");
     assert_eq!(u64_of(&h, "lost"), 0, "{h}");
@@ -135,11 +141,7 @@ fn recursion_deeper_than_tracked_is_reported_as_lost() {
     }
     // 4 calls recursing 10 deep: 8 levels are tracked per task, the 2
     // deepest of each call are counted as lost, never mistimed.
-    let w = workload();
-    let func = format!("{w}:latprobe_workload_recurse");
-    let run = latprobe(&["fn", &func, "--format", "json", "--", &w, "recurse", "4", "10", "100us"]);
-    run.assert_success();
-    let h = run.final_histogram(&func);
+    let h = time_recursion("4", "10", "100us");
     assert_eq!(u64_of(&h, "count"), 32, "{h}");
     assert_eq!(u64_of(&h, "missed"), 8, "{h}");
     assert_eq!(u64_of(&h, "lost"), 8, "{h}");
