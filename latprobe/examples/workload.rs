@@ -10,6 +10,8 @@
 //!   recurse N DEPTH DUR     N calls of a function recursing DEPTH deep, the
 //!                           innermost sleeping DUR (a uprobe target)
 //!   udp N                   N UDP datagrams over loopback (NET_RX softirqs)
+//!   tcp N                   N TCP connections over loopback, each accepted
+//!                           and sent one byte (N inet_csk_accept calls)
 //!   spin DUR                burn CPU for DUR
 //!   pin CPU                 run the following steps on CPU only
 //!   report                  print `elapsed_ns=N` since the workload started
@@ -18,9 +20,9 @@
 use std::{
     env,
     fs::File,
-    io::Read,
     hint::black_box,
-    net::UdpSocket,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream, UdpSocket},
     process::exit,
     thread::sleep,
     time::{Duration, Instant},
@@ -111,6 +113,18 @@ fn main() {
                 for _ in 0..number(n) {
                     tx.send_to(b"latprobe", rx.local_addr().unwrap()).expect("send");
                     rx.recv(&mut buf).expect("receive");
+                }
+                tail
+            }
+            ("tcp", [n, tail @ ..]) => {
+                let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+                let addr = listener.local_addr().unwrap();
+                let mut byte = [0u8; 1];
+                for _ in 0..number(n) {
+                    let mut client = TcpStream::connect(addr).expect("connect");
+                    let (mut server, _) = listener.accept().expect("accept");
+                    client.write_all(b"x").expect("send");
+                    server.read_exact(&mut byte).expect("receive");
                 }
                 tail
             }

@@ -254,6 +254,35 @@ fn ours_loaded() -> usize {
         .count()
 }
 
+#[test]
+fn network_functions_from_real_incidents() {
+    if let Some(why) = kernel_probes_unavailable() {
+        return skip("network_functions_from_real_incidents", &why);
+    }
+    // inet_csk_accept runs once per accept(); apparmor_socket_sendmsg once
+    // per send on a socket when AppArmor is the active LSM; tcp_v4_rcv in
+    // the softirq that receives each segment.
+    let apparmor = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default().contains("apparmor");
+    let mut funcs = vec!["inet_csk_accept", "tcp_v4_rcv"];
+    if apparmor {
+        funcs.push("apparmor_socket_sendmsg");
+    } else {
+        skip("network_functions_from_real_incidents (apparmor part)", "AppArmor is not the active LSM");
+    }
+    let w = workload();
+    let mut args = vec!["fn"];
+    args.extend(&funcs);
+    args.extend(["--format", "json", "--", &w, "tcp", "50", "udp", "100"]);
+    let run = latprobe(&args);
+    run.assert_success();
+    assert_eq!(u64_of(&run.final_histogram("inet_csk_accept"), "count"), 50);
+    assert!(u64_of(&run.final_histogram("tcp_v4_rcv"), "count") > 0);
+    if apparmor {
+        // 50 one-byte TCP sends and 100 UDP datagrams.
+        assert_eq!(u64_of(&run.final_histogram("apparmor_socket_sendmsg"), "count"), 150);
+    }
+}
+
 /// libbpf-tools' funclatency, where installed (inside VMs it is in /bin).
 fn funclatency() -> Option<String> {
     ["/usr/sbin/funclatency", "/bin/funclatency"]
