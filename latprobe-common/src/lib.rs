@@ -6,6 +6,7 @@
 
 pub mod func;
 pub mod hdr;
+pub mod sched;
 
 /// `TASK_COMM_LEN` in the kernel.
 pub const COMM_LEN: usize = 16;

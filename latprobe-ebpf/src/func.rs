@@ -10,10 +10,7 @@
 //! [`exit`], stamped out once per slot so each program knows its slot as a
 //! constant.
 
-use core::{
-    ffi::c_void,
-    ptr::read_volatile,
-};
+use core::ffi::c_void;
 
 use aya_ebpf::{
     btf_maps::{PerCpuArray, RingBuf},
@@ -27,13 +24,15 @@ use aya_ebpf::{
 };
 use latprobe_common::{
     func::{
-        BucketGroup, FuncStats, Outlier, TaskFrames, GROUPS_PER_FUNC, GROUP_COUNT_SLOTS, MAX_DEPTH, MAX_FUNCS,
-        MAX_STACK, NET_RX_SOFTIRQ,
+        BucketGroup, FuncStats, Outlier, TaskFrames, GROUPS_PER_FUNC, MAX_DEPTH, MAX_FUNCS, MAX_STACK,
+        NET_RX_SOFTIRQ,
     },
-    hdr,
 };
 
-use crate::task_storage::TaskStorage;
+use crate::{
+    helpers::{self, add, global, masked},
+    task_storage::TaskStorage,
+};
 
 // Load-time filters (see `latprobe_common::func::globals`).
 #[unsafe(no_mangle)]
@@ -62,48 +61,9 @@ static BUCKETS: PerCpuArray<BucketGroup, { MAX_FUNCS * GROUPS_PER_FUNC }> = PerC
 static OUTLIERS: RingBuf<Outlier, { 1 << 22 }> = RingBuf::new();
 
 #[inline(always)]
-fn global<T: Copy>(v: &T) -> T {
-    // SAFETY: a plain read of a global the loader may have rewritten; volatile
-    // so the compiler does not fold in the build-time default.
-    unsafe { read_volatile(v) }
-}
-
-#[inline(always)]
-fn add(counter: &mut u64, n: u64) {
-    // Atomic even though the slot is per CPU: on PREEMPT_RT a program can be
-    // preempted by another run of itself on the same CPU. Uncontended, so it
-    // costs about as much as a plain add.
-    // SAFETY: `counter` is a valid, aligned u64 in a map value. The BPF
-    // target lacks 64-bit atomics in `core`, so emit BPF_ATOMIC|BPF_ADD
-    // (the old BPF_XADD, supported by every kernel) directly.
-    unsafe {
-        core::arch::asm!(
-            "lock *(u64 *)({ptr} + 0) += {n}",
-            ptr = in(reg) core::ptr::from_mut(counter),
-            n = in(reg) n,
-        );
-    }
-}
-
-#[inline(always)]
 fn stats(slot: usize) -> Option<&'static mut FuncStats> {
     // SAFETY: per-CPU array slots are valid for the program's lifetime.
     STATS.get_ptr_mut(slot as u32).and_then(|p| unsafe { p.as_mut() })
-}
-
-/// Bounds an index so that older verifiers (6.1, 6.12) can follow it.
-/// LLVM drops a plain `& (len - 1)` after a range check and may index with a
-/// register other than the one it checked; those verifiers then lose the
-/// bound. The AND is emitted in assembly so it survives, right before use.
-/// `len` must be a power of two.
-#[inline(always)]
-fn masked(index: usize, len: usize) -> usize {
-    let mut i = index;
-    // SAFETY: a register-only AND; no memory is touched.
-    unsafe {
-        core::arch::asm!("{i} &= {m}", i = inout(reg) i, m = in(reg) len - 1, options(pure, nomem, nostack));
-    }
-    i
 }
 
 #[inline(always)]
@@ -177,30 +137,8 @@ fn exit<C: EbpfContext>(ctx: &C, slot: usize) {
 
 #[inline(always)]
 fn record(slot: usize, duration: u64) {
-    let index = hdr::bucket_index(duration);
-    let group = index / hdr::GROUP_BUCKETS;
-    let key = (slot * GROUPS_PER_FUNC + group) as u32;
-    let sub = masked(index, hdr::GROUP_BUCKETS);
-    if let Some(bucket) = BUCKETS
-        .get_ptr_mut(key)
-        // SAFETY: per-CPU array slots are valid for the program's lifetime.
-        .and_then(|p| unsafe { p.as_mut() })
-        // SAFETY: `sub` is masked to GROUP_BUCKETS.
-        .map(|g| unsafe { g.counts.get_unchecked_mut(sub) })
-    {
-        add(bucket, 1);
-    }
-    let Some(s) = stats(slot) else { return };
-    add(&mut s.count, 1);
-    add(&mut s.sum_ns, duration);
-    // SAFETY: masked to GROUP_COUNT_SLOTS.
-    add(unsafe { s.group_counts.get_unchecked_mut(masked(group, GROUP_COUNT_SLOTS)) }, 1);
-    // Per-CPU values start zeroed, so 0 also means "no call yet".
-    if s.min_ns == 0 || duration < s.min_ns {
-        s.min_ns = duration;
-    }
-    if duration > s.max_ns {
-        s.max_ns = duration;
+    if let Some(s) = stats(slot) {
+        helpers::record(s, &BUCKETS, slot, duration);
     }
 }
 

@@ -4,6 +4,8 @@
 #![feature(asm_experimental_arch)]
 
 mod func;
+mod helpers;
+mod sched;
 mod task_storage;
 
 #[cfg(not(test))]

@@ -41,6 +41,20 @@ impl<T> TaskStorage<T> {
     /// already holds this CPU's task-storage lock).
     #[inline(always)]
     pub fn current(&self, create: bool) -> Option<&mut T> {
+        // SAFETY: a helper without arguments; it returns the trusted
+        // pointer to the current task.
+        let task = unsafe { bpf_get_current_task_btf() };
+        // SAFETY: as `get` requires.
+        unsafe { self.get(task.cast(), create) }
+    }
+
+    /// The value of `task`, created zeroed when `create` is set.
+    ///
+    /// # Safety
+    /// `task` must be a pointer the verifier trusts as a `task_struct`: the
+    /// current task, or a task argument of a tp_btf/fentry program.
+    #[inline(always)]
+    pub unsafe fn get(&self, task: *mut core::ffi::c_void, create: bool) -> Option<&mut T> {
         let flags = if create {
             aya_ebpf::bindings::BPF_LOCAL_STORAGE_GET_F_CREATE as u64
         } else {
@@ -48,12 +62,11 @@ impl<T> TaskStorage<T> {
         };
         // SAFETY: the helper takes this map and a trusted task pointer; it
         // returns null or a pointer to a value of this map's value type, owned
-        // by the current task, which outlives this program run.
+        // by that task, which outlives this program run.
         unsafe {
-            let task = bpf_get_current_task_btf();
             let value = bpf_task_storage_get(
                 ptr::from_ref(self).cast_mut().cast(),
-                task,
+                task.cast(),
                 ptr::null_mut(),
                 flags,
             );

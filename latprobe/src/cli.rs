@@ -2,7 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{attach::AttachMode, duration, report::Format};
+use crate::{attach::AttachMode, duration, report::Format, sched_probes::TpMode};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -10,7 +10,9 @@ Examples:
   latprobe fn net_rx_action tcp_collapse --slower 5ms --stacks
                                                which calls were slow, and from where
   latprobe fn /usr/sbin/nginx:ngx_process_events_and_timers --pid 4242
-  latprobe fn do_nanosleep -- ./my-benchmark   trace only the command's process";
+  latprobe fn do_nanosleep -- ./my-benchmark   trace only the command's process
+  latprobe runqslower 50ms --secs 60           which task held the CPU while others waited
+  latprobe runqlat --per-cpu --secs 10         run-queue latency percentiles per CPU";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -32,6 +34,12 @@ pub enum Command {
     /// Latency of kernel or user functions: HDR percentiles, log2 histogram, slow calls
     #[command(name = "fn", after_help = FN_EXAMPLES)]
     Fn(FnArgs),
+    /// Each wait for a CPU longer than THRESHOLD, and the task that held the CPU
+    #[command(after_help = RUNQSLOWER_EXAMPLES)]
+    Runqslower(RunqslowerArgs),
+    /// Run-queue latency: HDR percentiles and log2 histogram, per CPU or process
+    #[command(after_help = RUNQLAT_EXAMPLES)]
+    Runqlat(RunqlatArgs),
 }
 
 const FN_EXAMPLES: &str = "\
@@ -77,6 +85,100 @@ pub struct FnArgs {
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
     /// Run COMMAND, trace only its process, and stop when it exits
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+const RUNQSLOWER_EXAMPLES: &str = "\
+A wait starts when a task is woken (sched_wakeup, sched_wakeup_new) or is
+switched out while still runnable (preempted), and ends when it is switched in.
+Each wait over THRESHOLD is printed with the task that ran on that CPU just
+before (the culprit); the run ends with the delays summed per culprit. With
+--stacks, each line carries the culprit's kernel stack as it was switched out.
+Reports end at --secs, Ctrl-C, SIGTERM, SIGHUP, or when COMMAND exits.
+
+Examples:
+  latprobe runqslower 50ms --secs 60
+  latprobe runqslower 10ms --comm nginx --stacks
+  latprobe runqslower 5ms --pid 4242 --cpu 3 --format json | jq .prev_comm
+  latprobe runqslower 50ms -- ./my-benchmark";
+
+#[derive(Args, Debug)]
+pub struct RunqslowerArgs {
+    /// Print waits at least this long, e.g. 50ms (a unit is required)
+    #[arg(value_name = "THRESHOLD", value_parser = duration::parse_arg)]
+    pub threshold: u64,
+    /// Only tasks of this process
+    #[arg(long, value_name = "PID", conflicts_with_all = ["command", "tid"])]
+    pub pid: Option<u32>,
+    /// Only this thread
+    #[arg(long, value_name = "TID", conflicts_with = "command")]
+    pub tid: Option<u32>,
+    /// Only tasks whose name (comm) starts with PREFIX
+    #[arg(long, value_name = "PREFIX")]
+    pub comm: Option<String>,
+    /// Only waits that ended on this CPU
+    #[arg(long, value_name = "N")]
+    pub cpu: Option<u32>,
+    /// Stop after N seconds (default: until Ctrl-C or COMMAND exits)
+    #[arg(long, value_name = "N")]
+    pub secs: Option<u64>,
+    /// The culprit's kernel stack with each wait
+    #[arg(long)]
+    pub stacks: bool,
+    /// How to attach to the scheduler tracepoints
+    #[arg(long, value_enum, default_value_t = TpMode::Auto)]
+    pub attach: TpMode,
+    /// text for people, json for one JSON object per line
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Run COMMAND, trace only its threads, and stop when it exits
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+const RUNQLAT_EXAMPLES: &str = "\
+Every wait for a CPU (from wakeup or preemption to switch-in) is counted in
+the kernel, per CPU, in HDR buckets (3 significant digits); nothing per
+context switch leaves the kernel. --per-pid gives the first --max-pids
+processes seen a histogram each and counts the rest as \"other\", so memory
+stays bounded: (max-pids + 1) x 216 KiB per CPU.
+
+Examples:
+  latprobe runqlat --secs 10
+  latprobe runqlat --per-cpu --interval 1s --secs 10
+  latprobe runqlat --per-pid --max-pids 8 --secs 30 --format json
+  latprobe runqlat --pid 4242 --secs 10
+  latprobe runqlat -- ./my-benchmark";
+
+#[derive(Args, Debug)]
+pub struct RunqlatArgs {
+    /// One histogram per CPU (the CPU the wait ended on)
+    #[arg(long, conflicts_with = "per_pid")]
+    pub per_cpu: bool,
+    /// One histogram per process, up to --max-pids, the rest as "other"
+    #[arg(long)]
+    pub per_pid: bool,
+    /// Processes that get their own histogram with --per-pid
+    #[arg(long, value_name = "N", default_value_t = 16, requires = "per_pid",
+          value_parser = clap::value_parser!(u32).range(1..=latprobe_common::sched::MAX_PID_SLOTS as i64))]
+    pub max_pids: u32,
+    /// Also print a report of each interval, e.g. 10s
+    #[arg(long, value_name = "DUR", value_parser = duration::parse_arg)]
+    pub interval: Option<u64>,
+    /// Stop after N seconds (default: until Ctrl-C or COMMAND exits)
+    #[arg(long, value_name = "N")]
+    pub secs: Option<u64>,
+    /// Only tasks of this process
+    #[arg(long, value_name = "PID", conflicts_with = "command")]
+    pub pid: Option<u32>,
+    /// How to attach to the scheduler tracepoints
+    #[arg(long, value_enum, default_value_t = TpMode::Auto)]
+    pub attach: TpMode,
+    /// text for people, json for one JSON object per line
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Run COMMAND, trace only its threads, and stop when it exits
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 }

@@ -2,15 +2,18 @@
 
 mod attach;
 mod bpf;
+mod btf_offsets;
 mod cli;
 mod clock;
 mod commands;
 mod duration;
 mod histogram;
 mod kallsyms;
+mod kernel_hist;
 mod launch;
 mod output;
 mod report;
+mod sched_probes;
 mod session;
 
 use std::process::ExitCode;
@@ -30,6 +33,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             cli::Command::Fn(args) => commands::func::run(args, cli.verbose).await,
+            cli::Command::Runqslower(args) => commands::runqslower::run(args, cli.verbose).await,
+            cli::Command::Runqlat(args) => commands::runqlat::run(args, cli.verbose).await,
         }
     });
     match result {

@@ -1,5 +1,6 @@
-//! How `latprobe fn` prints: a text report for people, newline-delimited
-//! JSON for programs. Pure formatting; nothing here touches the kernel.
+//! How `latprobe fn` and `latprobe runqlat` print: a text report for people,
+//! newline-delimited JSON for programs. Pure formatting; nothing here touches
+//! the kernel.
 
 use serde::Serialize;
 
@@ -15,9 +16,17 @@ pub enum Format {
     Json,
 }
 
-/// One function's latencies over one report period.
+/// One function's latencies (or, for runqlat, run-queue waits) over one
+/// report period.
 pub struct FunctionReport<'a> {
     pub function: &'a str,
+    /// What this histogram is of, when a run has several per function:
+    /// `cpu=3`, `pid=4242`, `other` (runqlat --per-cpu/--per-pid).
+    pub key: Option<&'a str>,
+    /// The process name behind a `pid=` key.
+    pub comm: Option<&'a str>,
+    /// What is counted: `calls` for fn, `waits` for runqlat.
+    pub noun: &'a str,
     pub attach: &'a str,
     /// `interval` for a periodic report, `final` for the whole run.
     pub period: &'a str,
@@ -34,6 +43,10 @@ struct HistogramJson<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     function: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    comm: Option<&'a str>,
     attach: &'a str,
     period: &'a str,
     seconds: f64,
@@ -70,6 +83,8 @@ impl FunctionReport<'_> {
         let json = HistogramJson {
             kind: "histogram",
             function: self.function,
+            key: self.key,
+            comm: self.comm,
             attach: self.attach,
             period: self.period,
             seconds: (self.seconds * 1000.0).round() / 1000.0,
@@ -96,19 +111,27 @@ impl FunctionReport<'_> {
 
     pub fn to_text(&self) -> String {
         let l = self.latencies;
+        let mut name = self.function.to_string();
+        if let Some(key) = self.key {
+            name += &format!(" {key}");
+        }
+        if let Some(comm) = self.comm {
+            name += &format!(" ({comm})");
+        }
         let mut out = format!(
-            "{} [{}] {} {:.1}s: {} calls",
-            self.function,
+            "{name} [{}] {} {:.1}s: {} {}",
             self.attach,
             self.period,
             self.seconds,
-            l.count()
+            l.count(),
+            self.noun
         );
         if self.lost() > 0 {
             out += &format!(
-                ", LOST {} ({} calls untimed, {} outliers undelivered)",
+                ", LOST {} ({} {} untimed, {} outliers undelivered)",
                 self.lost(),
                 self.missed,
+                self.noun,
                 self.outliers_lost
             );
         }
@@ -183,11 +206,17 @@ struct OutlierJson<'a> {
     stack: Vec<FrameJson>,
 }
 
+/// One kernel stack frame in JSON: its address and, when known, symbol.
 #[derive(Serialize)]
-struct FrameJson {
+pub struct FrameJson {
     addr: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     symbol: Option<String>,
+}
+
+/// A symbolized stack, innermost frame first, as JSON frames.
+pub fn frames_json(stack: &[(u64, Option<String>)]) -> Vec<FrameJson> {
+    stack.iter().map(|(addr, symbol)| FrameJson { addr: format!("{addr:#x}"), symbol: symbol.clone() }).collect()
 }
 
 impl OutlierReport<'_> {
@@ -201,11 +230,7 @@ impl OutlierReport<'_> {
             pid: self.pid,
             tid: self.tid,
             comm: &self.comm,
-            stack: self
-                .stack
-                .iter()
-                .map(|(addr, symbol)| FrameJson { addr: format!("{addr:#x}"), symbol: symbol.clone() })
-                .collect(),
+            stack: frames_json(&self.stack),
         })
         .expect("outlier serializes")
     }
@@ -241,6 +266,9 @@ mod tests {
         let l = Latencies::of(&[1000, 2000, 3000, 4000]);
         let r = FunctionReport {
             function: "net_rx_action",
+            key: None,
+            comm: None,
+            noun: "calls",
             attach: "fentry",
             period: "final",
             seconds: 1.0,
@@ -267,6 +295,9 @@ mod tests {
         let l = Latencies::of(&[5_000_000, 5_000_000, 5_100_000, 23_000_000]);
         let r = FunctionReport {
             function: "do_nanosleep",
+            key: None,
+            comm: None,
+            noun: "calls",
             attach: "kprobe",
             period: "final",
             seconds: 2.0,

@@ -11,10 +11,10 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
-    Btf, Ebpf,
+    maps::{MapData, RingBuf},
+    Btf,
 };
-use latprobe_common::func::{globals, BucketGroup, FuncStats, Outlier, GROUPS_PER_FUNC, GROUP_COUNT_SLOTS, MAX_FUNCS};
+use latprobe_common::func::{globals, Outlier, GROUPS_PER_FUNC, MAX_FUNCS};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
@@ -24,6 +24,7 @@ use crate::{
     clock::WallClock,
     histogram::Latencies,
     kallsyms::{self, KernelSymbols},
+    kernel_hist::{HistMaps, Totals},
     launch::GatedChild,
     output::emit,
     report::{Format, FunctionReport, OutlierReport},
@@ -36,67 +37,6 @@ struct Traced {
     mechanism: Mechanism,
     /// The previous interval's cumulative counts, for per-interval reports.
     previous: Latencies,
-}
-
-/// The maps a report is read from.
-struct Maps {
-    stats: PerCpuArray<MapData, FuncStats>,
-    buckets: PerCpuArray<MapData, BucketGroup>,
-}
-
-/// Everything counted for one function since tracing began.
-struct Totals {
-    latencies: Latencies,
-    missed: u64,
-    outliers_lost: u64,
-}
-
-impl Maps {
-    fn take(ebpf: &mut Ebpf) -> Result<Self> {
-        let stats = ebpf.take_map("STATS").context("map STATS missing")?;
-        let buckets = ebpf.take_map("BUCKETS").context("map BUCKETS missing")?;
-        Ok(Self { stats: PerCpuArray::try_from(stats)?, buckets: PerCpuArray::try_from(buckets)? })
-    }
-
-    /// Sums every CPU's counts of `slot`, reading only histogram groups that
-    /// saw a value.
-    fn totals(&self, slot: usize) -> Result<Totals> {
-        let per_cpu = self.stats.get(&(slot as u32), 0).context("reading STATS")?;
-        let mut latencies = Latencies::new();
-        let (mut count, mut sum, mut min, mut max, mut missed, mut lost) = (0, 0, u64::MAX, 0, 0, 0);
-        let mut groups = [0u64; GROUP_COUNT_SLOTS];
-        for s in per_cpu.iter() {
-            count += s.count;
-            sum += s.sum_ns;
-            if s.count > 0 {
-                min = min.min(s.min_ns);
-            }
-            max = max.max(s.max_ns);
-            missed += s.missed;
-            lost += s.outliers_lost;
-            for (g, c) in groups.iter_mut().zip(s.group_counts) {
-                *g += c;
-            }
-        }
-        for (group, _) in groups.iter().enumerate().take(GROUPS_PER_FUNC).filter(|(_, &c)| c > 0) {
-            let key = (slot * GROUPS_PER_FUNC + group) as u32;
-            let per_cpu = self.buckets.get(&key, 0).context("reading BUCKETS")?;
-            let mut counts = [0u64; latprobe_common::hdr::GROUP_BUCKETS];
-            for g in per_cpu.iter() {
-                for (total, c) in counts.iter_mut().zip(g.counts) {
-                    *total += c;
-                }
-            }
-            for (i, &c) in counts.iter().enumerate().filter(|(_, &c)| c > 0) {
-                latencies.add_bucket(group * latprobe_common::hdr::GROUP_BUCKETS + i, c)?;
-            }
-        }
-        // A CPU may have counted a call after its buckets were read: the
-        // kernel's count is the truth, the histogram can trail it by a few.
-        let _ = count;
-        latencies.set_totals(sum, min, max);
-        Ok(Totals { latencies, missed, outliers_lost: lost })
-    }
 }
 
 pub async fn run(args: FnArgs, verbose: bool) -> Result<()> {
@@ -169,7 +109,7 @@ pub async fn run(args: FnArgs, verbose: bool) -> Result<()> {
             traced.push(Traced { name: target.name(), mechanism, previous: Latencies::new() });
         }
     }
-    let maps = Maps::take(&mut ebpf)?;
+    let maps = HistMaps::take(&mut ebpf, "STATS", "BUCKETS")?;
     let ring = RingBuf::try_from(ebpf.take_map("OUTLIERS").context("map OUTLIERS missing")?)?;
     // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until
     // both drop together.
@@ -246,6 +186,9 @@ fn print_report(
 ) -> Result<()> {
     let report = FunctionReport {
         function: name,
+        key: None,
+        comm: None,
+        noun: "calls",
         attach: &mechanism.to_string(),
         period,
         seconds: elapsed.as_secs_f64(),

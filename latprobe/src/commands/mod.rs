@@ -1,3 +1,5 @@
 //! One module per latprobe command.
 
 pub mod func;
+pub mod runqlat;
+pub mod runqslower;

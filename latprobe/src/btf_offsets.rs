@@ -1,0 +1,397 @@
+//! Struct member offsets from the running kernel's BTF.
+//!
+//! Rust eBPF has no CO-RE relocations, and `task_struct` differs between
+//! kernels (6.1, 6.12, PREEMPT_RT builds), so the few fields the `rq_`
+//! programs read are located here, in /sys/kernel/btf/vmlinux, and passed to
+//! them as load-time globals. aya parses BTF but does not expose its types, so
+//! this reads the format directly: a `btf_header`, then the type section (one
+//! `btf_type` per type, each followed by kind-specific data), then the string
+//! section (include/uapi/linux/btf.h).
+
+use std::{collections::HashMap, fmt, fs};
+
+use anyhow::{Context, Result};
+
+const MAGIC: u16 = 0xeb9f;
+
+// BTF_KIND_* values.
+const INT: u32 = 1;
+const PTR: u32 = 2;
+const ARRAY: u32 = 3;
+const STRUCT: u32 = 4;
+const UNION: u32 = 5;
+const ENUM: u32 = 6;
+const FWD: u32 = 7;
+const TYPEDEF: u32 = 8;
+const VOLATILE: u32 = 9;
+const CONST: u32 = 10;
+const RESTRICT: u32 = 11;
+const FUNC: u32 = 12;
+const FUNC_PROTO: u32 = 13;
+const VAR: u32 = 14;
+const DATASEC: u32 = 15;
+const FLOAT: u32 = 16;
+const DECL_TAG: u32 = 17;
+const TYPE_TAG: u32 = 18;
+const ENUM64: u32 = 19;
+
+/// Why a BTF blob could not be read.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BtfError(String);
+
+impl fmt::Display for BtfError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BtfError {}
+
+fn err<T>(what: impl Into<String>) -> Result<T, BtfError> {
+    Err(BtfError(what.into()))
+}
+
+/// Where a member lives in its struct.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// Byte offset from the start of the outermost struct.
+    pub offset: u32,
+    /// Size in bytes of the member's type.
+    pub size: u32,
+}
+
+/// One parsed type: its kind, name, `size_or_type` and, for structs and
+/// unions, their members as (name offset, type id, bit offset).
+struct Type {
+    kind: u32,
+    name_off: u32,
+    size_or_type: u32,
+    /// For arrays: (element type, element count).
+    array: Option<(u32, u32)>,
+    members: Vec<(u32, u32, u32)>,
+}
+
+/// The types of one BTF blob, indexed by id (id 0 is `void`).
+pub struct Btf {
+    types: Vec<Type>,
+    strings: Vec<u8>,
+    /// Struct name → type id, for the structs looked up by name.
+    structs: HashMap<String, u32>,
+}
+
+fn u32_at(data: &[u8], at: usize) -> Result<u32, BtfError> {
+    data.get(at..at + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .ok_or_else(|| BtfError(format!("truncated at byte {at}")))
+}
+
+impl Btf {
+    /// The running kernel's BTF.
+    pub fn from_sys_fs() -> Result<Self> {
+        const PATH: &str = "/sys/kernel/btf/vmlinux";
+        let data = fs::read(PATH).with_context(|| format!("reading {PATH}"))?;
+        Self::parse(&data).with_context(|| format!("parsing {PATH}"))
+    }
+
+    /// Parses a little-endian BTF blob (the layout on x86_64 and arm64).
+    pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
+        if data.len() < 24 {
+            return err("too short for a BTF header");
+        }
+        let magic = u16::from_le_bytes([data[0], data[1]]);
+        if magic != MAGIC {
+            return err(format!("bad magic {magic:#x} (a big-endian or non-BTF file?)"));
+        }
+        let hdr_len = u32_at(data, 4)? as usize;
+        let (type_off, type_len) = (u32_at(data, 8)? as usize, u32_at(data, 12)? as usize);
+        let (str_off, str_len) = (u32_at(data, 16)? as usize, u32_at(data, 20)? as usize);
+        let section = |off: usize, len: usize, what: &str| {
+            data.get(hdr_len + off..hdr_len + off + len)
+                .ok_or_else(|| BtfError(format!("{what} section out of bounds")))
+        };
+        let type_data = section(type_off, type_len, "type")?;
+        let strings = section(str_off, str_len, "string")?.to_vec();
+
+        let mut types = vec![Type { kind: 0, name_off: 0, size_or_type: 0, array: None, members: Vec::new() }];
+        let mut at = 0;
+        while at < type_data.len() {
+            let name_off = u32_at(type_data, at)?;
+            let info = u32_at(type_data, at + 4)?;
+            let size_or_type = u32_at(type_data, at + 8)?;
+            at += 12;
+            let vlen = (info & 0xffff) as usize;
+            let kind = (info >> 24) & 0x1f;
+            let kind_flag = info >> 31 != 0;
+            let mut t = Type { kind, name_off, size_or_type, array: None, members: Vec::new() };
+            at += match kind {
+                INT | VAR | DECL_TAG => 4,
+                PTR | FWD | TYPEDEF | VOLATILE | CONST | RESTRICT | FUNC | FLOAT | TYPE_TAG => 0,
+                ARRAY => {
+                    t.array = Some((u32_at(type_data, at)?, u32_at(type_data, at + 8)?));
+                    12
+                }
+                STRUCT | UNION => {
+                    for m in 0..vlen {
+                        let base = at + 12 * m;
+                        let offset = u32_at(type_data, base + 8)?;
+                        // With kind_flag, the top 8 bits are a bitfield size.
+                        let bit_offset = if kind_flag { offset & 0xff_ffff } else { offset };
+                        t.members.push((u32_at(type_data, base)?, u32_at(type_data, base + 4)?, bit_offset));
+                    }
+                    12 * vlen
+                }
+                ENUM | FUNC_PROTO => 8 * vlen,
+                DATASEC | ENUM64 => 12 * vlen,
+                other => return err(format!("unknown BTF kind {other} at type {}", types.len())),
+            };
+            types.push(t);
+        }
+        let mut btf = Self { types, strings, structs: HashMap::new() };
+        for (id, t) in btf.types.iter().enumerate() {
+            if t.kind == STRUCT && t.name_off != 0 {
+                let name = btf.name(t.name_off).to_string();
+                // Keep the first definition of a name (vmlinux has one).
+                btf.structs.entry(name).or_insert(id as u32);
+            }
+        }
+        Ok(btf)
+    }
+
+    fn name(&self, off: u32) -> &str {
+        let rest = self.strings.get(off as usize..).unwrap_or_default();
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        std::str::from_utf8(&rest[..end]).unwrap_or("")
+    }
+
+    fn get(&self, id: u32) -> Option<&Type> {
+        self.types.get(id as usize)
+    }
+
+    /// Size in bytes of type `id`, following typedefs and qualifiers.
+    fn size_of(&self, id: u32) -> Option<u32> {
+        let mut id = id;
+        for _ in 0..32 {
+            let t = self.get(id)?;
+            match t.kind {
+                INT | STRUCT | UNION | ENUM | ENUM64 | FLOAT => return Some(t.size_or_type),
+                PTR => return Some(8),
+                ARRAY => {
+                    let (elem, n) = t.array?;
+                    return self.size_of(elem).map(|s| s * n);
+                }
+                TYPEDEF | VOLATILE | CONST | RESTRICT | TYPE_TAG => id = t.size_or_type,
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    /// The id a member's type resolves to, past typedefs and qualifiers.
+    fn resolve(&self, id: u32) -> Option<u32> {
+        let mut id = id;
+        for _ in 0..32 {
+            let t = self.get(id)?;
+            match t.kind {
+                TYPEDEF | VOLATILE | CONST | RESTRICT | TYPE_TAG => id = t.size_or_type,
+                _ => return Some(id),
+            }
+        }
+        None
+    }
+
+    /// `member` of `struct name`, also inside anonymous structs and unions
+    /// (where randomized layouts and `union { … }` groups put fields).
+    pub fn member(&self, name: &str, member: &str) -> Option<Member> {
+        let id = *self.structs.get(name)?;
+        self.find_member(id, member, 0, 0)
+    }
+
+    pub fn has_struct(&self, name: &str) -> bool {
+        self.structs.contains_key(name)
+    }
+
+    fn find_member(&self, id: u32, member: &str, base_bits: u32, depth: u32) -> Option<Member> {
+        let t = self.get(id)?;
+        if depth > 8 {
+            return None;
+        }
+        for &(name_off, type_id, bit_offset) in &t.members {
+            let bits = base_bits + bit_offset;
+            if name_off == 0 {
+                let inner_id = self.resolve(type_id)?;
+                if matches!(self.get(inner_id)?.kind, STRUCT | UNION) {
+                    if let Some(m) = self.find_member(inner_id, member, bits, depth + 1) {
+                        return Some(m);
+                    }
+                }
+                continue;
+            }
+            if self.name(name_off) == member {
+                if bits % 8 != 0 {
+                    return None;
+                }
+                return Some(Member { offset: bits / 8, size: self.size_of(type_id)? });
+            }
+        }
+        None
+    }
+}
+
+/// The `task_struct` fields the `rq_` programs read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskOffsets {
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: u32,
+    /// `__state`, or `state` before Linux 5.14; only compared with
+    /// TASK_RUNNING (0), so reading its low 32 bits suffices either way.
+    pub state: u32,
+}
+
+impl TaskOffsets {
+    pub fn from_btf(btf: &Btf) -> Result<Self> {
+        let field = |name: &str, size: u32| -> Result<u32> {
+            let m = btf
+                .member("task_struct", name)
+                .with_context(|| format!("task_struct.{name} is not in the kernel's BTF"))?;
+            anyhow::ensure!(m.size == size, "task_struct.{name} is {} bytes, expected {size}", m.size);
+            Ok(m.offset)
+        };
+        // Linux 5.14 renamed `long state` to `unsigned int __state`
+        // (commit 2f064a59a11f, "sched: Change task_struct::state").
+        let state = match btf.member("task_struct", "__state") {
+            Some(m) => m.offset,
+            None => field("state", 8)?,
+        };
+        Ok(Self { pid: field("pid", 4)?, tgid: field("tgid", 4)?, comm: field("comm", 16)?, state })
+    }
+}
+
+/// Whether task-local storage can allocate under the run-queue lock. Since
+/// "bpf: Use bpf_mem_cache_alloc/free in bpf_local_storage_elem" (2023),
+/// storage elements come from BPF's own allocator, which is safe in any
+/// context; before it, creating an element meant kmalloc(GFP_ATOMIC) inside
+/// `sched_wakeup`/`sched_switch`, which can try to wake kswapd while this
+/// CPU's run-queue lock is held, and on PREEMPT_RT takes sleeping locks. The
+/// allocator left its mark in BTF: `bpf_local_storage_map.selem_ma`.
+pub fn task_storage_safe_in_scheduler(btf: &Btf) -> bool {
+    btf.member("bpf_local_storage_map", "selem_ma").is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a BTF blob type by type, as the kernel lays it out.
+    struct Builder {
+        types: Vec<u8>,
+        strings: Vec<u8>,
+        count: u32,
+    }
+
+    impl Builder {
+        fn new() -> Self {
+            Self { types: Vec::new(), strings: vec![0], count: 0 }
+        }
+        fn str(&mut self, s: &str) -> u32 {
+            if s.is_empty() {
+                return 0;
+            }
+            let off = self.strings.len() as u32;
+            self.strings.extend_from_slice(s.as_bytes());
+            self.strings.push(0);
+            off
+        }
+        fn ty(&mut self, name: &str, kind: u32, vlen: u32, kind_flag: bool, size_or_type: u32, extra: &[u32]) -> u32 {
+            let name = self.str(name);
+            let info = (u32::from(kind_flag) << 31) | (kind << 24) | vlen;
+            for w in [name, info, size_or_type].iter().chain(extra) {
+                self.types.extend_from_slice(&w.to_le_bytes());
+            }
+            self.count += 1;
+            self.count
+        }
+        fn int(&mut self, name: &str, size: u32) -> u32 {
+            self.ty(name, INT, 0, false, size, &[size * 8])
+        }
+        fn strukt(&mut self, kind: u32, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+            let mut extra = Vec::new();
+            for &(n, t, bits) in members {
+                extra.extend([self.str(n), t, bits]);
+            }
+            self.ty(name, kind, members.len() as u32, false, size, &extra)
+        }
+        fn build(&self) -> Vec<u8> {
+            let mut out = Vec::new();
+            for w in [u32::from(MAGIC) | (1 << 16), 24, 0, self.types.len() as u32, self.types.len() as u32, self.strings.len() as u32] {
+                out.extend_from_slice(&w.to_le_bytes());
+            }
+            out.extend_from_slice(&self.types);
+            out.extend_from_slice(&self.strings);
+            out
+        }
+    }
+
+    /// A task_struct shaped like the kernel's: a typedef'd pid, a volatile
+    /// state, comm as char[16], and tgid inside an anonymous struct in an
+    /// anonymous union, after kinds the parser must skip.
+    fn sample() -> Vec<u8> {
+        let mut b = Builder::new();
+        let int = b.int("int", 4);
+        let uint = b.int("unsigned int", 4);
+        let ch = b.int("char", 1);
+        let pid_t = b.ty("pid_t", TYPEDEF, 0, false, int, &[]);
+        let vol = b.ty("", VOLATILE, 0, false, uint, &[]);
+        let comm = b.ty("", ARRAY, 0, false, 0, &[ch, int, 16]);
+        b.ty("e", ENUM, 2, false, 4, &[0, 0, 0, 1]);
+        b.ty("f", FUNC_PROTO, 1, false, int, &[0, int]);
+        let inner = b.strukt(STRUCT, "", 8, &[("pad", int, 0), ("tgid", pid_t, 32)]);
+        let anon = b.strukt(UNION, "", 8, &[("", inner, 0)]);
+        b.strukt(STRUCT, "task_struct", 64, &[("__state", vol, 64), ("pid", pid_t, 128), ("", anon, 192), ("comm", comm, 320)]);
+        b.build()
+    }
+
+    #[test]
+    fn finds_members_through_typedefs_and_anonymous_unions() {
+        let btf = Btf::parse(&sample()).unwrap();
+        assert_eq!(btf.member("task_struct", "pid"), Some(Member { offset: 16, size: 4 }));
+        assert_eq!(btf.member("task_struct", "tgid"), Some(Member { offset: 28, size: 4 }));
+        assert_eq!(btf.member("task_struct", "comm"), Some(Member { offset: 40, size: 16 }));
+        assert_eq!(btf.member("task_struct", "nope"), None);
+        assert_eq!(btf.member("no_struct", "pid"), None);
+        let t = TaskOffsets::from_btf(&btf).unwrap();
+        assert_eq!(t, TaskOffsets { pid: 16, tgid: 28, comm: 40, state: 8 });
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(Btf::parse(b"short").is_err());
+        let mut data = sample();
+        data[0] = 0;
+        assert!(Btf::parse(&data).err().unwrap().0.contains("bad magic"));
+        let data = sample();
+        assert!(Btf::parse(&data[..data.len() - 10]).is_err(), "truncated sections are refused");
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        let mut b = Builder::new();
+        let int = b.int("int", 4);
+        b.strukt(STRUCT, "task_struct", 8, &[("pid", int, 0)]);
+        let btf = Btf::parse(&b.build()).unwrap();
+        let e = format!("{:#}", TaskOffsets::from_btf(&btf).unwrap_err());
+        assert!(e.contains("task_struct.state"), "{e}");
+    }
+
+    #[test]
+    fn reads_the_running_kernel() {
+        let Ok(btf) = Btf::from_sys_fs() else {
+            eprintln!("SKIPPED reads_the_running_kernel: no /sys/kernel/btf/vmlinux");
+            return;
+        };
+        let t = TaskOffsets::from_btf(&btf).unwrap();
+        assert!(t.pid > 0 && t.tgid == t.pid + 4, "pid and tgid are adjacent: {t:?}");
+        assert!(t.comm > t.tgid, "{t:?}");
+        assert!(btf.has_struct("rq"));
+    }
+}

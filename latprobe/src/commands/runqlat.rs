@@ -1,0 +1,215 @@
+//! `latprobe runqlat`: how long runnable tasks wait for a CPU, as HDR
+//! percentiles and a log2 histogram, for the whole machine, per CPU or per
+//! process.
+//!
+//! The `rq_` programs (see `sched_probes`) add every wait to this CPU's
+//! histogram in the kernel, in `fn`'s HDR bucket layout; nothing per context
+//! switch leaves the kernel. --per-cpu reads each CPU's copy of the per-CPU
+//! histogram separately; --per-pid gives the first `--max-pids` processes a
+//! histogram slot each, and counts the rest in slot 0, "other".
+
+use std::{
+    collections::HashMap,
+    fs,
+    pin::pin,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use latprobe_common::sched::hist;
+
+use crate::{
+    bpf,
+    cli::RunqlatArgs,
+    histogram::Latencies,
+    kernel_hist::{HistMaps, Totals},
+    launch::GatedChild,
+    output::emit,
+    report::{Format, FunctionReport},
+    sched_probes::{self, Config, Probes},
+    session::{End, Session},
+};
+
+/// How waits are grouped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Grouping {
+    All,
+    PerCpu,
+    PerPid,
+}
+
+/// One histogram to print.
+struct Row {
+    /// `cpu=N`, `pid=N`, `other`; None for the whole machine.
+    key: Option<String>,
+    comm: Option<String>,
+    totals: Totals,
+}
+
+/// Where the rows come from.
+struct Source {
+    grouping: Grouping,
+    maps: HistMaps,
+    pid_slots: Option<BpfHashMap<MapData, u32, u32>>,
+    cpus: usize,
+    /// Names of processes seen, kept after they exit.
+    comms: HashMap<u32, String>,
+}
+
+impl Source {
+    fn rows(&mut self, probes: &Probes) -> Result<Vec<Row>> {
+        let lost = probes.lost_per_cpu()?;
+        let lost_total: u64 = lost.iter().map(|l| l.no_start).sum();
+        let mut rows = Vec::new();
+        match self.grouping {
+            Grouping::All => {
+                let mut totals = self.maps.totals(0)?;
+                totals.missed = lost_total;
+                rows.push(Row { key: None, comm: None, totals });
+            }
+            Grouping::PerCpu => {
+                for (cpu, mut totals) in self.maps.totals_per_cpu(0, self.cpus)?.into_iter().enumerate() {
+                    totals.missed = lost.get(cpu).map_or(0, |l| l.no_start);
+                    if totals.latencies.count() > 0 || totals.missed > 0 {
+                        rows.push(Row { key: Some(format!("cpu={cpu}")), comm: None, totals });
+                    }
+                }
+            }
+            Grouping::PerPid => {
+                let slots: Vec<(u32, u32)> = match &self.pid_slots {
+                    Some(map) => map.iter().collect::<Result<_, _>>().context("reading RQ_PID_SLOTS")?,
+                    None => Vec::new(),
+                };
+                for (tgid, slot) in slots {
+                    let comm = self.comms.entry(tgid).or_insert_with(|| {
+                        fs::read_to_string(format!("/proc/{tgid}/comm"))
+                            .map(|c| c.trim_end().to_string())
+                            .unwrap_or_else(|_| "?".into())
+                    });
+                    let totals = self.maps.totals(slot as usize)?;
+                    rows.push(Row { key: Some(format!("pid={tgid}")), comm: Some(comm.clone()), totals });
+                }
+                rows.sort_by(|a, b| b.totals.latencies.count().cmp(&a.totals.latencies.count()));
+                // Untimed waits belong to no known process: "other" carries them.
+                let mut other = self.maps.totals(0)?;
+                other.missed = lost_total;
+                if other.latencies.count() > 0 || other.missed > 0 {
+                    rows.push(Row { key: Some("other".into()), comm: None, totals: other });
+                }
+            }
+        }
+        Ok(rows)
+    }
+}
+
+pub async fn run(args: RunqlatArgs, verbose: bool) -> Result<()> {
+    let mut session = Session::new(args.secs)?;
+    sched_probes::check_targets(None, args.pid, None)?;
+    bpf::preflight()?;
+    let grouping = if args.per_cpu {
+        Grouping::PerCpu
+    } else if args.per_pid {
+        Grouping::PerPid
+    } else {
+        Grouping::All
+    };
+
+    let mut child = if args.command.is_empty() { None } else { Some(GatedChild::spawn(&args.command)?) };
+    let config = Config {
+        tgid: args.pid.or(child.as_ref().map(|c| c.pid)).unwrap_or(0),
+        tid: 0,
+        cpu: None,
+        comm: None,
+        threshold_ns: None,
+        stacks: false,
+        hist: if grouping == Grouping::PerPid { hist::PER_PID } else { hist::ONE },
+        pid_slots: if grouping == Grouping::PerPid { args.max_pids } else { 0 },
+        ring_bytes: 0,
+        mode: args.attach,
+    };
+    let mut probes = sched_probes::start(&config, verbose)?;
+    let maps = HistMaps::take(&mut probes.ebpf, "RQ_STATS", "RQ_BUCKETS")?;
+    let pid_slots = if grouping == Grouping::PerPid {
+        let map = probes.ebpf.take_map("RQ_PID_SLOTS").context("map RQ_PID_SLOTS missing")?;
+        Some(BpfHashMap::try_from(map).context("map RQ_PID_SLOTS")?)
+    } else {
+        None
+    };
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+    let mut source = Source { grouping, maps, pid_slots, cpus, comms: HashMap::new() };
+    let attach = probes.mechanism.to_string();
+
+    eprintln!("latprobe: tracing run-queue latency ({attach}); Ctrl-C to end");
+    if let Some(c) = child.as_mut() {
+        c.release()?;
+    }
+    session.start_clock(args.secs);
+    let started = Instant::now();
+    let mut last_report = started;
+    let mut previous: HashMap<Option<String>, Latencies> = HashMap::new();
+    let mut ticker = args.interval.map(|ns| {
+        let period = Duration::from_nanos(ns.max(1_000_000));
+        tokio::time::interval_at(tokio::time::Instant::now() + period, period)
+    });
+
+    let end = {
+        let mut ended = pin!(session.ended(child.as_mut().map(|c| &mut c.child)));
+        loop {
+            tokio::select! {
+                end = &mut ended => break end,
+                _ = async { ticker.as_mut().unwrap().tick().await }, if ticker.is_some() => {
+                    let now = Instant::now();
+                    let mut out = String::new();
+                    for row in source.rows(&probes)? {
+                        let before = previous.get(&row.key).cloned().unwrap_or_else(Latencies::new);
+                        let delta = row.totals.latencies.since(&before)?;
+                        out += &render(&row, &delta, &attach, "interval", now - last_report, args.format);
+                        previous.insert(row.key, row.totals.latencies);
+                    }
+                    emit(&out)?;
+                    last_report = now;
+                }
+            }
+        }
+    };
+
+    probes.stop();
+    let elapsed = started.elapsed();
+    let mut out = String::new();
+    let rows = source.rows(&probes)?;
+    if rows.is_empty() && args.format == Format::Text {
+        out += "runqlat: no waits seen\n";
+    }
+    for row in &rows {
+        out += &render(row, &row.totals.latencies, &attach, "final", elapsed, args.format);
+    }
+    emit(&out)?;
+    match end {
+        End::CommandExited(status) if !status.success() => {
+            eprintln!("latprobe: {} exited with {status}", args.command[0]);
+        }
+        End::Signal(name) if verbose => eprintln!("latprobe: ended by {name}"),
+        _ => {}
+    }
+    Ok(())
+}
+
+fn render(row: &Row, latencies: &Latencies, attach: &str, period: &str, elapsed: Duration, format: Format) -> String {
+    let report = FunctionReport {
+        function: "runqlat",
+        key: row.key.as_deref(),
+        comm: row.comm.as_deref(),
+        noun: "waits",
+        attach,
+        period,
+        seconds: elapsed.as_secs_f64(),
+        latencies,
+        missed: row.totals.missed,
+        outliers_lost: row.totals.outliers_lost,
+    };
+    match format {
+        Format::Text => format!("{}\n", report.to_text()),
+        Format::Json => format!("{}\n", report.to_json()),
+    }
+}
