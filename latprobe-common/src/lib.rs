@@ -4,6 +4,7 @@
 //! the binary must agree on every byte. One module per command.
 #![no_std]
 
+pub mod flame;
 pub mod func;
 pub mod hdr;
 pub mod sched;

@@ -3,6 +3,7 @@
 #![no_main]
 #![feature(asm_experimental_arch)]
 
+mod flame;
 mod func;
 mod helpers;
 mod sched;

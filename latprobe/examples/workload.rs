@@ -6,6 +6,7 @@
 //! workload STEP [STEP…]     steps run in order:
 //!   getppid N               N getppid() system calls
 //!   read N                  N one-byte read()s of /dev/zero (N vfs_read calls)
+//!   readfor DUR             one-byte read()s of /dev/zero for DUR (CPU in the kernel)
 //!   sleep N DUR             N nanosleep() calls of DUR (e.g. 5ms)
 //!   recurse N DEPTH DUR     N calls of a function recursing DEPTH deep, the
 //!                           innermost sleeping DUR (a uprobe target)
@@ -89,6 +90,17 @@ fn main() {
                 let mut byte = [0u8; 1];
                 for _ in 0..number(n) {
                     (&zero).read_exact(&mut byte).expect("read /dev/zero");
+                }
+                tail
+            }
+            ("readfor", [d, tail @ ..]) => {
+                let zero = File::open("/dev/zero").expect("open /dev/zero");
+                let mut byte = [0u8; 1];
+                let until = Instant::now() + duration(d);
+                while Instant::now() < until {
+                    for _ in 0..1000 {
+                        (&zero).read_exact(&mut byte).expect("read /dev/zero");
+                    }
                 }
                 tail
             }

@@ -40,6 +40,60 @@ pub enum Command {
     /// Run-queue latency: HDR percentiles and log2 histogram, per CPU or process
     #[command(after_help = RUNQLAT_EXAMPLES)]
     Runqlat(RunqlatArgs),
+    /// Flame graph of where CPUs spent their time (on-CPU) or tasks waited (--offcpu)
+    #[command(after_help = FLAME_EXAMPLES)]
+    Flame(FlameArgs),
+}
+
+const FLAME_EXAMPLES: &str = "\
+Stacks are counted in the kernel; stacks that could not be captured (stack
+map collisions, a full map) are counted and reported, never folded in.
+Without -o or --folded, the SVG goes to stdout (to flame.svg on a terminal).
+
+Examples:
+  latprobe flame --kernel --secs 30 -o out.svg
+  latprobe flame --pid 4242 --freq 199 --folded out.folded -o out.svg
+  latprobe flame --offcpu --min-block 1ms --secs 10 -o offcpu.svg
+  latprobe flame --user --kernel -o bench.svg -- ./my-benchmark";
+
+#[derive(Args, Debug)]
+pub struct FlameArgs {
+    /// Kernel stacks (default: kernel and user)
+    #[arg(long)]
+    pub kernel: bool,
+    /// User stacks (default: kernel and user)
+    #[arg(long)]
+    pub user: bool,
+    /// Time blocked off-CPU instead of on-CPU samples
+    #[arg(long)]
+    pub offcpu: bool,
+    /// With --offcpu: ignore waits shorter than DUR
+    #[arg(long, value_name = "DUR", value_parser = duration::parse_arg, requires = "offcpu")]
+    pub min_block: Option<u64>,
+    /// Stop after N seconds (default: until Ctrl-C or COMMAND exits)
+    #[arg(long, value_name = "N")]
+    pub secs: Option<u64>,
+    /// On-CPU samples per second per CPU
+    #[arg(long, value_name = "HZ", default_value_t = 99)]
+    pub freq: u64,
+    /// Only this process; stop when it exits
+    #[arg(long, value_name = "PID", conflicts_with = "command")]
+    pub pid: Option<u32>,
+    /// Only this CPU (on-CPU sampling)
+    #[arg(long, value_name = "N")]
+    pub cpu: Option<u32>,
+    /// Write the SVG here
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<std::path::PathBuf>,
+    /// Write the folded stacks here (for other flame-graph tools)
+    #[arg(long, value_name = "FILE")]
+    pub folded: Option<std::path::PathBuf>,
+    /// Title of the SVG (default: what was sampled, where, how long)
+    #[arg(long, value_name = "TEXT")]
+    pub title: Option<String>,
+    /// Run COMMAND, sample only its process, and stop when it exits
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
 }
 
 const FN_EXAMPLES: &str = "\

@@ -84,6 +84,13 @@ pub fn run_gate_if_asked() {
     }
     let fd: RawFd = args.get(2).and_then(|a| a.to_str()?.parse().ok()).unwrap_or(-1);
     let argv = &args[4.min(args.len())..];
+    // Until exec, this process is the command: name it so (profiles and
+    // outliers of the first instants then carry the command's name).
+    if let Some(name) = argv.first().and_then(|a| std::path::Path::new(a).file_name()) {
+        let name = CString::new(name.as_bytes()).unwrap_or_default();
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string (truncated to 15 bytes).
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    }
     let mut byte = 0u8;
     // SAFETY: reading one byte into a valid buffer from the inherited fd.
     let got = unsafe { libc::read(fd, (&raw mut byte).cast(), 1) };

@@ -7,6 +7,7 @@ mod cli;
 mod clock;
 mod commands;
 mod duration;
+mod folded;
 mod histogram;
 mod kallsyms;
 mod kernel_hist;
@@ -15,6 +16,7 @@ mod output;
 mod report;
 mod sched_probes;
 mod session;
+mod usyms;
 
 use std::process::ExitCode;
 
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
             cli::Command::Fn(args) => commands::func::run(args, cli.verbose).await,
             cli::Command::Runqslower(args) => commands::runqslower::run(args, cli.verbose).await,
             cli::Command::Runqlat(args) => commands::runqlat::run(args, cli.verbose).await,
+            cli::Command::Flame(args) => commands::flame::run(args, cli.verbose).await,
         }
     });
     match result {

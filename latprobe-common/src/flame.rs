@@ -1,0 +1,72 @@
+//! `latprobe flame`: stacks counted in the kernel, on-CPU (perf sampling) or
+//! off-CPU (time blocked, from scheduler switches).
+
+use crate::COMM_LEN;
+
+/// Distinct (task, stack) pairs kept; more are counted as dropped.
+pub const MAX_KEYS: u32 = 16384;
+/// Distinct stacks kept in the stack map.
+pub const MAX_STACKS: u32 = 16384;
+
+/// What a count belongs to: a thread and its kernel and user stacks (stack
+/// map ids, or a negative errno when the stack could not be taken).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StackKey {
+    pub tgid: u32,
+    pub pid: u32,
+    pub kernel_stack: i32,
+    pub user_stack: i32,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// What could not be counted, per CPU; printed, never hidden.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Drops {
+    /// Samples (on-CPU) or switches (off-CPU) seen.
+    pub events: u64,
+    /// A different stack already held the slot this one hashes to (-EEXIST).
+    pub stack_collisions: u64,
+    /// Other stack-capture failures (stack map full, fault).
+    pub stack_errors: u64,
+    /// The counts map was full.
+    pub keys_full: u64,
+}
+
+/// Off-CPU: when and where the current task left the CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OffCpuStart {
+    pub start_ns: u64,
+    pub key: StackKey,
+}
+
+impl Default for StackKey {
+    fn default() -> Self {
+        Self { tgid: 0, pid: 0, kernel_stack: -1, user_stack: -1, comm: [0; COMM_LEN] }
+    }
+}
+
+/// Names of the load-time globals of the flame programs.
+pub mod globals {
+    /// tgid to sample, 0 for all.
+    pub const TGID: &str = "FL_TGID";
+    /// Non-zero to take kernel stacks.
+    pub const KERNEL: &str = "FL_KERNEL";
+    /// Non-zero to take user stacks.
+    pub const USER: &str = "FL_USER";
+    /// Off-CPU: ignore blocks shorter than this (ns).
+    pub const MIN_BLOCK_NS: &str = "FL_MIN_BLOCK_NS";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain `#[repr(C)]` integers with no padding; any bit pattern is valid.
+    unsafe impl aya::Pod for StackKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Drops {}
+}
+
+const _: () = assert!(core::mem::size_of::<StackKey>() == 32);

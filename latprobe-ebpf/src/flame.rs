@@ -1,0 +1,157 @@
+//! `latprobe flame`: count stacks in the kernel.
+//!
+//! On-CPU, a perf event fires on every CPU at the sampling frequency and adds
+//! one to the count of (thread, kernel stack, user stack). Off-CPU, the
+//! scheduler switch records, on the task leaving the CPU (task storage, no
+//! shared lock), when it left and its stacks; when the task comes back, the
+//! time it was away is added to that stack's count. Stack ids come from a
+//! stack map; a capture that fails (a hash collision with another stack, a
+//! full map) is counted in `FL_DROPS`, never silently folded in.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    btf_maps::{HashMap, PerCpuArray, StackTrace},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{btf_map, btf_tracepoint, perf_event},
+    programs::{tracing::StackIdContext, BtfTracePointContext, PerfEventContext},
+};
+use latprobe_common::flame::{Drops, OffCpuStart, StackKey, MAX_KEYS, MAX_STACKS};
+
+use crate::{
+    helpers::{add, global},
+    task_storage::TaskStorage,
+};
+
+#[unsafe(no_mangle)]
+static FL_TGID: u32 = 0;
+#[unsafe(no_mangle)]
+static FL_KERNEL: u32 = 1;
+#[unsafe(no_mangle)]
+static FL_USER: u32 = 0;
+#[unsafe(no_mangle)]
+static FL_MIN_BLOCK_NS: u64 = 0;
+
+/// Samples (on-CPU) or microseconds blocked (off-CPU) per key.
+#[btf_map]
+static FL_COUNTS: HashMap<StackKey, u64, { MAX_KEYS as usize }> = HashMap::new();
+
+#[btf_map]
+static FL_STACKS: StackTrace<{ MAX_STACKS as usize }> = StackTrace::new();
+
+#[btf_map]
+static FL_DROPS: PerCpuArray<Drops, 1> = PerCpuArray::new();
+
+#[btf_map]
+static FL_OFF_START: TaskStorage<OffCpuStart> = TaskStorage::new();
+
+const EEXIST: i32 = 17;
+/// No user stack to take (kernel threads): not a loss.
+const EFAULT: i32 = 14;
+
+#[inline(always)]
+fn drops() -> Option<&'static mut Drops> {
+    // SAFETY: per-CPU array slots are valid for the program's lifetime.
+    FL_DROPS.get_ptr_mut(0).and_then(|p| unsafe { p.as_mut() })
+}
+
+/// A stack id, or the negative errno of a failed capture (counted).
+#[inline(always)]
+fn stack_id<C: StackIdContext>(ctx: &C, enabled: u32, flags: u64) -> i32 {
+    if enabled == 0 {
+        return -1;
+    }
+    match ctx.get_stackid(&FL_STACKS, flags) {
+        Ok(id) => id as i32,
+        Err(err) => {
+            if let Some(d) = drops() {
+                if err == -EEXIST {
+                    add(&mut d.stack_collisions, 1);
+                } else if err != -EFAULT {
+                    add(&mut d.stack_errors, 1);
+                }
+            }
+            err
+        }
+    }
+}
+
+/// The current thread and its stacks, if it passes the tgid filter.
+#[inline(always)]
+fn current_key<C: StackIdContext>(ctx: &C) -> Option<StackKey> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let want = global(&FL_TGID);
+    if want != 0 && tgid != want {
+        return None;
+    }
+    Some(StackKey {
+        tgid,
+        pid: pid_tgid as u32,
+        kernel_stack: stack_id(ctx, global(&FL_KERNEL), 0),
+        user_stack: stack_id(ctx, global(&FL_USER), BPF_F_USER_STACK as u64),
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    })
+}
+
+#[inline(always)]
+fn count(key: &StackKey, n: u64) {
+    if let Some(total) = FL_COUNTS.get_ptr_mut(key) {
+        // SAFETY: a live value of our map, valid for this program run.
+        add(unsafe { &mut *total }, n);
+        return;
+    }
+    if FL_COUNTS.insert(key, n, BPF_NOEXIST as u64).is_err() {
+        // Another CPU inserted the key meanwhile, or the map is full.
+        if let Some(total) = FL_COUNTS.get_ptr_mut(key) {
+            // SAFETY: as above.
+            add(unsafe { &mut *total }, n);
+        } else if let Some(d) = drops() {
+            add(&mut d.keys_full, 1);
+        }
+    }
+}
+
+/// On-CPU sample.
+#[perf_event]
+pub fn fl_sample(ctx: PerfEventContext) -> u32 {
+    if let Some(d) = drops() {
+        add(&mut d.events, 1);
+    }
+    if let Some(key) = current_key(&ctx) {
+        count(&key, 1);
+    }
+    0
+}
+
+/// sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next):
+/// `prev` is the current task, leaving; `next` is coming back.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn fl_switch(ctx: BtfTracePointContext) -> i32 {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(d) = drops() {
+        add(&mut d.events, 1);
+    }
+    if let Some(key) = current_key(&ctx) {
+        let prev: *mut c_void = ctx.arg(1);
+        // SAFETY: a task argument of a tp_btf program is trusted.
+        if let Some(start) = unsafe { FL_OFF_START.get(prev, true) } {
+            start.start_ns = now;
+            start.key = key;
+        }
+    }
+    let next: *mut c_void = ctx.arg(2);
+    // SAFETY: as above.
+    if let Some(start) = unsafe { FL_OFF_START.get(next, false) } {
+        if start.start_ns != 0 {
+            let blocked = now.saturating_sub(start.start_ns);
+            start.start_ns = 0;
+            if blocked >= global(&FL_MIN_BLOCK_NS) {
+                count(&start.key, blocked / 1000);
+            }
+        }
+    }
+    0
+}

@@ -1,0 +1,76 @@
+//! `latprobe flame` against real kernels: a workload that burns CPU in a
+//! known kernel path dominates the on-CPU graph; one that sleeps a known
+//! time shows that time off-CPU; the SVG is well formed and interactive.
+
+mod common;
+
+use std::fs;
+
+use common::*;
+
+/// Folded lines of a run: (stack, count).
+fn folded(path: &std::path::Path) -> Vec<(String, u64)> {
+    fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter_map(|l| {
+            let (stack, n) = l.rsplit_once(' ')?;
+            Some((stack.to_string(), n.parse().ok()?))
+        })
+        .collect()
+}
+
+fn out_dir(test: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("latprobe-{test}-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn on_cpu_time_in_a_known_kernel_path_dominates() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("on_cpu_time_in_a_known_kernel_path_dominates", &why);
+    }
+    let dir = out_dir("oncpu");
+    let (f, svg) = (dir.join("out.folded"), dir.join("out.svg"));
+    let w = workload();
+    let run = latprobe(&[
+        "flame", "--kernel", "--freq", "199", "--folded", f.to_str().unwrap(), "-o", svg.to_str().unwrap(), "--", &w,
+        "readfor", "2s",
+    ]);
+    run.assert_success();
+    let lines = folded(&f);
+    let total: u64 = lines.iter().map(|l| l.1).sum();
+    let in_syscall: u64 = lines.iter().filter(|l| l.0.contains("do_syscall_64_[k]")).map(|l| l.1).sum();
+    // 2 s at 199 Hz on one busy CPU: ~400 samples; reading /dev/zero a byte
+    // at a time spends most of it in the kernel.
+    assert!(total >= 100, "{total} samples:\n{}", run.stderr);
+    assert!(in_syscall * 2 >= total, "only {in_syscall} of {total} samples in the read() path");
+    assert!(
+        lines.iter().all(|l| l.0 == "workload" || l.0.starts_with("workload;")),
+        "only the command's process is sampled"
+    );
+    let svg = fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<?xml") && svg.trim_end().ends_with("</svg>"), "well-formed SVG document");
+    assert!(svg.contains("function search") && svg.contains("zoom"), "inferno's search and zoom script");
+    assert!(svg.contains("on-CPU, kernel stacks"), "the title says what was sampled");
+}
+
+#[test]
+fn off_cpu_time_matches_the_time_slept() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("off_cpu_time_matches_the_time_slept", &why);
+    }
+    let dir = out_dir("offcpu");
+    let f = dir.join("out.folded");
+    let w = workload();
+    // 20 sleeps of 50 ms: one second blocked in nanosleep.
+    let run = latprobe(&["flame", "--offcpu", "--kernel", "--folded", f.to_str().unwrap(), "--", &w, "sleep", "20", "50ms"]);
+    run.assert_success();
+    let slept_us: u64 = folded(&f).iter().filter(|l| l.0.contains("nanosleep")).map(|l| l.1).sum();
+    assert!(
+        (1_000_000..=1_500_000).contains(&slept_us),
+        "blocked in nanosleep for {slept_us} us, slept 1 s:\n{}",
+        fs::read_to_string(&f).unwrap()
+    );
+}
