@@ -92,9 +92,13 @@ fn pin(cpu: usize) {
 /// Sets the calling thread's policy and priority (or nice value, for the
 /// fair policies).
 fn set_policy(policy: libc::c_int, priority: i32) {
-    let param = libc::sched_param { sched_priority: if policy == libc::SCHED_FIFO { priority } else { 0 } };
+    // SAFETY: all-zero is a valid sched_param (musl's has more fields).
+    let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
+    param.sched_priority = if policy == libc::SCHED_FIFO { priority } else { 0 };
+    // The raw system call: musl's sched_setscheduler() always fails with
+    // ENOSYS, since Linux applies it to one thread, not the process.
     // SAFETY: valid pointer to a sched_param; 0 is the calling thread.
-    if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
+    if unsafe { libc::syscall(libc::SYS_sched_setscheduler, 0, policy, &raw const param) } != 0 {
         usage(&format!("cannot set scheduling policy {policy}: {} (needs root)", std::io::Error::last_os_error()));
     }
     if policy != libc::SCHED_FIFO && priority != 0 {

@@ -403,8 +403,14 @@ fn runqlat_interval_reports() {
     assert!(u64_of(&run.final_histogram("runqlat"), "count") >= 150);
 }
 
-/// libbpf-tools' runqlat, when installed and able to run here.
-const PEER_RUNQLAT: &str = "/usr/sbin/runqlat";
+/// libbpf-tools' runqlat: /usr/sbin on Debian, /bin inside the test VMs.
+fn peer_runqlat() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::iter::once(std::path::PathBuf::from("/usr/sbin"))
+        .chain(std::env::split_paths(&path))
+        .map(|dir| dir.join("runqlat"))
+        .find(|p| p.is_file())
+}
 
 /// Counts and median (as the log2 bucket `(low_us, high_us)` holding it) of a
 /// libbpf-tools runqlat histogram in usecs.
@@ -433,9 +439,10 @@ fn runqlat_agrees_with_libbpf_tools_runqlat() {
     if let Some(why) = bpf_unavailable() {
         return skip("runqlat_agrees_with_libbpf_tools_runqlat", &why);
     }
-    if !std::path::Path::new(PEER_RUNQLAT).is_file() {
-        return skip("runqlat_agrees_with_libbpf_tools_runqlat", &format!("{PEER_RUNQLAT} is not installed (Debian package libbpf-tools)"));
-    }
+    let Some(peer_bin) = peer_runqlat() else {
+        return skip("runqlat_agrees_with_libbpf_tools_runqlat", "libbpf-tools' runqlat is not installed (Debian package libbpf-tools)");
+    };
+    let peer_name = peer_bin.display().to_string();
     // The target: 400 sleeps of 2 ms, each ending in one wakeup and so one
     // run-queue wait, held at a start gate until both tools trace it.
     let mut target = Command::new(workload_bin())
@@ -446,7 +453,7 @@ fn runqlat_agrees_with_libbpf_tools_runqlat() {
     let pid = target.id().to_string();
     let peer_programs = || programs_loaded("sched_switch") + programs_loaded("handle_sched_sw");
     let before = peer_programs();
-    let mut peer = Command::new(PEER_RUNQLAT)
+    let mut peer = Command::new(&peer_bin)
         .args(["-p", &pid, "3600", "1"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -463,10 +470,10 @@ fn runqlat_agrees_with_libbpf_tools_runqlat() {
             ours.signal(libc::SIGINT);
             ours.finish();
             let err = peer.wait_with_output().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
-            let why = format!("{PEER_RUNQLAT} cannot run on this kernel ({status}): {}", err.lines().last().unwrap_or(""));
+            let why = format!("{peer_name} cannot run on this kernel ({status}): {}", err.lines().last().unwrap_or(""));
             return skip("runqlat_agrees_with_libbpf_tools_runqlat", &why);
         }
-        assert!(Instant::now() < deadline, "{PEER_RUNQLAT} loaded nothing in 60 s");
+        assert!(Instant::now() < deadline, "{peer_name} loaded nothing in 60 s");
         sleep(Duration::from_millis(50));
     }
     sleep(Duration::from_secs(2));

@@ -80,11 +80,13 @@ pub async fn run(args: RunqslowerArgs, verbose: bool) -> Result<()> {
     if args.format == Format::Text {
         emit(&format!("{HEADER}\n"))?;
     }
+    // The clock starts before the command runs: a command that hogs this
+    // CPU could otherwise delay it.
+    session.start_clock(args.secs);
+    let started = Instant::now();
     if let Some(c) = child.as_mut() {
         c.release()?;
     }
-    session.start_clock(args.secs);
-    let started = Instant::now();
     let end = {
         let mut ended = pin!(session.ended(child.as_mut().map(|c| &mut c.child)));
         loop {
