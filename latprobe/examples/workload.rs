@@ -18,7 +18,7 @@
 //!                           then burns the CPU for DUR before letting it
 //!                           run. Prints `contend: cpu=C spinner=TID
 //!                           wakee=TID` on stderr. MODE (needs root):
-//!                             fifo  spinner SCHED_FIFO 2, wakee SCHED_FIFO 1
+//!                             fifo  spinner SCHED_FIFO 3, wakee SCHED_FIFO 2
 //!                                   (default: no scheduler lets the wakee in)
 //!                             nice  spinner nice -20, wakee nice 19
 //!                             idle  spinner SCHED_OTHER, wakee SCHED_IDLE
@@ -31,7 +31,9 @@
 //! kernel (the fair server of 6.12+ steps in only after ~950 ms). The wakee
 //! is real-time too, one priority lower, so it is the very next task to run
 //! when the spinner steps down: the task switched out before it is the
-//! spinner, every time.
+//! spinner, every time. Priorities 3 and 2 rather than 2 and 1: PREEMPT_RT
+//! kernels run ktimers/N and rcuc/N at SCHED_FIFO 1, and those, starved by
+//! the spinner too, would otherwise run between it and the wakee.
 
 use std::{
     env,
@@ -122,7 +124,7 @@ fn contend(spin: Duration, mode: &str) {
     // SAFETY: sched_getcpu has no preconditions.
     let cpu = unsafe { libc::sched_getcpu() }.max(0) as usize;
     let ((spin_policy, spin_prio), (wake_policy, wake_prio)) = match mode {
-        "fifo" => ((libc::SCHED_FIFO, 2), (libc::SCHED_FIFO, 1)),
+        "fifo" => ((libc::SCHED_FIFO, 3), (libc::SCHED_FIFO, 2)),
         "nice" => ((libc::SCHED_OTHER, -20), (libc::SCHED_OTHER, 19)),
         "idle" => ((libc::SCHED_OTHER, 0), (libc::SCHED_IDLE, 0)),
         other => usage(&format!("unknown contend mode {other}")),

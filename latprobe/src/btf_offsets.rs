@@ -223,7 +223,7 @@ impl Btf {
                 continue;
             }
             if self.name(name_off) == member {
-                if bits % 8 != 0 {
+                if !bits.is_multiple_of(8) {
                     return None;
                 }
                 return Some(Member { offset: bits / 8, size: self.size_of(type_id)? });

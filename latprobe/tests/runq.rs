@@ -129,7 +129,8 @@ fn runqslower_verbose_says_what_was_chosen() {
     run.assert_success();
     assert!(run.stderr.contains("attached with tp_btf"), "{}", run.stderr);
     assert!(run.stderr.contains("task_struct offsets from BTF"), "{}", run.stderr);
-    assert!(run.stderr.contains("wakeup times kept in"), "{}", run.stderr);
+    let store = run.stderr.lines().find(|l| l.contains("wakeup times kept in")).unwrap_or_else(|| panic!("{}", run.stderr));
+    eprintln!("runqslower on {}: {store}", kernel_name());
 }
 
 #[test]
@@ -467,13 +468,18 @@ fn runqlat_agrees_with_libbpf_tools_runqlat() {
     while peer_programs() <= before {
         if let Ok(Some(status)) = peer.try_wait() {
             let _ = target.kill();
+            let _ = target.wait();
             ours.signal(libc::SIGINT);
             ours.finish();
             let err = peer.wait_with_output().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
             let why = format!("{peer_name} cannot run on this kernel ({status}): {}", err.lines().last().unwrap_or(""));
             return skip("runqlat_agrees_with_libbpf_tools_runqlat", &why);
         }
-        assert!(Instant::now() < deadline, "{peer_name} loaded nothing in 60 s");
+        if Instant::now() > deadline {
+            let _ = target.kill();
+            let _ = target.wait();
+            panic!("{peer_name} loaded nothing in 60 s");
+        }
         sleep(Duration::from_millis(50));
     }
     sleep(Duration::from_secs(2));

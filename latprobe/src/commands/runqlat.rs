@@ -110,7 +110,7 @@ impl Source {
                     let totals = self.maps.totals(slot as usize)?;
                     rows.push(Row { key: Some(format!("pid={tgid}")), comm: Some(comm), totals });
                 }
-                rows.sort_by(|a, b| b.totals.latencies.count().cmp(&a.totals.latencies.count()));
+                rows.sort_by_key(|r| std::cmp::Reverse(r.totals.latencies.count()));
                 // Untimed waits belong to no known process: "other" carries them.
                 let mut other = self.maps.totals(0)?;
                 other.missed = lost_total;
