@@ -10,16 +10,40 @@
 //!   sleep N DUR             N nanosleep() calls of DUR (e.g. 5ms)
 //!   recurse N DEPTH DUR     N calls of a function recursing DEPTH deep, the
 //!                           innermost sleeping DUR (a uprobe target)
+//!   stdin                   wait for a line on stdin (a start gate for tests)
 //!   udp N                   N UDP datagrams over loopback (NET_RX softirqs)
 //!   tcp N                   N TCP connections over loopback, each accepted
 //!                           and sent one byte (N inet_csk_accept calls)
 //!   spin DUR                burn CPU for DUR
 //!   pin CPU                 run the following steps on CPU only
 //!   report                  print `elapsed_ns=N` since the workload started
+//!   contend DUR [MODE]      a run-queue wait of about DUR: the main thread
+//!                           ("wakee") and a "spinner" thread pinned to one
+//!                           CPU; the spinner wakes the wakee through a pipe,
+//!                           then burns the CPU for DUR before letting it
+//!                           run. Prints `contend: cpu=C spinner=TID
+//!                           wakee=TID` on stderr. MODE (needs root):
+//!                             fifo  spinner SCHED_FIFO 3, wakee SCHED_FIFO 2
+//!                                   (default: no scheduler lets the wakee in)
+//!                             nice  spinner nice -20, wakee nice 19
+//!                             idle  spinner SCHED_OTHER, wakee SCHED_IDLE
 //! ```
+//!
+//! Why `fifo` is the default for `contend`: a fair-class wakee cannot
+//! preempt on wakeup with `nice` or `idle`, but the fair scheduler still ends
+//! the spinner's slice and lets the wakee run within a few ms on CFS kernels
+//! (6.1); only a real-time spinner holds the CPU for the whole DUR on every
+//! kernel (the fair server of 6.12+ steps in only after ~950 ms). The wakee
+//! is real-time too, one priority lower, so it is the very next task to run
+//! when the spinner steps down: the task switched out before it is the
+//! spinner, every time. Priorities 3 and 2 rather than 2 and 1: PREEMPT_RT
+//! kernels run ktimers/N and rcuc/N at SCHED_FIFO 1, and those, starved by
+//! the spinner too, would otherwise run between it and the wakee.
 
 use std::{
     env,
+    fs,
+    thread,
     fs::File,
     hint::black_box,
     io::{Read, Write},
@@ -59,9 +83,10 @@ pub extern "C" fn latprobe_workload_recurse(depth: u32, nap_us: u64) -> u64 {
     black_box(latprobe_workload_recurse(depth - 1, nap_us)) + 1
 }
 
-fn pin_to(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity get
-    // valid pointers to it.
+/// Pins the calling thread to `cpu`.
+fn pin(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and
+    // sched_setaffinity get valid pointers to it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
@@ -69,6 +94,103 @@ fn pin_to(cpu: usize) {
             usage(&format!("cannot pin to CPU {cpu}: {}", std::io::Error::last_os_error()));
         }
     }
+}
+
+/// Sets the calling thread's policy and priority (or nice value, for the
+/// fair policies).
+fn set_policy(policy: libc::c_int, priority: i32) {
+    // SAFETY: all-zero is a valid sched_param (musl's has more fields).
+    let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
+    param.sched_priority = if policy == libc::SCHED_FIFO { priority } else { 0 };
+    // The raw system call: musl's sched_setscheduler() always fails with
+    // ENOSYS, since Linux applies it to one thread, not the process.
+    // SAFETY: valid pointer to a sched_param; 0 is the calling thread.
+    if unsafe { libc::syscall(libc::SYS_sched_setscheduler, 0, policy, &raw const param) } != 0 {
+        usage(&format!("cannot set scheduling policy {policy}: {} (needs root)", std::io::Error::last_os_error()));
+    }
+    if policy != libc::SCHED_FIFO && priority != 0 {
+        // SAFETY: setpriority on this thread's own tid.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, priority) } != 0 {
+            usage(&format!("cannot set nice {priority}: {} (needs root)", std::io::Error::last_os_error()));
+        }
+    }
+}
+
+/// Whether thread `tid` of this process is asleep (state S).
+fn asleep(tid: i32) -> bool {
+    let stat = fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default();
+    // The state follows the parenthesised comm, which may contain spaces.
+    stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('S'))
+}
+
+/// The `contend` step: see the module comment. The calling (main) thread
+/// is the wakee, so `--tid PID` selects it; it is renamed "wakee" meanwhile.
+fn contend(spin: Duration, mode: &str) {
+    // SAFETY: sched_getcpu has no preconditions.
+    let cpu = unsafe { libc::sched_getcpu() }.max(0) as usize;
+    let ((spin_policy, spin_prio), (wake_policy, wake_prio)) = match mode {
+        "fifo" => ((libc::SCHED_FIFO, 3), (libc::SCHED_FIFO, 2)),
+        "nice" => ((libc::SCHED_OTHER, -20), (libc::SCHED_OTHER, 19)),
+        "idle" => ((libc::SCHED_OTHER, 0), (libc::SCHED_IDLE, 0)),
+        other => usage(&format!("unknown contend mode {other}")),
+    };
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe to fill.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        usage("cannot create a pipe");
+    }
+    let (read_fd, write_fd) = (fds[0], fds[1]);
+    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it.
+    let mut saved: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer and size for this thread's affinity.
+    unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut saved) };
+    set_name(c"wakee");
+    pin(cpu);
+    set_policy(wake_policy, wake_prio);
+    // SAFETY: gettid has no preconditions.
+    let wakee_tid = unsafe { libc::gettid() };
+    let spinner = thread::Builder::new()
+        .name("spinner".into())
+        .spawn(move || {
+            pin(cpu);
+            // The wakee must be asleep in read() before it is woken.
+            while !asleep(wakee_tid) {
+                sleep(Duration::from_millis(1));
+            }
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            eprintln!("contend: cpu={cpu} spinner={tid} wakee={wakee_tid}");
+            set_policy(spin_policy, spin_prio);
+            let until = Instant::now() + spin;
+            let byte = 0u8;
+            // SAFETY: writing one byte from a valid buffer to our pipe: the
+            // wakee becomes runnable on this CPU, behind us.
+            unsafe { libc::write(write_fd, (&raw const byte).cast(), 1) };
+            while Instant::now() < until {
+                black_box(0);
+            }
+            // Stepping down lets the wakee in at once.
+            set_policy(libc::SCHED_OTHER, 0);
+        })
+        .expect("spawn spinner");
+    let mut byte = 0u8;
+    // SAFETY: reading one byte into a valid buffer from our pipe.
+    unsafe { libc::read(read_fd, (&raw mut byte).cast(), 1) };
+    spinner.join().expect("spinner");
+    set_policy(libc::SCHED_OTHER, 0);
+    // SAFETY: restoring the affinity saved above; closing our pipe.
+    unsafe {
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &saved);
+        libc::close(read_fd);
+        libc::close(write_fd);
+    }
+    set_name(c"workload");
+}
+
+/// Renames the calling thread (its comm).
+fn set_name(name: &std::ffi::CStr) {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of up to 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
 }
 
 fn main() {
@@ -118,6 +240,11 @@ fn main() {
                 }
                 tail
             }
+            ("stdin", tail) => {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line).expect("read stdin");
+                tail
+            }
             ("udp", [n, tail @ ..]) => {
                 let rx = UdpSocket::bind("127.0.0.1:0").expect("bind receiver");
                 let tx = UdpSocket::bind("127.0.0.1:0").expect("bind sender");
@@ -148,11 +275,19 @@ fn main() {
                 tail
             }
             ("pin", [cpu, tail @ ..]) => {
-                pin_to(number(cpu) as usize);
+                pin(number(cpu) as usize);
                 tail
             }
             ("report", tail) => {
                 println!("elapsed_ns={}", started.elapsed().as_nanos());
+                tail
+            }
+            ("contend", [d, mode, tail @ ..]) if ["fifo", "nice", "idle"].contains(&mode.as_str()) => {
+                contend(duration(d), mode);
+                tail
+            }
+            ("contend", [d, tail @ ..]) => {
+                contend(duration(d), "fifo");
                 tail
             }
             _ => usage(&format!("unknown or incomplete step at {step:?}")),

@@ -206,10 +206,6 @@ impl Btf {
         self.find_member(id, member, 0, 0)
     }
 
-    pub fn has_struct(&self, name: &str) -> bool {
-        self.structs.contains_key(name)
-    }
-
     fn find_member(&self, id: u32, member: &str, base_bits: u32, depth: u32) -> Option<Member> {
         let t = self.get(id)?;
         if depth > 8 {
@@ -227,7 +223,7 @@ impl Btf {
                 continue;
             }
             if self.name(name_off) == member {
-                if bits % 8 != 0 {
+                if !bits.is_multiple_of(8) {
                     return None;
                 }
                 return Some(Member { offset: bits / 8, size: self.size_of(type_id)? });
@@ -392,6 +388,6 @@ mod tests {
         let t = TaskOffsets::from_btf(&btf).unwrap();
         assert!(t.pid > 0 && t.tgid == t.pid + 4, "pid and tgid are adjacent: {t:?}");
         assert!(t.comm > t.tgid, "{t:?}");
-        assert!(btf.has_struct("rq"));
+        assert_eq!(btf.member("task_struct", "comm").map(|m| m.size), Some(16));
     }
 }

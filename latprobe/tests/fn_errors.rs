@@ -6,16 +6,6 @@ use std::{os::unix::process::CommandExt, process::Command};
 
 use common::*;
 
-/// Asserts a failed run printed one error line mentioning `needle` (clap adds
-/// a "try --help" hint after its own).
-fn assert_one_line_error(run: &Run, needle: &str) {
-    assert!(!run.output.status.success(), "should fail: {}", run.stdout);
-    let lines: Vec<&str> = run.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert!(!run.stderr.contains("panicked") && !run.stderr.contains("RUST_BACKTRACE"), "{}", run.stderr);
-    assert!(lines.len() <= 2, "one error line expected: {}", run.stderr);
-    assert!(lines.iter().any(|l| l.contains(needle)), "error should mention {needle:?}: {}", run.stderr);
-}
-
 #[test]
 fn unknown_function_suggests_close_names() {
     if let Some(why) = bpf_unavailable() {

@@ -58,6 +58,34 @@ struct Source {
 }
 
 impl Source {
+    /// The processes that have a slot, as (tgid, slot).
+    fn slots(&self) -> Result<Vec<(u32, u32)>> {
+        match &self.pid_slots {
+            Some(map) => map.iter().collect::<Result<_, _>>().context("reading RQ_PID_SLOTS"),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Notes the name of every process with a slot while it still runs:
+    /// by the final report, short-lived ones are gone from /proc.
+    fn remember_comms(&mut self) -> Result<()> {
+        for (tgid, _) in self.slots()? {
+            self.comm(tgid);
+        }
+        Ok(())
+    }
+
+    fn comm(&mut self, tgid: u32) -> String {
+        self.comms
+            .entry(tgid)
+            .or_insert_with(|| {
+                fs::read_to_string(format!("/proc/{tgid}/comm"))
+                    .map(|c| c.trim_end().to_string())
+                    .unwrap_or_else(|_| "?".into())
+            })
+            .clone()
+    }
+
     fn rows(&mut self, probes: &Probes) -> Result<Vec<Row>> {
         let lost = probes.lost_per_cpu()?;
         let lost_total: u64 = lost.iter().map(|l| l.no_start).sum();
@@ -77,20 +105,12 @@ impl Source {
                 }
             }
             Grouping::PerPid => {
-                let slots: Vec<(u32, u32)> = match &self.pid_slots {
-                    Some(map) => map.iter().collect::<Result<_, _>>().context("reading RQ_PID_SLOTS")?,
-                    None => Vec::new(),
-                };
-                for (tgid, slot) in slots {
-                    let comm = self.comms.entry(tgid).or_insert_with(|| {
-                        fs::read_to_string(format!("/proc/{tgid}/comm"))
-                            .map(|c| c.trim_end().to_string())
-                            .unwrap_or_else(|_| "?".into())
-                    });
+                for (tgid, slot) in self.slots()? {
+                    let comm = self.comm(tgid);
                     let totals = self.maps.totals(slot as usize)?;
-                    rows.push(Row { key: Some(format!("pid={tgid}")), comm: Some(comm.clone()), totals });
+                    rows.push(Row { key: Some(format!("pid={tgid}")), comm: Some(comm), totals });
                 }
-                rows.sort_by(|a, b| b.totals.latencies.count().cmp(&a.totals.latencies.count()));
+                rows.sort_by_key(|r| std::cmp::Reverse(r.totals.latencies.count()));
                 // Untimed waits belong to no known process: "other" carries them.
                 let mut other = self.maps.totals(0)?;
                 other.missed = lost_total;
@@ -141,11 +161,13 @@ pub async fn run(args: RunqlatArgs, verbose: bool) -> Result<()> {
     let attach = probes.mechanism.to_string();
 
     eprintln!("latprobe: tracing run-queue latency ({attach}); Ctrl-C to end");
+    // The clock starts before the command runs: a command that hogs this
+    // CPU could otherwise delay it.
+    session.start_clock(args.secs);
+    let started = Instant::now();
     if let Some(c) = child.as_mut() {
         c.release()?;
     }
-    session.start_clock(args.secs);
-    let started = Instant::now();
     let mut last_report = started;
     let mut previous: HashMap<Option<String>, Latencies> = HashMap::new();
     let mut ticker = args.interval.map(|ns| {
@@ -153,11 +175,15 @@ pub async fn run(args: RunqlatArgs, verbose: bool) -> Result<()> {
         tokio::time::interval_at(tokio::time::Instant::now() + period, period)
     });
 
+    let mut comm_ticker = (grouping == Grouping::PerPid).then(|| tokio::time::interval(Duration::from_millis(500)));
     let end = {
         let mut ended = pin!(session.ended(child.as_mut().map(|c| &mut c.child)));
         loop {
             tokio::select! {
                 end = &mut ended => break end,
+                _ = async { comm_ticker.as_mut().unwrap().tick().await }, if comm_ticker.is_some() => {
+                    source.remember_comms()?;
+                }
                 _ = async { ticker.as_mut().unwrap().tick().await }, if ticker.is_some() => {
                     let now = Instant::now();
                     let mut out = String::new();

@@ -80,11 +80,13 @@ pub async fn run(args: RunqslowerArgs, verbose: bool) -> Result<()> {
     if args.format == Format::Text {
         emit(&format!("{HEADER}\n"))?;
     }
+    // The clock starts before the command runs: a command that hogs this
+    // CPU could otherwise delay it.
+    session.start_clock(args.secs);
+    let started = Instant::now();
     if let Some(c) = child.as_mut() {
         c.release()?;
     }
-    session.start_clock(args.secs);
-    let started = Instant::now();
     let end = {
         let mut ended = pin!(session.ended(child.as_mut().map(|c| &mut c.child)));
         loop {
@@ -144,6 +146,16 @@ fn comm_of(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..len]).into_owned()
 }
 
+/// Drops the innermost frames that are the tracer itself (our program and
+/// the tracepoint glue that ran it), so a stack starts at `__schedule`.
+fn trim_tracing_frames(stack: Vec<(u64, Option<String>)>) -> Vec<(u64, Option<String>)> {
+    let ours = |s: &Option<String>| {
+        s.as_deref().is_some_and(|s| s.starts_with("bpf_prog_") || s.starts_with("bpf_trace_run") || s.starts_with("__bpf_trace_"))
+    };
+    let skip = stack.iter().take_while(|(_, s)| ours(s)).count();
+    stack.into_iter().skip(skip).collect()
+}
+
 /// Decodes events from the ring buffer, prints them and tallies culprits.
 struct Printer<'a> {
     symbols: Option<&'a KernelSymbols>,
@@ -163,10 +175,12 @@ impl Printer<'_> {
             // unaligned since the ring buffer guarantees only 8-byte alignment.
             let e: RunqEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             drop(item);
-            let stack = e.stack[..(e.stack_len as usize).min(e.stack.len())]
-                .iter()
-                .map(|&addr| (addr, self.symbols.and_then(|s| s.symbolize(addr))))
-                .collect();
+            let stack = trim_tracing_frames(
+                e.stack[..(e.stack_len as usize).min(e.stack.len())]
+                    .iter()
+                    .map(|&addr| (addr, self.symbols.and_then(|s| s.symbolize(addr))))
+                    .collect(),
+            );
             let wait = SlowWait {
                 time: self.clock.format(e.ts_ns),
                 cpu: e.cpu,
@@ -445,6 +459,16 @@ mod tests {
             prev_tid: prev.1,
             stack: Vec::new(),
         }
+    }
+
+    #[test]
+    fn tracer_frames_are_trimmed() {
+        let f = |s: &str| (1u64, Some(s.to_string()));
+        let stack = vec![f("bpf_prog_855200e89585c265_rq_switch+0x859"), f("bpf_trace_run4+0x10d"), f("__schedule+0x628"), f("schedule+0x23")];
+        let trimmed = trim_tracing_frames(stack);
+        assert_eq!(trimmed[0].1.as_deref(), Some("__schedule+0x628"));
+        assert_eq!(trimmed.len(), 2);
+        assert_eq!(trim_tracing_frames(vec![(5, None)]).len(), 1, "unsymbolized frames are kept");
     }
 
     #[test]

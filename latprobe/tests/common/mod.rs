@@ -4,8 +4,9 @@
 
 use std::{
     env,
+    io::{BufRead, BufReader, Read},
     path::PathBuf,
-    process::{Command, Output},
+    process::{Child, ChildStderr, Command, Output, Stdio},
 };
 
 use serde_json::Value;
@@ -114,3 +115,74 @@ pub fn net_rx_softirqs() -> u64 {
     let line = text.lines().find(|l| l.trim_start().starts_with("NET_RX:")).expect("NET_RX row");
     line.split_whitespace().skip(1).map(|n| n.parse::<u64>().expect("count")).sum()
 }
+
+/// A latprobe run in the background, past its "tracing" line.
+pub struct Tracing {
+    pub child: Child,
+    stderr: BufReader<ChildStderr>,
+    said: String,
+}
+
+/// Starts latprobe with `args` and returns once it says it is tracing.
+pub fn start_tracing(args: &[&str]) -> Tracing {
+    let mut child = Command::new(latprobe_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", latprobe_bin().display()));
+    let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut said = String::new();
+    while !said.contains("tracing") {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+            let out = child.wait_with_output().expect("latprobe ends");
+            panic!("latprobe {args:?} ended before tracing ({}): {said}{}", out.status, String::from_utf8_lossy(&out.stdout));
+        }
+        said += &line;
+    }
+    Tracing { child, stderr, said }
+}
+
+impl Tracing {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (e.g. libc::SIGTERM) to latprobe.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill on the pid of our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Waits for latprobe to end and returns what it printed.
+    pub fn finish(mut self) -> Run {
+        let mut rest = String::new();
+        let _ = self.stderr.read_to_string(&mut rest);
+        let output = self.child.wait_with_output().expect("latprobe ends");
+        Run {
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: self.said + &rest,
+            output,
+        }
+    }
+}
+
+/// latprobe's programs whose names start with `prefix` loaded right now.
+pub fn programs_loaded(prefix: &str) -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with(prefix)))
+        .count()
+}
+
+/// Asserts a failed run printed one error line mentioning `needle` (clap adds
+/// a "try --help" hint after its own).
+pub fn assert_one_line_error(run: &Run, needle: &str) {
+    assert!(!run.output.status.success(), "should fail: {}", run.stdout);
+    let lines: Vec<&str> = run.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!run.stderr.contains("panicked") && !run.stderr.contains("RUST_BACKTRACE"), "{}", run.stderr);
+    assert!(lines.len() <= 2, "one error line expected: {}", run.stderr);
+    assert!(lines.iter().any(|l| l.contains(needle)), "error should mention {needle:?}: {}", run.stderr);
+}
+
