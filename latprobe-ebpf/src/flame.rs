@@ -17,7 +17,7 @@ use aya_ebpf::{
     macros::{btf_map, btf_tracepoint, perf_event},
     programs::{tracing::StackIdContext, BtfTracePointContext, PerfEventContext},
 };
-use latprobe_common::flame::{Drops, OffCpuStart, StackKey, MAX_KEYS, MAX_STACKS};
+use latprobe_common::flame::{Drops, OffCpuStart, StackKey};
 
 use crate::{
     helpers::{add, global},
@@ -33,12 +33,15 @@ static FL_USER: u32 = 0;
 #[unsafe(no_mangle)]
 static FL_MIN_BLOCK_NS: u64 = 0;
 
+// Maps are declared at their smallest, so that other commands loading this
+// object pay nothing for them; `latprobe flame` sizes them before load.
+
 /// Samples (on-CPU) or microseconds blocked (off-CPU) per key.
 #[btf_map]
-static FL_COUNTS: HashMap<StackKey, u64, { MAX_KEYS as usize }> = HashMap::new();
+static FL_COUNTS: HashMap<StackKey, u64, 1> = HashMap::new();
 
 #[btf_map]
-static FL_STACKS: StackTrace<{ MAX_STACKS as usize }> = StackTrace::new();
+static FL_STACKS: StackTrace<1> = StackTrace::new();
 
 #[btf_map]
 static FL_DROPS: PerCpuArray<Drops, 1> = PerCpuArray::new();

@@ -52,13 +52,13 @@ static FRAMES: TaskStorage<TaskFrames> = TaskStorage::new();
 #[btf_map]
 static STATS: PerCpuArray<FuncStats, MAX_FUNCS> = PerCpuArray::new();
 
-/// Keyed by `slot * GROUPS_PER_FUNC + group`; userspace shrinks it to the
-/// slots in use before load.
+/// Keyed by `slot * GROUPS_PER_FUNC + group`. Declared at its smallest (as
+/// the ring buffer below) so other commands pay nothing; `fn` sizes both.
 #[btf_map]
-static BUCKETS: PerCpuArray<BucketGroup, { MAX_FUNCS * GROUPS_PER_FUNC }> = PerCpuArray::new();
+static BUCKETS: PerCpuArray<BucketGroup, 1> = PerCpuArray::new();
 
 #[btf_map]
-static OUTLIERS: RingBuf<Outlier, { 1 << 22 }> = RingBuf::new();
+static OUTLIERS: RingBuf<Outlier, 4096> = RingBuf::new();
 
 #[inline(always)]
 fn stats(slot: usize) -> Option<&'static mut FuncStats> {

@@ -24,7 +24,7 @@ use aya::{
     },
     Btf, Ebpf,
 };
-use latprobe_common::flame::{globals, Drops, StackKey};
+use latprobe_common::flame::{globals, Drops, StackKey, MAX_KEYS, MAX_STACKS};
 
 use crate::{
     bpf,
@@ -70,7 +70,9 @@ pub async fn run(args: FlameArgs, verbose: bool) -> Result<()> {
             .override_global(globals::TGID, &tgid, true)
             .override_global(globals::KERNEL, &k, true)
             .override_global(globals::USER, &u, true)
-            .override_global(globals::MIN_BLOCK_NS, &min_block, true);
+            .override_global(globals::MIN_BLOCK_NS, &min_block, true)
+            .map_max_entries("FL_COUNTS", MAX_KEYS)
+            .map_max_entries("FL_STACKS", MAX_STACKS);
     })?;
     if args.offcpu {
         attach_offcpu(&mut ebpf)?;
