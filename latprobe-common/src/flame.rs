@@ -32,6 +32,29 @@ pub struct Drops {
     pub stack_errors: u64,
     /// The counts map was full.
     pub keys_full: u64,
+    /// `--during`: stacks of one call beyond `MAX_PENDING`.
+    pub pending_full: u64,
+}
+
+/// `--during`: stacks held per task while a call of FUNC is in flight,
+/// committed to the counts if it turns out slow, dropped otherwise.
+pub const MAX_PENDING: usize = 32;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PendingEntry {
+    pub key: StackKey,
+    pub count: u64,
+}
+
+/// The stacks sampled during the current task's in-flight call of FUNC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Pending {
+    /// Non-zero while a call is in flight.
+    pub active: u32,
+    pub len: u32,
+    pub entries: [PendingEntry; MAX_PENDING],
 }
 
 /// Off-CPU: when and where the current task left the CPU.
@@ -58,6 +81,11 @@ pub mod globals {
     pub const USER: &str = "FL_USER";
     /// Off-CPU: ignore blocks shorter than this (ns).
     pub const MIN_BLOCK_NS: &str = "FL_MIN_BLOCK_NS";
+    /// `--during`: the `fn` slot whose calls gate what is counted
+    /// (`u32::MAX`: none, count everything).
+    pub const DURING_SLOT: &str = "FL_DURING_SLOT";
+    /// `--during`: calls at least this slow keep their stacks.
+    pub const DURING_SLOWER_NS: &str = "FL_DURING_SLOWER_NS";
 }
 
 #[cfg(feature = "user")]

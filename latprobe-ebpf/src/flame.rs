@@ -17,10 +17,10 @@ use aya_ebpf::{
     macros::{btf_map, btf_tracepoint, perf_event},
     programs::{tracing::StackIdContext, BtfTracePointContext, PerfEventContext},
 };
-use latprobe_common::flame::{Drops, OffCpuStart, StackKey};
+use latprobe_common::flame::{Drops, OffCpuStart, Pending, StackKey, MAX_PENDING};
 
 use crate::{
-    helpers::{add, global},
+    helpers::{add, global, masked},
     task_storage::TaskStorage,
 };
 
@@ -32,6 +32,10 @@ static FL_KERNEL: u32 = 1;
 static FL_USER: u32 = 0;
 #[unsafe(no_mangle)]
 static FL_MIN_BLOCK_NS: u64 = 0;
+#[unsafe(no_mangle)]
+static FL_DURING_SLOT: u32 = u32::MAX;
+#[unsafe(no_mangle)]
+static FL_DURING_SLOWER_NS: u64 = 0;
 
 // Maps are declared at their smallest, so that other commands loading this
 // object pay nothing for them; `latprobe flame` sizes them before load.
@@ -48,6 +52,84 @@ static FL_DROPS: PerCpuArray<Drops, 1> = PerCpuArray::new();
 
 #[btf_map]
 static FL_OFF_START: TaskStorage<OffCpuStart> = TaskStorage::new();
+
+#[btf_map]
+static FL_PENDING: TaskStorage<Pending> = TaskStorage::new();
+
+/// Whether `--during` gates the counts.
+#[inline(always)]
+fn during() -> bool {
+    global(&FL_DURING_SLOT) != u32::MAX
+}
+
+/// `fn` calls this when the outermost call of `slot` starts on this task.
+#[inline(always)]
+pub fn call_started(slot: usize) {
+    if global(&FL_DURING_SLOT) as usize != slot {
+        return;
+    }
+    if let Some(p) = FL_PENDING.current(true) {
+        p.active = 1;
+        p.len = 0;
+    }
+}
+
+/// `fn` calls this when that call ends: its stacks count if it was slow.
+#[inline(always)]
+pub fn call_ended(slot: usize, duration: u64) {
+    if global(&FL_DURING_SLOT) as usize != slot {
+        return;
+    }
+    let Some(p) = FL_PENDING.current(false) else { return };
+    if p.active == 0 {
+        return;
+    }
+    p.active = 0;
+    let len = p.len as usize;
+    p.len = 0;
+    if duration < global(&FL_DURING_SLOWER_NS) {
+        return;
+    }
+    for i in 0..MAX_PENDING {
+        if i >= len {
+            break;
+        }
+        // SAFETY: masked to MAX_PENDING.
+        let e = *unsafe { p.entries.get_unchecked(masked(i, MAX_PENDING)) };
+        count(&e.key, e.count);
+    }
+}
+
+/// Counts `n` for `key` — or, with `--during`, holds it on `task` (the
+/// current task when `None`) until its in-flight call ends.
+#[inline(always)]
+fn count_or_hold(key: &StackKey, n: u64, task: Option<*mut c_void>) {
+    if !during() {
+        count(key, n);
+        return;
+    }
+    let pending = match task {
+        None => FL_PENDING.current(false),
+        // SAFETY: a task argument of a tp_btf program is trusted.
+        Some(t) => unsafe { FL_PENDING.get(t, false) },
+    };
+    let Some(p) = pending else { return };
+    if p.active == 0 {
+        return;
+    }
+    let len = p.len as usize;
+    if len >= MAX_PENDING {
+        if let Some(d) = drops() {
+            add(&mut d.pending_full, 1);
+        }
+        return;
+    }
+    // SAFETY: masked to MAX_PENDING.
+    let e = unsafe { p.entries.get_unchecked_mut(masked(len, MAX_PENDING)) };
+    e.key = *key;
+    e.count = n;
+    p.len = (len + 1) as u32;
+}
 
 const EEXIST: i32 = 17;
 /// No user stack to take (kernel threads): not a loss.
@@ -123,7 +205,7 @@ pub fn fl_sample(ctx: PerfEventContext) -> u32 {
         add(&mut d.events, 1);
     }
     if let Some(key) = current_key(&ctx) {
-        count(&key, 1);
+        count_or_hold(&key, 1, None);
     }
     0
 }
@@ -152,7 +234,7 @@ pub fn fl_switch(ctx: BtfTracePointContext) -> i32 {
             let blocked = now.saturating_sub(start.start_ns);
             start.start_ns = 0;
             if blocked >= global(&FL_MIN_BLOCK_NS) {
-                count(&start.key, blocked / 1000);
+                count_or_hold(&start.key, blocked / 1000, Some(next));
             }
         }
     }

@@ -24,12 +24,13 @@ use aya_ebpf::{
 };
 use latprobe_common::{
     func::{
-        BucketGroup, FuncStats, Outlier, TaskFrames, GROUPS_PER_FUNC, MAX_DEPTH, MAX_FUNCS, MAX_STACK,
+        BucketGroup, FuncStats, Outlier, TaskFrames, MAX_DEPTH, MAX_FUNCS, MAX_STACK,
         NET_RX_SOFTIRQ,
     },
 };
 
 use crate::{
+    flame,
     helpers::{self, add, global, masked},
     task_storage::TaskStorage,
 };
@@ -96,6 +97,9 @@ fn enter(slot: usize) {
         frame.start_ns = unsafe { bpf_ktime_get_ns() };
     }
     *depth = (d + 1) as u32;
+    if d == 0 {
+        flame::call_started(slot);
+    }
 }
 
 #[inline(always)]
@@ -129,6 +133,9 @@ fn exit<C: EbpfContext>(ctx: &C, slot: usize) {
         return;
     }
     let duration = now.saturating_sub(frame.start_ns);
+    if d == 0 {
+        flame::call_ended(slot, duration);
+    }
     record(slot, duration);
     if duration >= global(&SLOWER_NS) {
         report_outlier(ctx, slot, now, duration, frame.cpu);

@@ -7,6 +7,10 @@
 //!   getppid N               N getppid() system calls
 //!   read N                  N one-byte read()s of /dev/zero (N vfs_read calls)
 //!   readfor DUR             one-byte read()s of /dev/zero for DUR (CPU in the kernel)
+//!   rare N EVERY DUR        N calls of latprobe_workload_rare: one in EVERY
+//!                           reads /dev/zero for DUR (slow, in vfs_read), the
+//!                           others make 200 getppid() (fast, but frequent
+//!                           enough to show in a plain on-CPU graph)
 //!   sleep N DUR             N nanosleep() calls of DUR (e.g. 5ms)
 //!   recurse N DEPTH DUR     N calls of a function recursing DEPTH deep, the
 //!                           innermost sleeping DUR (a uprobe target)
@@ -193,6 +197,33 @@ fn set_name(name: &std::ffi::CStr) {
     unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
 }
 
+/// The `--during` test's function: a fast path and, rarely, a slow one that
+/// runs through different kernel functions. Out of line and unmangled.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn latprobe_workload_rare(slow: bool, slow_us: u64) {
+    if !slow {
+        for _ in 0..200 {
+            // SAFETY: getppid has no preconditions.
+            black_box(unsafe { libc::getppid() });
+        }
+        return;
+    }
+    read_zero_for(Duration::from_micros(slow_us));
+}
+
+/// One-byte reads of /dev/zero for `d`: CPU time spent in vfs_read.
+fn read_zero_for(d: Duration) {
+    let zero = File::open("/dev/zero").expect("open /dev/zero");
+    let mut byte = [0u8; 1];
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        for _ in 0..100 {
+            (&zero).read_exact(&mut byte).expect("read /dev/zero");
+        }
+    }
+}
+
 fn main() {
     let started = Instant::now();
     let args: Vec<String> = env::args().skip(1).collect();
@@ -216,13 +247,13 @@ fn main() {
                 tail
             }
             ("readfor", [d, tail @ ..]) => {
-                let zero = File::open("/dev/zero").expect("open /dev/zero");
-                let mut byte = [0u8; 1];
-                let until = Instant::now() + duration(d);
-                while Instant::now() < until {
-                    for _ in 0..1000 {
-                        (&zero).read_exact(&mut byte).expect("read /dev/zero");
-                    }
+                read_zero_for(duration(d));
+                tail
+            }
+            ("rare", [n, every, d, tail @ ..]) => {
+                let (every, slow_us) = (number(every).max(1), duration(d).as_micros() as u64);
+                for i in 0..number(n) {
+                    latprobe_workload_rare(i % every == 0, slow_us);
                 }
                 tail
             }

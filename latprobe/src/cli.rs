@@ -54,6 +54,7 @@ Examples:
   latprobe flame --kernel --secs 30 -o out.svg
   latprobe flame --pid 4242 --freq 199 --folded out.folded -o out.svg
   latprobe flame --offcpu --min-block 1ms --secs 10 -o offcpu.svg
+  latprobe flame --kernel --during net_rx_action --slower 5ms -o tail.svg
   latprobe flame --user --kernel -o bench.svg -- ./my-benchmark";
 
 #[derive(Args, Debug)]
@@ -88,6 +89,16 @@ pub struct FlameArgs {
     /// Write the folded stacks here (for other flame-graph tools)
     #[arg(long, value_name = "FILE")]
     pub folded: Option<std::path::PathBuf>,
+    /// Keep only stacks taken while a call of FUNC was in flight on that task
+    /// and turned out slower than --slower: what the slow calls were doing
+    #[arg(long, value_name = "FUNC", requires = "slower")]
+    pub during: Option<String>,
+    /// With --during: what counts as a slow call, e.g. 5ms
+    #[arg(long, value_name = "DUR", value_parser = duration::parse_arg, requires = "during")]
+    pub slower: Option<u64>,
+    /// With --during: how to attach to a kernel FUNC
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    pub attach: AttachMode,
     /// Title of the SVG (default: what was sampled, where, how long)
     #[arg(long, value_name = "TEXT")]
     pub title: Option<String>,

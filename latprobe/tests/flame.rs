@@ -74,3 +74,39 @@ fn off_cpu_time_matches_the_time_slept() {
         fs::read_to_string(&f).unwrap()
     );
 }
+
+#[test]
+fn during_keeps_only_what_slow_calls_did() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("during_keeps_only_what_slow_calls_did", &why);
+    }
+    let dir = out_dir("during");
+    let f = dir.join("out.folded");
+    let w = workload();
+    let func = format!("{w}:latprobe_workload_rare");
+    // 2000 calls: 1 in 200 reads /dev/zero for 30 ms (vfs_read), the rest
+    // make 200 getppid() each. Only the slow calls' stacks may remain.
+    let steps = ["rare", "2000", "200", "30ms"];
+    // Without --during the fast path is plain to see: the test can fail.
+    let plain = dir.join("plain.folded");
+    let mut args = vec!["flame", "--kernel", "--freq", "499", "--folded", plain.to_str().unwrap(), "--", &w];
+    args.extend(steps);
+    latprobe(&args).assert_success();
+    assert!(folded(&plain).iter().any(|l| l.0.contains("getppid")), "the fast path shows in a plain graph");
+
+    let mut args = vec!["flame", "--kernel", "--freq", "499", "--during", &func, "--slower", "10ms"];
+    args.extend(["--folded", f.to_str().unwrap(), "--", &w]);
+    args.extend(steps);
+    let run = latprobe(&args);
+    run.assert_success();
+    let lines = folded(&f);
+    let total: u64 = lines.iter().map(|l| l.1).sum();
+    let in_read: u64 = lines.iter().filter(|l| l.0.contains("vfs_read_[k]")).map(|l| l.1).sum();
+    assert!(in_read >= 10, "the slow path's vfs_read shows ({in_read} of {total} samples):\n{}", run.stderr);
+    assert!(
+        !lines.iter().any(|l| l.0.contains("getppid")),
+        "the fast path must not show:\n{}",
+        fs::read_to_string(&f).unwrap()
+    );
+    assert!(run.stderr.contains("during"), "the title says it is a tail-only graph: {}", run.stderr);
+}

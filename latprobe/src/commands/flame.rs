@@ -24,9 +24,13 @@ use aya::{
     },
     Btf, Ebpf,
 };
-use latprobe_common::flame::{globals, Drops, StackKey, MAX_KEYS, MAX_STACKS};
+use latprobe_common::{
+    flame::{globals, Drops, StackKey, MAX_KEYS, MAX_PENDING, MAX_STACKS},
+    func::{globals as func_globals, MAX_FUNCS},
+};
 
 use crate::{
+    attach::{Attacher, Target, NET_RX_FUNCTION},
     bpf,
     cli::FlameArgs,
     duration::format_ns,
@@ -65,8 +69,20 @@ pub async fn run(args: FlameArgs, verbose: bool) -> Result<()> {
     let mut child = if args.command.is_empty() { None } else { Some(GatedChild::spawn(&args.command)?) };
     let tgid = args.pid.or(child.as_ref().map(|c| c.pid)).unwrap_or(0);
     let (k, u, min_block) = (u32::from(kernel), u32::from(user), args.min_block.unwrap_or(0));
+    let during = args.during.as_deref().map(Target::parse).transpose()?;
+    // --during times FUNC with `fn`'s programs in slot 0, filtered like the samples.
+    let during_slot = if during.is_some() { 0u32 } else { u32::MAX };
+    let during_slower = args.slower.unwrap_or(0);
+    let softirq_slot = match &during {
+        Some(Target::Kernel(name)) if name == NET_RX_FUNCTION => 0u32,
+        _ => MAX_FUNCS as u32,
+    };
     let mut ebpf = bpf::load(|loader| {
         loader
+            .override_global(func_globals::TARGET_TGID, &tgid, true)
+            .override_global(func_globals::SOFTIRQ_SLOT, &softirq_slot, true)
+            .override_global(globals::DURING_SLOT, &during_slot, true)
+            .override_global(globals::DURING_SLOWER_NS, &during_slower, true)
             .override_global(globals::TGID, &tgid, true)
             .override_global(globals::KERNEL, &k, true)
             .override_global(globals::USER, &u, true)
@@ -74,6 +90,18 @@ pub async fn run(args: FlameArgs, verbose: bool) -> Result<()> {
             .map_max_entries("FL_COUNTS", MAX_KEYS)
             .map_max_entries("FL_STACKS", MAX_STACKS);
     })?;
+    let mut gate = String::new();
+    if let Some(target) = &during {
+        let mechanism = Attacher {
+            ebpf: &mut ebpf,
+            btf: Btf::from_sys_fs().ok(),
+            mode: args.attach,
+            pid: (tgid != 0).then_some(tgid),
+            verbose,
+        }
+        .attach(0, target)?;
+        gate = format!(", during {} calls over {} ({mechanism})", target.name(), format_ns(during_slower));
+    }
     if args.offcpu {
         attach_offcpu(&mut ebpf)?;
     } else {
@@ -83,7 +111,7 @@ pub async fn run(args: FlameArgs, verbose: bool) -> Result<()> {
         };
         attach_oncpu(&mut ebpf, &on, args.freq)?;
     }
-    let what = describe(&args, kernel, user, &cpus);
+    let what = describe(&args, kernel, user, &cpus) + &gate;
     eprintln!("latprobe: sampling {what}; Ctrl-C to end");
     if verbose && args.offcpu {
         eprintln!("latprobe: off-CPU time from tp_btf sched_switch, weighted in microseconds");
@@ -110,6 +138,7 @@ pub async fn run(args: FlameArgs, verbose: bool) -> Result<()> {
     }
     // Stop counting before reading, so the picture is one instant's.
     drop_programs(&mut ebpf);
+    crate::attach::detach_entries(&mut ebpf);
     let elapsed = started.elapsed();
     remember_processes(&counts, &mut usyms, user);
 
@@ -129,11 +158,15 @@ pub async fn run(args: FlameArgs, verbose: bool) -> Result<()> {
         };
         format!("{what}, {:.1} s, {amount}", elapsed.as_secs_f64())
     });
-    if dropped.stack_collisions + dropped.stack_errors + dropped.keys_full > 0 {
+    if dropped.stack_collisions + dropped.stack_errors + dropped.keys_full + dropped.pending_full > 0 {
         eprintln!(
             "latprobe: DROPPED {} stacks that collided in the stack map, {} that could not be taken, \
-             {} for a full counts map (of {} events)",
-            dropped.stack_collisions, dropped.stack_errors, dropped.keys_full, dropped.events
+             {} for a full counts map, {} beyond {MAX_PENDING} per slow call (of {} events)",
+            dropped.stack_collisions,
+            dropped.stack_errors,
+            dropped.keys_full,
+            dropped.pending_full,
+            dropped.events
         );
     }
     if let Some(path) = &args.folded {
@@ -281,6 +314,7 @@ fn total_drops(drops: &PerCpuArray<MapData, Drops>) -> Result<Drops> {
         total.stack_collisions += d.stack_collisions;
         total.stack_errors += d.stack_errors;
         total.keys_full += d.keys_full;
+        total.pending_full += d.pending_full;
     }
     Ok(total)
 }
