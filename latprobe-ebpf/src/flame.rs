@@ -13,7 +13,7 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     btf_maps::{HashMap, PerCpuArray, StackTrace},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_map, btf_tracepoint, perf_event},
     programs::{tracing::StackIdContext, BtfTracePointContext, PerfEventContext},
 };
@@ -34,6 +34,14 @@ static FL_USER: u32 = 0;
 static FL_MIN_BLOCK_NS: u64 = 0;
 #[unsafe(no_mangle)]
 static FL_DURING_SLOT: u32 = u32::MAX;
+/// Non-zero where task storage must not allocate under the run-queue lock
+/// (kernels before BPF's own allocator backed it): off-CPU starts then go to
+/// a preallocated hash map keyed by tid.
+#[unsafe(no_mangle)]
+static FL_USE_HASH: u32 = 0;
+/// Offset of `task_struct.pid`, from the running kernel's BTF.
+#[unsafe(no_mangle)]
+static FL_TASK_PID_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static FL_DURING_SLOWER_NS: u64 = 0;
 
@@ -55,6 +63,10 @@ static FL_OFF_START: TaskStorage<OffCpuStart> = TaskStorage::new();
 
 #[btf_map]
 static FL_PENDING: TaskStorage<Pending> = TaskStorage::new();
+
+/// Off-CPU starts by tid where `FL_USE_HASH` is set; sized before load.
+#[btf_map]
+static FL_OFF_HASH: HashMap<u32, OffCpuStart, 1> = HashMap::new();
 
 /// Whether `--during` gates the counts.
 #[inline(always)]
@@ -219,24 +231,58 @@ pub fn fl_switch(ctx: BtfTracePointContext) -> i32 {
     if let Some(d) = drops() {
         add(&mut d.events, 1);
     }
-    if let Some(key) = current_key(&ctx) {
-        let prev: *mut c_void = ctx.arg(1);
+    let prev: *mut c_void = ctx.arg(1);
+    let next: *mut c_void = ctx.arg(2);
+    if global(&FL_USE_HASH) != 0 {
+        switch_with_hash(&ctx, next, now);
+    } else {
+        switch_with_task_storage(&ctx, prev, next, now);
+    }
+    0
+}
+
+#[inline(always)]
+fn switch_with_task_storage(ctx: &BtfTracePointContext, prev: *mut c_void, next: *mut c_void, now: u64) {
+    if let Some(key) = current_key(ctx) {
         // SAFETY: a task argument of a tp_btf program is trusted.
         if let Some(start) = unsafe { FL_OFF_START.get(prev, true) } {
             start.start_ns = now;
             start.key = key;
         }
     }
-    let next: *mut c_void = ctx.arg(2);
     // SAFETY: as above.
     if let Some(start) = unsafe { FL_OFF_START.get(next, false) } {
         if start.start_ns != 0 {
             let blocked = now.saturating_sub(start.start_ns);
             start.start_ns = 0;
-            if blocked >= global(&FL_MIN_BLOCK_NS) {
-                count_or_hold(&start.key, blocked / 1000, Some(next));
+            blocked_for(&start.key, blocked, next);
+        }
+    }
+}
+
+#[inline(always)]
+fn switch_with_hash(ctx: &BtfTracePointContext, next: *mut c_void, now: u64) {
+    if let Some(key) = current_key(ctx) {
+        let start = OffCpuStart { start_ns: now, key };
+        if FL_OFF_HASH.insert(key.pid, start, 0).is_err() {
+            if let Some(d) = drops() {
+                add(&mut d.keys_full, 1);
             }
         }
     }
-    0
+    let at = next.cast::<u8>().wrapping_add(global(&FL_TASK_PID_OFF) as usize);
+    // SAFETY: reads 4 bytes of the task the tracepoint handed us; the helper
+    // fails cleanly on a bad address.
+    let Ok(tid) = (unsafe { bpf_probe_read_kernel(at.cast::<u32>()) }) else { return };
+    // SAFETY: a live value of our map, valid for this program run.
+    let Some(start) = FL_OFF_HASH.get_ptr(tid).map(|p| unsafe { *p }) else { return };
+    let _ = FL_OFF_HASH.remove(tid);
+    blocked_for(&start.key, now.saturating_sub(start.start_ns), next);
+}
+
+#[inline(always)]
+fn blocked_for(key: &StackKey, blocked: u64, next: *mut c_void) {
+    if blocked >= global(&FL_MIN_BLOCK_NS) {
+        count_or_hold(key, blocked / 1000, Some(next));
+    }
 }

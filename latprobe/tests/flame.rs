@@ -54,6 +54,39 @@ fn on_cpu_time_in_a_known_kernel_path_dominates() {
     assert!(svg.starts_with("<?xml") && svg.trim_end().ends_with("</svg>"), "well-formed SVG document");
     assert!(svg.contains("function search") && svg.contains("zoom"), "inferno's search and zoom script");
     assert!(svg.contains("on-CPU, kernel stacks"), "the title says what was sampled");
+    renders_in_chromium(&dir.join("out.svg"));
+}
+
+/// Renders the SVG in headless Chromium and checks the screenshot shows
+/// flames. The screenshot is kept under target/tmp as a test artifact.
+fn renders_in_chromium(svg: &std::path::Path) {
+    let Some(chromium) = ["/usr/bin/chromium", "/usr/bin/chromium-browser"].into_iter().find(|p| std::path::Path::new(p).exists())
+    else {
+        return skip("renders_in_chromium", "Chromium is not installed (scripts/setup installs it on the host)");
+    };
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("flame-screenshot.png");
+    let profile = out_dir("chromium-profile");
+    let status = std::process::Command::new(chromium)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        .args(["--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1200,800"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("file://{}", svg.display()))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run chromium");
+    assert!(status.success(), "chromium failed: {status}");
+    let decoder = png::Decoder::new(fs::File::open(&shot).expect("screenshot written"));
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut pixels).expect("PNG frame");
+    let channels = info.color_type.samples();
+    let flame_colored = pixels[..info.buffer_size()]
+        .chunks(channels)
+        .filter(|p| p[0] > 180 && p[1] < 160 && p[2] < 100)
+        .count();
+    let total = (info.width * info.height) as usize;
+    assert!(flame_colored * 100 >= total, "only {flame_colored} of {total} pixels are flame-colored: {}", shot.display());
 }
 
 #[test]

@@ -31,7 +31,7 @@ use latprobe_common::{
 
 use crate::{
     attach::{Attacher, Target, NET_RX_FUNCTION},
-    bpf,
+    bpf, btf_offsets,
     cli::FlameArgs,
     duration::format_ns,
     folded::{self, Stack},
@@ -41,6 +41,9 @@ use crate::{
     session::Session,
     usyms::UserSymbols,
 };
+
+/// Tasks tracked at once off-CPU where task storage cannot be used.
+const OFF_CPU_TASKS: u32 = 16384;
 
 pub async fn run(args: FlameArgs, verbose: bool) -> Result<()> {
     let mut session = Session::new(args.secs)?;
@@ -77,8 +80,25 @@ pub async fn run(args: FlameArgs, verbose: bool) -> Result<()> {
         Some(Target::Kernel(name)) if name == NET_RX_FUNCTION => 0u32,
         _ => MAX_FUNCS as u32,
     };
+    // Off-CPU starts live in task storage, unless this kernel's task storage
+    // would allocate under the run-queue lock (see btf_offsets).
+    let (use_hash, pid_offset) = if args.offcpu {
+        let btf = btf_offsets::Btf::from_sys_fs()?;
+        let offsets = btf_offsets::TaskOffsets::from_btf(&btf)?;
+        (u32::from(!btf_offsets::task_storage_safe_in_scheduler(&btf)), offsets.pid)
+    } else {
+        (0, 0)
+    };
+    if verbose && args.offcpu {
+        let store = if use_hash == 1 { "a preallocated hash by tid" } else { "task storage" };
+        eprintln!("latprobe: off-CPU start times in {store}");
+    }
+    let hash_entries = if use_hash == 1 { OFF_CPU_TASKS } else { 1 };
     let mut ebpf = bpf::load(|loader| {
         loader
+            .override_global("FL_USE_HASH", &use_hash, true)
+            .override_global("FL_TASK_PID_OFF", &pid_offset, true)
+            .map_max_entries("FL_OFF_HASH", hash_entries)
             .override_global(func_globals::TARGET_TGID, &tgid, true)
             .override_global(func_globals::SOFTIRQ_SLOT, &softirq_slot, true)
             .override_global(globals::DURING_SLOT, &during_slot, true)
