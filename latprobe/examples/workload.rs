@@ -20,7 +20,8 @@
 //!                           and sent one byte (N inet_csk_accept calls)
 //!   spin DUR                burn CPU for DUR
 //!   pin CPU                 run the following steps on CPU only
-//!   report                  print `elapsed_ns=N` since the workload started
+//!   report                  print `elapsed_ns=N` since the workload started,
+//!                           on stderr (stdout may be a tracer's JSON)
 //!   contend DUR [MODE]      a run-queue wait of about DUR: the main thread
 //!                           ("wakee") and a "spinner" thread pinned to one
 //!                           CPU; the spinner wakes the wakee through a pipe,
@@ -310,7 +311,7 @@ fn main() {
                 tail
             }
             ("report", tail) => {
-                println!("elapsed_ns={}", started.elapsed().as_nanos());
+                eprintln!("elapsed_ns={}", started.elapsed().as_nanos());
                 tail
             }
             ("contend", [d, mode, tail @ ..]) if ["fifo", "nice", "idle"].contains(&mode.as_str()) => {

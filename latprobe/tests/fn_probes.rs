@@ -49,13 +49,30 @@ fn sleeps_of_5ms_give_a_5ms_median() {
         return skip("sleeps_of_5ms_give_a_5ms_median", &why);
     }
     let w = workload();
-    let run = latprobe(&["fn", NANOSLEEP, "--format", "json", "--", &w, "sleep", "40", "5ms"]);
+    let run = latprobe(&["fn", NANOSLEEP, "--format", "json", "--", &w, "sleep", "40", "5ms", "report"]);
     run.assert_success();
     let h = run.final_histogram(NANOSLEEP);
     assert_eq!(u64_of(&h, "count"), 40, "{h}");
     let p50 = u64_of(&h, "p50_ns");
-    assert!((5_000_000..=7_000_000).contains(&p50), "p50 of 5 ms sleeps was {p50} ns: {h}");
     assert!(u64_of(&h, "min_ns") >= 5_000_000, "no sleep is shorter than asked: {h}");
+    // Ground truth: the workload's own clock around its 40 sleeps.
+    let elapsed: u64 = run
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("elapsed_ns=")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("workload reported no elapsed time: {}", run.stderr));
+    let per_sleep = elapsed / 40;
+    let mean = u64_of(&h, "mean_ns");
+    assert!(
+        mean <= per_sleep && per_sleep - mean <= per_sleep / 10,
+        "latprobe's mean {mean} ns vs the workload's {per_sleep} ns per sleep: {h}"
+    );
+    // PREEMPT_RT expires a normal task's sleep timer from the timer softirq
+    // thread; under emulation that lands a tick (4 ms) later, and the workload
+    // sees the same: there the bound is the ground truth above.
+    if std::fs::read_to_string("/sys/kernel/realtime").is_err() {
+        assert!((5_000_000..=7_000_000).contains(&p50), "p50 of 5 ms sleeps was {p50} ns: {h}");
+    }
 }
 
 #[test]

@@ -21,7 +21,7 @@ const TARGET: &str = "x86_64-unknown-linux-musl";
 const SCRIPT: &str = r#"
 N=${LATPROBE_BENCH_CALLS:-100000}
 ROUNDS=${LATPROBE_BENCH_ROUNDS:-5}
-once() { workload read "$N" report | sed -n 's/^elapsed_ns=//p'; }
+once() { workload read "$N" report 2>&1 >/dev/null | sed -n 's/^elapsed_ns=//p'; }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 rounds() { i=0; while [ $i -lt $ROUNDS ]; do once; i=$((i+1)); done | median; }
 memlock_kib() { cat /proc/$1/fdinfo/* 2>/dev/null | awk '/^memlock:/ {s+=$2} END {print int(s/1024)}'; }
