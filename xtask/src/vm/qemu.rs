@@ -47,7 +47,7 @@ pub fn run_in_vm(
         .arg(&vmlinuz)
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", "console=ttyS0 quiet loglevel=3 oops=panic panic=-1 rdinit=/init"])
+        .args(["-append", "console=ttyS0 quiet loglevel=3 oops=panic softlockup_panic=1 panic=-1 rdinit=/init"])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .arg("-serial")
@@ -88,7 +88,8 @@ pub fn run_in_vm(
     }
     let result = match status {
         None => bail!("kernel {}: the VM did not finish within {} s; console:\n{}", kernel.name, timeout.as_secs(), tail(&log)),
-        // oops=panic: an oops ends the VM at once instead of hanging the test.
+        // oops=panic, softlockup_panic=1: an oops or a CPU stuck in the kernel
+        // ends the VM at once instead of hanging the test run.
         Some(_) if log.contains("Kernel panic") => {
             bail!("kernel {}: kernel panic; console:\n{}", kernel.name, tail(&log))
         }
