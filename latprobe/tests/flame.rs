@@ -117,10 +117,11 @@ fn during_keeps_only_what_slow_calls_did() {
     let f = dir.join("out.folded");
     let w = workload();
     let func = format!("{w}:latprobe_workload_rare");
-    // 400 calls: 1 in 100 reads /dev/zero for 30 ms (vfs_read), the rest
-    // stat("/") 500 times each (vfs_statx, well under 10 ms a call). Only the
-    // slow calls' stacks may remain.
-    let steps = ["rare", "400", "100", "30ms"];
+    // 400 calls: 1 in 100 reads /dev/zero for 60 ms (vfs_read), the rest
+    // stat("/") 500 times each (vfs_statx: about 0.1 ms a call on hardware,
+    // a few ms under emulation — far under 25 ms). Only the slow calls'
+    // stacks may remain.
+    let steps = ["rare", "400", "100", "60ms"];
     // Without --during the fast path is plain to see: the test can fail.
     let plain = dir.join("plain.folded");
     let mut args = vec!["flame", "--kernel", "--freq", "499", "--folded", plain.to_str().unwrap(), "--", &w];
@@ -129,7 +130,7 @@ fn during_keeps_only_what_slow_calls_did() {
     let fast_in_plain: u64 = folded(&plain).iter().filter(|l| l.0.contains("statx")).map(|l| l.1).sum();
     assert!(fast_in_plain >= 5, "the fast path shows in a plain graph ({fast_in_plain} samples)");
 
-    let mut args = vec!["flame", "--kernel", "--freq", "499", "--during", &func, "--slower", "10ms"];
+    let mut args = vec!["flame", "--kernel", "--freq", "499", "--during", &func, "--slower", "25ms"];
     args.extend(["--folded", f.to_str().unwrap(), "--", &w]);
     args.extend(steps);
     let run = latprobe(&args);
