@@ -9,7 +9,7 @@
 //!   readfor DUR             one-byte read()s of /dev/zero for DUR (CPU in the kernel)
 //!   rare N EVERY DUR        N calls of latprobe_workload_rare: one in EVERY
 //!                           reads /dev/zero for DUR (slow, in vfs_read), the
-//!                           others stat("/") 500 times (fast, in vfs_statx,
+//!                           others stat("/") 50 times (fast, in vfs_statx,
 //!                           and plain to see in an on-CPU graph)
 //!   sleep N DUR             N nanosleep() calls of DUR (e.g. 5ms)
 //!   recurse N DEPTH DUR     N calls of a function recursing DEPTH deep, the
@@ -204,7 +204,7 @@ fn set_name(name: &std::ffi::CStr) {
 #[inline(never)]
 pub extern "C" fn latprobe_workload_rare(slow: bool, slow_us: u64) {
     if !slow {
-        for _ in 0..500 {
+        for _ in 0..50 {
             black_box(std::fs::metadata("/").is_ok());
         }
         return;

@@ -117,11 +117,12 @@ fn during_keeps_only_what_slow_calls_did() {
     let f = dir.join("out.folded");
     let w = workload();
     let func = format!("{w}:latprobe_workload_rare");
-    // 400 calls: 1 in 100 reads /dev/zero for 150 ms (vfs_read), the rest
-    // stat("/") 500 times each (vfs_statx: about 0.1 ms a call on hardware,
-    // a few ms under emulation — far under 25 ms). Only the slow calls'
-    // stacks may remain.
-    let steps = ["rare", "400", "100", "150ms"];
+    // 4000 calls: 1 in 1000 reads /dev/zero for 150 ms (vfs_read), the rest
+    // stat("/") 50 times each (vfs_statx: ~10 us a call on hardware, well
+    // under a millisecond under emulation — far under 25 ms even when
+    // preempted by a PREEMPT_RT kernel thread). Only the slow calls' stacks
+    // may remain.
+    let steps = ["rare", "4000", "1000", "150ms"];
     // Without --during the fast path is plain to see: the test can fail.
     let plain = dir.join("plain.folded");
     let mut args = vec!["flame", "--kernel", "--freq", "499", "--folded", plain.to_str().unwrap(), "--", &w];
