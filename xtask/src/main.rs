@@ -21,23 +21,23 @@ enum Task {
     /// Run a command as root inside a Debian kernel booted under QEMU
     #[command(after_help = "Examples:\n  cargo xtask vm --list\n  cargo xtask vm --kernel 6.12 --add target/x86_64-unknown-linux-musl/release/latprobe -- latprobe fn net_rx_action --secs 5\n  cargo xtask vm --kernel all -- uname -r")]
     Vm {
-        /// Kernel to boot: a name from --list, or all
+        /// Kernel to boot: 6.1, 6.12, 6.1-rt (see --list) or all, one after the other
         #[arg(long, default_value = "6.12")]
         kernel: String,
-        /// List the kernel matrix and what is cached
+        /// List the kernel matrix: name, Debian package, cached or not
         #[arg(long)]
         list: bool,
-        /// Download every kernel of the matrix, boot nothing
+        /// Download and extract every kernel of the matrix (once), boot nothing
         #[arg(long)]
         fetch: bool,
         /// Copy this executable into the VM's /bin (its shared libraries come along)
         #[arg(long, value_name = "PATH")]
         add: Vec<PathBuf>,
-        /// Give up on a VM after this many seconds
-        #[arg(long, default_value_t = 600)]
+        /// Kill a VM still running after this many seconds
+        #[arg(long, value_name = "SECS", default_value_t = 600)]
         timeout: u64,
-        /// The command to run inside
-        #[arg(last = true)]
+        /// The command to run inside, as root in /tmp (LATPROBE_* variables are passed in)
+        #[arg(last = true, value_name = "COMMAND")]
         command: Vec<String>,
     },
     /// Measure latprobe's overhead and memory next to funclatency and bpftrace, in a VM
@@ -67,26 +67,10 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.task {
-        Task::Vm { list: true, .. } => vm::list(),
-        Task::Vm { fetch: true, .. } => {
-            for k in vm::MATRIX {
-                k.fetch()?;
-            }
-            vm::list();
+        Task::Vm { kernel, list, fetch, add, timeout, command } => {
+            vm::cli(&kernel, list, fetch, &add, Duration::from_secs(timeout), &command)
         }
-        Task::Vm { kernel, add, timeout, command, .. } => {
-            anyhow::ensure!(!command.is_empty(), "nothing to run: add `-- COMMAND`");
-            let kernels = vm::select(&kernel)?;
-            let env = vm::forwarded_env();
-            if kernels.len() == 1 {
-                let code = vm::run_in_vm(kernels[0], &add, &command, &env, Duration::from_secs(timeout))?;
-                return Ok(ExitCode::from(code.clamp(0, 255) as u8));
-            }
-            let failed = vm::run_on(&kernels, &add, &command, &env, Duration::from_secs(timeout))?;
-            return Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE });
-        }
-        Task::VmTest { kernel, filter } => return vm_test::run(&kernel, filter.as_deref()),
-        Task::Bench { kernel } => return bench::run(&kernel),
+        Task::VmTest { kernel, filter } => vm_test::run(&kernel, filter.as_deref()),
+        Task::Bench { kernel } => bench::run(&kernel),
     }
-    Ok(ExitCode::SUCCESS)
 }

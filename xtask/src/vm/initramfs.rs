@@ -90,7 +90,7 @@ fn write_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) 
 }
 
 fn pad4(out: &mut Vec<u8>) {
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -126,18 +126,32 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// Whether `name` can be `export`ed by a POSIX shell.
+pub fn is_shell_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c == '_' || c.is_ascii_alphabetic()) && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+/// Marks the console lines that carry the run's progress to the host.
+pub const START_MARKER: &str = "LATPROBE_VM_START";
+pub const EXIT_MARKER: &str = "LATPROBE_VM_EXIT=";
+
 /// The /init script: mount, run `command` with its stdout on ttyS1 and stderr
-/// on ttyS2, report its status on the console (ttyS0), power off.
-fn init_script(command: &[String], env: &[(String, String)]) -> String {
-    let exports: String = env
-        .iter()
-        .map(|(k, v)| format!("export {k}={}\n", shell_quote(v)))
-        .collect();
+/// on ttyS2 (kernel messages stay on the console, ttyS0), report its status,
+/// power off.
+fn init_script(command: &[String], env: &[(String, String)]) -> Result<String> {
+    let mut exports = String::new();
+    for (k, v) in env {
+        if !is_shell_name(k) {
+            bail!("environment variable name {k:?} cannot be exported inside the VM");
+        }
+        exports += &format!("export {k}={}\n", shell_quote(v));
+    }
     let command: Vec<String> = command.iter().map(|a| shell_quote(a)).collect();
-    format!(
+    Ok(format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/tmp
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -147,18 +161,28 @@ mount -t bpf bpf /sys/fs/bpf
 mount -t tmpfs tmpfs /tmp
 mount -t securityfs securityfs /sys/kernel/security 2>/dev/null
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+# raw: no CR added before LF, no byte rewritten, so the output is the
+# command's own bytes.
 stty -F /dev/ttyS1 raw -echo 2>/dev/null
 stty -F /dev/ttyS2 raw -echo 2>/dev/null
 echo 'root:x:0:0:root:/tmp:/bin/sh' > /etc/passwd
 echo 'nobody:x:65534:65534:nobody:/tmp:/bin/sh' >> /etc/passwd
+echo 'root:x:0:' > /etc/group
+echo 'nogroup:x:65534:' >> /etc/group
+# Progress goes to the console twice: written straight to the port, and as
+# one kernel message, which printk never splits (a direct write can be cut by
+# a kernel message printed meanwhile; a printk is lost if the command lowers
+# the console log level). The host takes whichever arrives whole.
+report() {{ echo "$1" 2>/dev/null >/dev/ttyS0; echo "<0>$1" 2>/dev/null >/dev/kmsg; }}
 {exports}cd /tmp
+report "{START_MARKER} $(cut -d' ' -f1 /proc/uptime)"
 {command} >/dev/ttyS1 2>/dev/ttyS2 </dev/null
-echo "LATPROBE_VM_EXIT=$?" >/dev/ttyS0
+report "{EXIT_MARKER}$?"
 sync
 poweroff -f
 "#,
         command = command.join(" ")
-    )
+    ))
 }
 
 /// Writes the gzip-compressed initramfs for one run to `path`.
@@ -169,8 +193,13 @@ pub fn build(path: &Path, adds: &[PathBuf], command: &[String], env: &[(String, 
     }
     archive.host_file(&busybox()?, "/bin/busybox")?;
     archive.symlink("/bin/sh", "busybox");
-    archive.file("/init", FILE_EXEC, init_script(command, env).into_bytes());
+    archive.file("/init", FILE_EXEC, init_script(command, env)?.into_bytes());
+    let mut names = BTreeMap::new();
     for add in adds {
+        let name = add.file_name().with_context(|| format!("--add {}: not a file", add.display()))?;
+        if let Some(other) = names.insert(name.to_owned(), add) {
+            bail!("--add {} and --add {} would both be /bin/{}", other.display(), add.display(), name.to_string_lossy());
+        }
         archive.executable(add).with_context(|| format!("adding {} to the VM", add.display()))?;
     }
     let cpio = archive.to_cpio();
@@ -180,7 +209,7 @@ pub fn build(path: &Path, adds: &[PathBuf], command: &[String], env: &[(String, 
         .stdout(fs::File::create(path).with_context(|| format!("creating {}", path.display()))?)
         .spawn()
         .context("running gzip")?;
-    gzip.stdin.take().context("gzip stdin")?.write_all(&cpio)?;
+    gzip.stdin.take().context("gzip stdin")?.write_all(&cpio).context("writing to gzip")?;
     let status = gzip.wait()?;
     if !status.success() {
         bail!("gzip failed ({status})");
@@ -209,5 +238,16 @@ mod tests {
     #[test]
     fn quoting_survives_single_quotes() {
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn env_names_are_checked() {
+        assert!(is_shell_name("LATPROBE_X1"));
+        assert!(!is_shell_name("LATPROBE-X"));
+        assert!(!is_shell_name("1X"));
+        assert!(init_script(&["true".into()], &[("A B".into(), "v".into())]).is_err());
+        let s = init_script(&["echo".into(), "a'b".into()], &[("LATPROBE_Q".into(), "x'y z".into())]).unwrap();
+        assert!(s.contains(r"export LATPROBE_Q='x'\''y z'"), "{s}");
+        assert!(s.contains(r"'echo' 'a'\''b' >/dev/ttyS1"), "{s}");
     }
 }

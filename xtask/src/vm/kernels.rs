@@ -1,7 +1,9 @@
 //! The kernel matrix: which Debian kernel packages latprobe is tested on,
-//! resolved to the newest available version and cached after one download.
+//! resolved to the newest available version at fetch time, downloaded with
+//! apt and cached (vmlinuz, its config and the package name) after one fetch.
 
 use std::{
+    cmp::Ordering,
     env,
     fs,
     path::{Path, PathBuf},
@@ -14,15 +16,18 @@ use anyhow::{bail, Context, Result};
 pub struct Kernel {
     /// Short stable name users type: `6.1`, `6.12`, `6.1-rt`.
     pub name: &'static str,
-    /// `apt-cache search --names-only` pattern of its package.
+    /// `apt-cache search --names-only` pattern of its package (a regex).
     pattern: &'static str,
     pub description: &'static str,
 }
 
+/// Versions are never written here: Debian removes old kernel ABIs from its
+/// mirrors, so a pinned name stops downloading within months.
 pub const MATRIX: &[Kernel] = &[
     Kernel {
         name: "6.1",
-        pattern: r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$",
+        // The signed and unsigned packages hold the same kernel; either boots.
+        pattern: r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64(-unsigned)?$",
         description: "Debian 12 cloud kernel",
     },
     Kernel {
@@ -46,7 +51,7 @@ pub fn select(name: &str) -> Result<Vec<&'static Kernel>> {
         Some(k) => Ok(vec![k]),
         None => {
             let names: Vec<&str> = MATRIX.iter().map(|k| k.name).collect();
-            bail!("unknown kernel {name:?}: choose one of {} or all", names.join(", "))
+            bail!("unknown kernel {name:?}: choose one of {} or all (see --list)", names.join(", "))
         }
     }
 }
@@ -71,85 +76,170 @@ impl Kernel {
         self.dir().join("vmlinuz")
     }
 
+    /// The kernel's build configuration (`boot/config-*` of the package), for
+    /// checking which options are built in; absent in caches made before it
+    /// was kept.
+    pub fn config(&self) -> PathBuf {
+        self.dir().join("config")
+    }
+
     /// The package it was extracted from, if cached.
     pub fn cached_package(&self) -> Option<String> {
+        if !self.vmlinuz().is_file() {
+            return None;
+        }
         fs::read_to_string(self.dir().join("package")).ok().map(|s| s.trim().to_string())
     }
 
     /// Downloads and extracts the kernel unless cached; returns its vmlinuz.
     pub fn fetch(&self) -> Result<PathBuf> {
-        if self.vmlinuz().is_file() && self.cached_package().is_some() {
+        if self.cached_package().is_some() {
             return Ok(self.vmlinuz());
         }
-        let package = self.resolve()?;
-        eprintln!("xtask: fetching {package} for kernel {}", self.name);
-        let debs = cache_dir().join("debs");
+        // Parallel runs (tests, several terminals) share the cache: one fetches,
+        // the others wait and then find it cached.
+        let cache = cache_dir();
+        fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+        let lock_path = cache.join("fetch.lock");
+        let lock = fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+        lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
+        if self.cached_package().is_some() {
+            return Ok(self.vmlinuz());
+        }
+
+        let debs = cache.join("debs");
         fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
+        let mut package = self.resolve()?;
+        eprintln!("xtask: fetching {package} for kernel {}", self.name);
         if !download(&package, &debs)? {
-            run(Command::new("apt-get").args(["update", "-qq"]), "apt-get update")?;
+            // Stale package lists: the name may have left the mirror, so look
+            // it up again after the update.
+            eprintln!("xtask: apt-get download failed; running apt-get update and retrying");
+            apt_get_update()?;
+            package = self.resolve()?;
             if !download(&package, &debs)? {
-                bail!("apt-get download {package} failed: check network access to the Debian mirror");
+                bail!("apt-get download {package} failed: check access to the Debian mirror (apt-get update)");
             }
         }
-        let deb = fs::read_dir(&debs)?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{package}_"))))
-            .with_context(|| format!("downloaded {package} but found no .deb in {}", debs.display()))?;
-        let extract = cache_dir().join("extract").join(self.name);
+        let deb = find_entry(&debs, &format!("{package}_"), ".deb")
+            .with_context(|| format!("apt-get downloaded {package} but no {package}_*.deb is in {}", debs.display()))?;
+
+        let extract = cache.join("extract").join(self.name);
         let _ = fs::remove_dir_all(&extract);
-        fs::create_dir_all(&extract)?;
+        fs::create_dir_all(&extract).with_context(|| format!("creating {}", extract.display()))?;
         run(Command::new("dpkg").arg("-x").arg(&deb).arg(&extract), "dpkg -x")?;
         let boot = extract.join("boot");
-        let vmlinuz = fs::read_dir(&boot)
-            .with_context(|| format!("{} has no boot/ directory", deb.display()))?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
-            .with_context(|| format!("no vmlinuz in {}", deb.display()))?;
-        fs::create_dir_all(self.dir())?;
-        fs::copy(&vmlinuz, self.vmlinuz())?;
-        fs::write(self.dir().join("package"), &package)?;
-        // Modules are not needed (everything latprobe uses is built in) and big.
+        let vmlinuz = find_entry(&boot, "vmlinuz-", "").with_context(|| format!("no boot/vmlinuz-* in {}", deb.display()))?;
+
+        // Written under temporary names and renamed, `package` last: an
+        // interrupted fetch never looks cached.
+        let dir = self.dir();
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let _ = fs::remove_file(dir.join("package"));
+        install(&vmlinuz, &self.vmlinuz())?;
+        if let Some(config) = find_entry(&boot, "config-", "") {
+            install(&config, &self.config())?;
+        }
+        fs::write(dir.join("package.new"), format!("{package}\n"))?;
+        fs::rename(dir.join("package.new"), dir.join("package"))?;
+        // lib/modules is the bulk of the package and nothing needs it: the
+        // cloud and rt kernels build in BPF, kprobes, ftrace, BTF and the
+        // serial ports the VM talks through.
         let _ = fs::remove_dir_all(&extract);
         let _ = fs::remove_file(&deb);
         Ok(self.vmlinuz())
     }
 
-    /// The newest package matching this kernel's pattern.
+    /// The newest package matching this kernel's pattern, updating the apt
+    /// lists once if none matches.
     fn resolve(&self) -> Result<String> {
-        let search = |update: bool| -> Result<Vec<String>> {
-            if update {
-                run(Command::new("apt-get").args(["update", "-qq"]), "apt-get update")?;
-            }
-            let out = Command::new("apt-cache")
-                .args(["search", "--names-only", self.pattern])
-                .output()
-                .context("running apt-cache: this needs a Debian system")?;
-            Ok(String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-                .collect())
-        };
-        let mut names = search(false)?;
-        if names.is_empty() {
-            names = search(true)?;
+        if let Some(p) = self.newest_known()? {
+            return Ok(p);
         }
-        names.sort_by_key(|n| version_key(n));
-        names.pop().with_context(|| {
-            format!("no Debian package matches {} for kernel {}: is bookworm-backports or security enabled?", self.pattern, self.name)
+        apt_get_update()?;
+        self.newest_known()?.with_context(|| {
+            format!(
+                "no Debian package matches {} for kernel {}: is bookworm-backports enabled in /etc/apt/sources.list?",
+                self.pattern, self.name
+            )
         })
+    }
+
+    /// The newest matching package in the current apt lists (no update).
+    pub fn newest_known(&self) -> Result<Option<String>> {
+        let out = Command::new("apt-cache")
+            .args(["search", "--names-only", self.pattern])
+            .output()
+            .context("running apt-cache: fetching kernels needs a Debian system with apt")?;
+        let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect();
+        // Newest version last; of a signed/unsigned pair, the unsigned one.
+        names.sort_by(|a, b| {
+            let base = |n: &str| n.trim_end_matches("-unsigned").to_string();
+            version_cmp(&base(a), &base(b)).then(a.ends_with("-unsigned").cmp(&b.ends_with("-unsigned")))
+        });
+        Ok(names.pop())
     }
 }
 
-/// Numeric chunks of a package name, so 6.1.0-47 sorts after 6.1.0-9.
-fn version_key(name: &str) -> Vec<u64> {
-    name.split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse().ok()).collect()
+/// Compares like `sort -V`: runs of digits by value, everything else by byte.
+pub fn version_cmp(a: &str, b: &str) -> Ordering {
+    fn chunks(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let bytes = s.as_bytes();
+        for i in 1..=bytes.len() {
+            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
+                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    let (ca, cb) = (chunks(a), chunks(b));
+    for ((da, xa), (db, xb)) in ca.iter().zip(&cb) {
+        let ord = if *da && *db {
+            let (ta, tb) = (xa.trim_start_matches('0'), xb.trim_start_matches('0'));
+            ta.len().cmp(&tb.len()).then_with(|| ta.cmp(tb))
+        } else {
+            xa.cmp(xb)
+        };
+        if ord != Ordering::Equal {
+            return ord;
+        }
+    }
+    ca.len().cmp(&cb.len())
+}
+
+/// The first entry of `dir` named `prefix…suffix`.
+fn find_entry(dir: &Path, prefix: &str, suffix: &str) -> Option<PathBuf> {
+    fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(prefix) && n.ends_with(suffix)))
+}
+
+/// Copies `from` to `to` through a temporary name so `to` is whole or absent.
+fn install(from: &Path, to: &Path) -> Result<()> {
+    let tmp = to.with_extension("new");
+    fs::copy(from, &tmp).with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
+    fs::rename(&tmp, to).with_context(|| format!("renaming {} to {}", tmp.display(), to.display()))?;
+    Ok(())
+}
+
+fn apt_get_update() -> Result<()> {
+    eprintln!("xtask: apt-get update");
+    run(Command::new("apt-get").args(["update", "-qq"]), "apt-get update (run xtask as root, or run apt-get update yourself)")
 }
 
 fn download(package: &str, dir: &Path) -> Result<bool> {
     let status = Command::new("apt-get")
-        .args(["download", "-qq", package])
+        // As root, apt would otherwise fetch as the `_apt` user and warn that
+        // it cannot write to our cache directory.
+        .args(["download", "-qq", "-o", "APT::Sandbox::User=root", package])
         .current_dir(dir)
         .status()
         .context("running apt-get download")?;
@@ -169,14 +259,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn newest_package_sorts_last() {
-        let mut names = vec![
-            "linux-image-6.1.0-9-cloud-amd64-unsigned",
-            "linux-image-6.1.0-47-cloud-amd64-unsigned",
-            "linux-image-6.1.0-42-cloud-amd64-unsigned",
-        ];
-        names.sort_by_key(|n| version_key(n));
-        assert_eq!(names.last(), Some(&"linux-image-6.1.0-47-cloud-amd64-unsigned"));
+    fn versions_sort_like_sort_v() {
+        assert_eq!(version_cmp("linux-image-6.1.0-9-cloud-amd64", "linux-image-6.1.0-47-cloud-amd64"), Ordering::Less);
+        assert_eq!(version_cmp("linux-image-6.12.117+deb12-x", "linux-image-6.12.99+deb12-x"), Ordering::Greater);
+        assert_eq!(version_cmp("a-1.0", "a-1.0"), Ordering::Equal);
+        assert_eq!(version_cmp("a-1.0", "a-1.0.1"), Ordering::Less);
     }
 
     #[test]
