@@ -7,7 +7,7 @@ use std::{process::ExitStatus, time::Duration};
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     process::Child,
@@ -111,4 +111,26 @@ impl Session {
             Some(status) = exited => End::CommandExited(status),
         }
     }
+}
+
+/// Fails with a clear line when `--cpu` or `--pid`/`--tid` name nothing.
+pub fn check_targets(cpu: Option<u32>, pid: Option<u32>, tid: Option<u32>) -> Result<()> {
+    if let Some(cpu) = cpu {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        if cpu as usize >= cpus {
+            bail!("--cpu {cpu}: this machine has CPUs 0 to {}", cpus - 1);
+        }
+    }
+    if let Some(pid) = pid {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            bail!("--pid {pid}: no such process");
+        }
+    }
+    if let Some(tid) = tid {
+        // /proc/TID exists for every thread, though only leaders are listed.
+        if !std::path::Path::new(&format!("/proc/{tid}/stat")).exists() {
+            bail!("--tid {tid}: no such thread");
+        }
+    }
+    Ok(())
 }

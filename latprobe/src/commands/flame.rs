@@ -60,11 +60,7 @@ pub async fn run(args: FlameArgs, verbose: bool) -> Result<()> {
             bail!("--cpu {cpu}: not an online CPU (online: {})", describe_cpus(&cpus));
         }
     }
-    if let Some(pid) = args.pid {
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            bail!("--pid {pid}: no such process");
-        }
-    }
+    crate::session::check_targets(None, args.pid, None)?;
     bpf::preflight()?;
     if let Some(pid) = args.pid {
         session.watch_process(pid);

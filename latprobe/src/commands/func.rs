@@ -45,17 +45,7 @@ pub async fn run(args: FnArgs, verbose: bool) -> Result<()> {
         bail!("at most {MAX_FUNCS} functions can be traced at once ({} given)", args.functions.len());
     }
     let targets = args.functions.iter().map(|f| Target::parse(f)).collect::<Result<Vec<_>>>()?;
-    if let Some(cpu) = args.cpu {
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
-        if cpu as usize >= cpus {
-            bail!("--cpu {cpu}: this machine has CPUs 0 to {}", cpus - 1);
-        }
-    }
-    if let Some(pid) = args.pid {
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            bail!("--pid {pid}: no such process");
-        }
-    }
+    crate::session::check_targets(args.cpu, args.pid, None)?;
     bpf::preflight()?;
     if let Some(pid) = args.pid {
         session.watch_process(pid);

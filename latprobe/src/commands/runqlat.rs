@@ -125,7 +125,7 @@ impl Source {
 
 pub async fn run(args: RunqlatArgs, verbose: bool) -> Result<()> {
     let mut session = Session::new(args.secs)?;
-    sched_probes::check_targets(None, args.pid, None)?;
+    crate::session::check_targets(None, args.pid, None)?;
     bpf::preflight()?;
     let grouping = if args.per_cpu {
         Grouping::PerCpu

@@ -31,7 +31,7 @@ const TEXT_CULPRITS: usize = 20;
 
 pub async fn run(args: RunqslowerArgs, verbose: bool) -> Result<()> {
     let mut session = Session::new(args.secs)?;
-    sched_probes::check_targets(args.cpu, args.pid, args.tid)?;
+    crate::session::check_targets(args.cpu, args.pid, args.tid)?;
     if let Some(comm) = &args.comm {
         sched_probes::comm_prefix(comm)?;
     }
