@@ -86,6 +86,37 @@ pub mod globals {
     pub const DURING_SLOT: &str = "FL_DURING_SLOT";
     /// `--during`: calls at least this slow keep their stacks.
     pub const DURING_SLOWER_NS: &str = "FL_DURING_SLOWER_NS";
+    /// Non-zero: off-CPU starts in the hash by tid, not task storage.
+    pub const USE_HASH: &str = "FL_USE_HASH";
+    /// Offset of `task_struct.pid`, from the running kernel's BTF.
+    pub const TASK_PID_OFF: &str = "FL_TASK_PID_OFF";
+
+    pub const ALL: [&str; 8] =
+        [TGID, KERNEL, USER, MIN_BLOCK_NS, DURING_SLOT, DURING_SLOWER_NS, USE_HASH, TASK_PID_OFF];
+}
+
+/// Names of the flame maps.
+pub mod maps {
+    /// `StackKey` → samples (on-CPU) or microseconds (off-CPU).
+    pub const COUNTS: &str = "FL_COUNTS";
+    pub const STACKS: &str = "FL_STACKS";
+    pub const DROPS: &str = "FL_DROPS";
+    /// Task storage: where each task left the CPU.
+    pub const OFF_START: &str = "FL_OFF_START";
+    /// Task storage: `--during` stacks held until the call ends.
+    pub const PENDING: &str = "FL_PENDING";
+    /// Off-CPU starts by tid, where task storage cannot be used.
+    pub const OFF_HASH: &str = "FL_OFF_HASH";
+
+    pub const ALL: [&str; 6] = [COUNTS, STACKS, DROPS, OFF_START, PENDING, OFF_HASH];
+}
+
+/// Names of the flame programs.
+pub mod programs {
+    /// perf event: on-CPU samples.
+    pub const SAMPLE: &str = "fl_sample";
+    /// tp_btf `sched_switch`: off-CPU time.
+    pub const SWITCH: &str = "fl_switch";
 }
 
 #[cfg(feature = "user")]

@@ -100,15 +100,61 @@ pub const NET_RX_SOFTIRQ: u32 = 3;
 /// Names of the load-time globals of the `fn` programs.
 pub mod globals {
     /// tgid to trace, 0 for all.
-    pub const TARGET_TGID: &str = "TARGET_TGID";
+    pub const TARGET_TGID: &str = "FN_TARGET_TGID";
     /// CPU to trace, `u32::MAX` for all.
-    pub const TARGET_CPU: &str = "TARGET_CPU";
+    pub const TARGET_CPU: &str = "FN_TARGET_CPU";
     /// Outlier threshold in ns, `u64::MAX` for none.
-    pub const SLOWER_NS: &str = "SLOWER_NS";
+    pub const SLOWER_NS: &str = "FN_SLOWER_NS";
     /// Non-zero to capture kernel stacks of outliers.
-    pub const STACKS: &str = "STACKS";
+    pub const STACKS: &str = "FN_STACKS";
     /// Slot fed by the softirq tracepoints.
-    pub const SOFTIRQ_SLOT: &str = "SOFTIRQ_SLOT";
+    pub const SOFTIRQ_SLOT: &str = "FN_SOFTIRQ_SLOT";
+
+    pub const ALL: [&str; 5] = [TARGET_TGID, TARGET_CPU, SLOWER_NS, STACKS, SOFTIRQ_SLOT];
+}
+
+/// Names of the `fn` maps.
+pub mod maps {
+    /// Task storage: `TaskFrames` of each task with calls in flight.
+    pub const FRAMES: &str = "FN_FRAMES";
+    /// Per-CPU `FuncStats` per slot.
+    pub const STATS: &str = "FN_STATS";
+    /// Per-CPU `BucketGroup`s, keyed by `slot * GROUPS_PER_FUNC + group`.
+    pub const BUCKETS: &str = "FN_BUCKETS";
+    /// Ring buffer of `Outlier`s.
+    pub const OUTLIERS: &str = "FN_OUTLIERS";
+
+    pub const ALL: [&str; 4] = [FRAMES, STATS, BUCKETS, OUTLIERS];
+}
+
+/// Names of the `fn` programs: one of each kind per slot.
+pub mod programs {
+    use super::MAX_FUNCS;
+
+    macro_rules! per_slot {
+        ($kind:literal) => {
+            [
+                concat!("fn_", $kind, "_0"),
+                concat!("fn_", $kind, "_1"),
+                concat!("fn_", $kind, "_2"),
+                concat!("fn_", $kind, "_3"),
+                concat!("fn_", $kind, "_4"),
+                concat!("fn_", $kind, "_5"),
+                concat!("fn_", $kind, "_6"),
+                concat!("fn_", $kind, "_7"),
+            ]
+        };
+    }
+
+    pub const FENTRY: [&str; MAX_FUNCS] = per_slot!("fentry");
+    pub const FEXIT: [&str; MAX_FUNCS] = per_slot!("fexit");
+    pub const KPROBE: [&str; MAX_FUNCS] = per_slot!("kprobe");
+    pub const KRETPROBE: [&str; MAX_FUNCS] = per_slot!("kretprobe");
+    pub const UPROBE: [&str; MAX_FUNCS] = per_slot!("uprobe");
+    pub const URETPROBE: [&str; MAX_FUNCS] = per_slot!("uretprobe");
+    /// `irq:softirq_entry`/`softirq_exit`, timing NET_RX where nothing else works.
+    pub const SOFTIRQ_ENTRY: &str = "fn_softirq_entry";
+    pub const SOFTIRQ_EXIT: &str = "fn_softirq_exit";
 }
 
 #[cfg(feature = "user")]
@@ -119,6 +165,8 @@ mod pod {
     unsafe impl aya::Pod for FuncStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for BucketGroup {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Outlier {}
 }
 
 const _: () = assert!(core::mem::size_of::<Frame>() == 16);

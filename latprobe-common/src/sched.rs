@@ -103,6 +103,54 @@ pub mod globals {
     pub const TASK_TGID_OFF: &str = "RQ_TASK_TGID_OFF";
     pub const TASK_COMM_OFF: &str = "RQ_TASK_COMM_OFF";
     pub const TASK_STATE_OFF: &str = "RQ_TASK_STATE_OFF";
+
+    pub const ALL: [&str; 14] = [
+        TARGET_TGID,
+        TARGET_TID,
+        TARGET_CPU,
+        COMM_PREFIX,
+        COMM_PREFIX_LEN,
+        THRESHOLD_NS,
+        STACKS,
+        HIST,
+        PID_SLOTS,
+        USE_HASH,
+        TASK_PID_OFF,
+        TASK_TGID_OFF,
+        TASK_COMM_OFF,
+        TASK_STATE_OFF,
+    ];
+}
+
+/// Names of the `rq_` maps.
+pub mod maps {
+    /// Task storage: wait start of each waiting task.
+    pub const START: &str = "RQ_START";
+    /// The same by tid, where task storage cannot be used.
+    pub const START_HASH: &str = "RQ_START_HASH";
+    pub const LOST: &str = "RQ_LOST";
+    pub const STATS: &str = "RQ_STATS";
+    pub const BUCKETS: &str = "RQ_BUCKETS";
+    /// tgid → histogram slot, for `--per-pid`.
+    pub const PID_SLOTS: &str = "RQ_PID_SLOTS";
+    pub const NEXT_SLOT: &str = "RQ_NEXT_SLOT";
+    /// Ring buffer of `RunqEvent`s.
+    pub const EVENTS: &str = "RQ_EVENTS";
+
+    pub const ALL: [&str; 8] = [START, START_HASH, LOST, STATS, BUCKETS, PID_SLOTS, NEXT_SLOT, EVENTS];
+}
+
+/// Names of the `rq_` programs, as (program, tracepoint), in attach order:
+/// the wakeups before the switch, so that every wait the switch program sees
+/// ending was seen starting.
+pub mod programs {
+    pub const TP_BTF: [(&str, &str); 3] =
+        [("rq_wakeup", "sched_wakeup"), ("rq_wakeup_new", "sched_wakeup_new"), ("rq_switch", "sched_switch")];
+    pub const RAW_TP: [(&str, &str); 3] = [
+        ("rq_raw_wakeup", "sched_wakeup"),
+        ("rq_raw_wakeup_new", "sched_wakeup_new"),
+        ("rq_raw_switch", "sched_switch"),
+    ];
 }
 
 #[cfg(feature = "user")]
@@ -113,6 +161,8 @@ mod pod {
     unsafe impl aya::Pod for Lost {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TaskStart {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RunqEvent {}
 }
 
 const _: () = assert!(core::mem::size_of::<TaskStart>() == 16);

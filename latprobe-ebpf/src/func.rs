@@ -37,45 +37,45 @@ use crate::{
 
 // Load-time filters (see `latprobe_common::func::globals`).
 #[unsafe(no_mangle)]
-static TARGET_TGID: u32 = 0;
+static FN_TARGET_TGID: u32 = 0;
 #[unsafe(no_mangle)]
-static TARGET_CPU: u32 = u32::MAX;
+static FN_TARGET_CPU: u32 = u32::MAX;
 #[unsafe(no_mangle)]
-static SLOWER_NS: u64 = u64::MAX;
+static FN_SLOWER_NS: u64 = u64::MAX;
 #[unsafe(no_mangle)]
-static STACKS: u32 = 0;
+static FN_STACKS: u32 = 0;
 #[unsafe(no_mangle)]
-static SOFTIRQ_SLOT: u32 = 0;
+static FN_SOFTIRQ_SLOT: u32 = 0;
 
 #[btf_map]
-static FRAMES: TaskStorage<TaskFrames> = TaskStorage::new();
+static FN_FRAMES: TaskStorage<TaskFrames> = TaskStorage::new();
 
 #[btf_map]
-static STATS: PerCpuArray<FuncStats, MAX_FUNCS> = PerCpuArray::new();
+static FN_STATS: PerCpuArray<FuncStats, MAX_FUNCS> = PerCpuArray::new();
 
 /// Keyed by `slot * GROUPS_PER_FUNC + group`. Declared at its smallest (as
 /// the ring buffer below) so other commands pay nothing; `fn` sizes both.
 #[btf_map]
-static BUCKETS: PerCpuArray<BucketGroup, 1> = PerCpuArray::new();
+static FN_BUCKETS: PerCpuArray<BucketGroup, 1> = PerCpuArray::new();
 
 #[btf_map]
-static OUTLIERS: RingBuf<Outlier, 4096> = RingBuf::new();
+static FN_OUTLIERS: RingBuf<Outlier, 4096> = RingBuf::new();
 
 #[inline(always)]
 fn stats(slot: usize) -> Option<&'static mut FuncStats> {
     // SAFETY: per-CPU array slots are valid for the program's lifetime.
-    STATS.get_ptr_mut(slot as u32).and_then(|p| unsafe { p.as_mut() })
+    FN_STATS.get_ptr_mut(slot as u32).and_then(|p| unsafe { p.as_mut() })
 }
 
 #[inline(always)]
 fn enter(slot: usize) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let want = global(&TARGET_TGID);
+    let want = global(&FN_TARGET_TGID);
     if want != 0 && tgid != want {
         return;
     }
     let slot = masked(slot, MAX_FUNCS);
-    let Some(frames) = FRAMES.current(true) else {
+    let Some(frames) = FN_FRAMES.current(true) else {
         if let Some(s) = stats(slot) {
             add(&mut s.missed, 1);
         }
@@ -108,7 +108,7 @@ fn exit<C: EbpfContext>(ctx: &C, slot: usize) {
     let now = unsafe { bpf_ktime_get_ns() };
     let slot = masked(slot, MAX_FUNCS);
     // Calls that entered before we attached have no frame: skip them.
-    let Some(frames) = FRAMES.current(false) else {
+    let Some(frames) = FN_FRAMES.current(false) else {
         return;
     };
     // SAFETY: `slot` is masked to MAX_FUNCS.
@@ -128,7 +128,7 @@ fn exit<C: EbpfContext>(ctx: &C, slot: usize) {
     }
     // SAFETY: masked to MAX_DEPTH.
     let frame = *unsafe { stack.get_unchecked(masked(d, MAX_DEPTH)) };
-    let want_cpu = global(&TARGET_CPU);
+    let want_cpu = global(&FN_TARGET_CPU);
     if want_cpu != u32::MAX && frame.cpu != want_cpu {
         return;
     }
@@ -137,7 +137,7 @@ fn exit<C: EbpfContext>(ctx: &C, slot: usize) {
         flame::call_ended(slot, duration);
     }
     record(slot, duration);
-    if duration >= global(&SLOWER_NS) {
+    if duration >= global(&FN_SLOWER_NS) {
         report_outlier(ctx, slot, now, duration, frame.cpu);
     }
 }
@@ -145,13 +145,13 @@ fn exit<C: EbpfContext>(ctx: &C, slot: usize) {
 #[inline(always)]
 fn record(slot: usize, duration: u64) {
     if let Some(s) = stats(slot) {
-        helpers::record(s, &BUCKETS, slot, duration);
+        helpers::record(s, &FN_BUCKETS, slot, duration);
     }
 }
 
 #[inline(always)]
 fn report_outlier<C: EbpfContext>(ctx: &C, slot: usize, now: u64, duration: u64, cpu: u32) {
-    let Some(mut entry) = OUTLIERS.reserve(0) else {
+    let Some(mut entry) = FN_OUTLIERS.reserve(0) else {
         if let Some(s) = stats(slot) {
             add(&mut s.outliers_lost, 1);
         }
@@ -171,7 +171,7 @@ fn report_outlier<C: EbpfContext>(ctx: &C, slot: usize, now: u64, duration: u64,
         (*out).comm = bpf_get_current_comm().unwrap_or([0; 16]);
         (*out)._pad = 0;
         (*out).stack_len = 0;
-        if global(&STACKS) != 0 {
+        if global(&FN_STACKS) != 0 {
             let size = (MAX_STACK * 8) as u32;
             let got = bpf_get_stack(ctx.as_ptr(), (*out).stack.as_mut_ptr().cast::<c_void>(), size, 0);
             if got > 0 {
@@ -238,7 +238,7 @@ fn is_net_rx(ctx: &RawTracePointContext) -> bool {
 /// because they need no tracefs mount and skip the record copy.
 #[raw_tracepoint(tracepoint = "softirq_entry")]
 pub fn fn_softirq_entry(ctx: RawTracePointContext) -> i32 {
-    let slot = global(&SOFTIRQ_SLOT) as usize;
+    let slot = global(&FN_SOFTIRQ_SLOT) as usize;
     if slot < MAX_FUNCS && is_net_rx(&ctx) {
         enter(slot);
     }
@@ -247,7 +247,7 @@ pub fn fn_softirq_entry(ctx: RawTracePointContext) -> i32 {
 
 #[raw_tracepoint(tracepoint = "softirq_exit")]
 pub fn fn_softirq_exit(ctx: RawTracePointContext) -> i32 {
-    let slot = global(&SOFTIRQ_SLOT) as usize;
+    let slot = global(&FN_SOFTIRQ_SLOT) as usize;
     if slot < MAX_FUNCS && is_net_rx(&ctx) {
         exit(&ctx, slot);
     }

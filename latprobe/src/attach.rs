@@ -8,7 +8,11 @@
 //! attached before entry probes, so that no call is seen entering without
 //! being seen leaving.
 
-use std::{fmt, io, num::NonZeroU32, path::{Path, PathBuf}};
+use std::{
+    fmt,
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
@@ -16,7 +20,13 @@ use aya::{
     Btf, Ebpf,
 };
 
-use crate::kallsyms::{self, KernelSymbols};
+use latprobe_common::func::programs;
+
+use crate::{
+    bpf,
+    kallsyms::{self, KernelSymbols},
+    output,
+};
 
 /// What the user asked to trace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,55 +108,33 @@ impl fmt::Display for Mechanism {
 /// The function whose calls the NET_RX softirq brackets.
 pub const NET_RX_FUNCTION: &str = "net_rx_action";
 
-/// Programs of one slot, in the order they are attached (return side first)
-/// and must be detached (entry side first).
-fn program_names(slot: usize, kind: &str) -> (String, String) {
-    let exit = match kind {
-        "fentry" => "fexit",
-        "kprobe" => "kretprobe",
-        "uprobe" => "uretprobe",
-        _ => unreachable!("unknown program kind {kind}"),
-    };
-    (format!("fn_{exit}_{slot}"), format!("fn_{kind}_{slot}"))
+/// Why one mechanism could not attach: the message, and whether the kernel
+/// refused outright (EPERM: lockdown or a BPF LSM policy).
+struct Refusal {
+    text: String,
+    denied: bool,
 }
 
-/// The errno behind an aya error, if any.
-fn errno(err: &ProgramError) -> Option<i32> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            return io.raw_os_error();
-        }
-        source = e.source();
+impl Refusal {
+    fn of(err: &ProgramError) -> Self {
+        let errno = bpf::errno(err);
+        let hint = match errno {
+            Some(libc::EPERM) => "the kernel refused (EPERM: lockdown or a BPF LSM policy)",
+            Some(libc::ENOENT) | Some(libc::ESRCH) => "not in the kernel's BTF (static or inlined functions may be missing)",
+            Some(libc::EINVAL) | Some(libc::EBUSY) => {
+                "the kernel cannot probe this function (marked notrace, on the kprobe blocklist, or inlined at its \
+                 call sites)"
+            }
+            _ => "",
+        };
+        let detail = bpf::describe(err);
+        let text = if hint.is_empty() { detail } else { format!("{hint} [{detail}]") };
+        Self { text, denied: errno == Some(libc::EPERM) }
     }
-    None
-}
 
-/// An error and its causes on one line, like anyhow's `{:#}`.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        text += &format!(": {e}");
-        source = e.source();
+    fn plain(text: impl Into<String>) -> Self {
+        Self { text: text.into(), denied: false }
     }
-    text
-}
-
-fn describe(err: &ProgramError) -> String {
-    let hint = match errno(err) {
-        Some(libc::EPERM) => String::from("the kernel refused (EPERM: lockdown or a BPF LSM policy)"),
-        Some(libc::ENOENT) | Some(libc::ESRCH) => {
-            "not in the kernel's BTF (static or inlined functions may be missing)".into()
-        }
-        Some(libc::EINVAL) | Some(libc::EBUSY) => {
-            "the kernel cannot probe this function (marked notrace, on the kprobe blocklist, or \
-             inlined at its call sites)"
-                .into()
-        }
-        _ => return error_chain(err),
-    };
-    format!("{hint} [{}]", error_chain(err))
 }
 
 /// Everything needed to attach programs, gathered once.
@@ -155,7 +143,6 @@ pub struct Attacher<'a> {
     pub btf: Option<Btf>,
     pub mode: AttachMode,
     pub pid: Option<u32>,
-    pub verbose: bool,
 }
 
 impl Attacher<'_> {
@@ -166,12 +153,6 @@ impl Attacher<'_> {
                 self.attach_uprobe(slot, binary, symbol)?;
                 Ok(Mechanism::Uprobe)
             }
-        }
-    }
-
-    fn note(&self, text: &str) {
-        if self.verbose {
-            eprintln!("latprobe: {text}");
         }
     }
 
@@ -187,13 +168,13 @@ impl Attacher<'_> {
                 bail!("unknown kernel function {name}: not in /proc/kallsyms.{hint}");
             }
         }
-        let mut failures = Vec::new();
+        let mut failures: Vec<(&str, Refusal)> = Vec::new();
         if self.mode != AttachMode::Kprobe {
             match self.attach_fentry(slot, name) {
                 Ok(()) => return Ok(Mechanism::Fentry),
                 Err(e) => {
-                    self.note(&format!("{name}: fentry unavailable: {e}"));
-                    failures.push(format!("fentry: {e}"));
+                    output::verbose(&format!("{name}: fentry unavailable: {}", e.text));
+                    failures.push(("fentry", e));
                 }
             }
         }
@@ -201,21 +182,22 @@ impl Attacher<'_> {
             match self.attach_kprobe(slot, name) {
                 Ok(()) => return Ok(Mechanism::Kprobe),
                 Err(e) => {
-                    self.note(&format!("{name}: kprobe unavailable: {e}"));
-                    failures.push(format!("kprobe: {e}"));
+                    output::verbose(&format!("{name}: kprobe unavailable: {}", e.text));
+                    failures.push(("kprobe", e));
                 }
             }
         }
         if self.mode == AttachMode::Auto && name == NET_RX_FUNCTION {
             self.attach_softirq()?;
-            eprintln!(
-                "latprobe: {name}: neither fentry nor kprobes work on this kernel; timing the \
-                 NET_RX softirq instead (irq:softirq_entry/exit bracket exactly one {name} call)"
-            );
+            output::say(&format!(
+                "{name}: neither fentry nor kprobes work on this kernel; timing the NET_RX softirq \
+                 instead (irq:softirq_entry/exit bracket exactly one {name} call)"
+            ));
             return Ok(Mechanism::NetRxSoftirq);
         }
-        let mut message = format!("cannot trace kernel function {name}: {}", failures.join("; "));
-        if !kprobes_available() && failures.iter().any(|f| f.contains("EPERM")) {
+        let described: Vec<String> = failures.iter().map(|(how, e)| format!("{how}: {}", e.text)).collect();
+        let mut message = format!("cannot trace kernel function {name}: {}", described.join("; "));
+        if !kprobes_available() && failures.iter().any(|(_, e)| e.denied) {
             message += ". This kernel allows neither fentry nor kprobes; what still works here: \
                         `latprobe fn net_rx_action` (through softirq tracepoints), user functions \
                         (BINARY:SYMBOL), and commands built on tracepoints and perf events";
@@ -223,27 +205,25 @@ impl Attacher<'_> {
         bail!(message)
     }
 
-    fn attach_fentry(&mut self, slot: usize, name: &str) -> Result<(), String> {
-        let btf = self.btf.as_ref().ok_or("kernel BTF could not be read")?;
-        let (exit, entry) = program_names(slot, "fentry");
-        let fexit: &mut FExit = program(self.ebpf, &exit)?;
-        fexit.load(name, btf).map_err(|e| describe(&e))?;
-        fexit.attach().map_err(|e| describe(&e))?;
-        let fentry: &mut FEntry = program(self.ebpf, &entry)?;
-        fentry.load(name, btf).map_err(|e| describe(&e))?;
-        fentry.attach().map_err(|e| describe(&e))?;
+    fn attach_fentry(&mut self, slot: usize, name: &str) -> Result<(), Refusal> {
+        let btf = self.btf.as_ref().ok_or_else(|| Refusal::plain("kernel BTF could not be read"))?;
+        let fexit: &mut FExit = program(self.ebpf, programs::FEXIT[slot]).map_err(Refusal::plain)?;
+        fexit.load(name, btf).map_err(|e| Refusal::of(&e))?;
+        fexit.attach().map_err(|e| Refusal::of(&e))?;
+        let fentry: &mut FEntry = program(self.ebpf, programs::FENTRY[slot]).map_err(Refusal::plain)?;
+        fentry.load(name, btf).map_err(|e| Refusal::of(&e))?;
+        fentry.attach().map_err(|e| Refusal::of(&e))?;
         Ok(())
     }
 
-    fn attach_kprobe(&mut self, slot: usize, name: &str) -> Result<(), String> {
+    fn attach_kprobe(&mut self, slot: usize, name: &str) -> Result<(), Refusal> {
         if !kprobes_available() {
-            return Err("kprobes are not available (CONFIG_KPROBES is not set)".into());
+            return Err(Refusal::plain("kprobes are not available (CONFIG_KPROBES is not set)"));
         }
-        let (exit, entry) = program_names(slot, "kprobe");
-        for prog_name in [exit, entry] {
-            let prog: &mut KProbe = program(self.ebpf, &prog_name)?;
-            prog.load().map_err(|e| describe(&e))?;
-            prog.attach(name, 0).map_err(|e| describe(&e))?;
+        for prog_name in [programs::KRETPROBE[slot], programs::KPROBE[slot]] {
+            let prog: &mut KProbe = program(self.ebpf, prog_name).map_err(Refusal::plain)?;
+            prog.load().map_err(|e| Refusal::of(&e))?;
+            prog.attach(name, 0).map_err(|e| Refusal::of(&e))?;
         }
         Ok(())
     }
@@ -253,10 +233,9 @@ impl Attacher<'_> {
             Some(pid) => UProbeScope::OneProcess(pid),
             None => UProbeScope::AllProcesses,
         };
-        let (exit, entry) = program_names(slot, "uprobe");
-        for prog_name in [exit, entry] {
-            let prog: &mut UProbe = program(self.ebpf, &prog_name).map_err(|e| anyhow!(e))?;
-            prog.load().with_context(|| format!("loading {prog_name}"))?;
+        for prog_name in [programs::URETPROBE[slot], programs::UPROBE[slot]] {
+            let prog: &mut UProbe = program(self.ebpf, prog_name).map_err(|e| anyhow!(e))?;
+            prog.load().map_err(|e| anyhow!("loading {prog_name}: {}", bpf::describe(&e)))?;
             prog.attach(symbol, binary, scope).map_err(|e| {
                 anyhow!(
                     "cannot attach to {symbol} in {}: {:#} (is the symbol exported, and the binary \
@@ -270,9 +249,9 @@ impl Attacher<'_> {
     }
 
     fn attach_softirq(&mut self) -> Result<()> {
-        for (prog_name, event) in [("fn_softirq_exit", "softirq_exit"), ("fn_softirq_entry", "softirq_entry")] {
+        for (prog_name, event) in [(programs::SOFTIRQ_EXIT, "softirq_exit"), (programs::SOFTIRQ_ENTRY, "softirq_entry")] {
             let prog: &mut RawTracePoint = program(self.ebpf, prog_name).map_err(|e| anyhow!(e))?;
-            prog.load().with_context(|| format!("loading {prog_name}"))?;
+            prog.load().map_err(|e| anyhow!("loading {prog_name}: {}", bpf::describe(&e)))?;
             prog.attach(event)
                 .with_context(|| format!("attaching to raw tracepoint irq:{event}"))?;
         }
@@ -299,13 +278,10 @@ where
 /// Detaches the entry side of every slot, so no new call starts being timed
 /// while the final report is read. Return probes stay until drop.
 pub fn detach_entries(ebpf: &mut Ebpf) {
-    for slot in 0..latprobe_common::func::MAX_FUNCS {
-        for kind in ["fentry", "kprobe", "uprobe"] {
-            let (_, entry) = program_names(slot, kind);
-            unload(ebpf, &entry);
-        }
+    for entry in programs::FENTRY.iter().chain(&programs::KPROBE).chain(&programs::UPROBE) {
+        unload(ebpf, entry);
     }
-    unload(ebpf, "fn_softirq_entry");
+    unload(ebpf, programs::SOFTIRQ_ENTRY);
 }
 
 /// Unloads a program, detaching its links; a program never loaded is fine.

@@ -1,10 +1,11 @@
-//! The embedded kernel object, and the checks to run before loading it:
-//! privileges, kernel BTF, locked-memory limits.
+//! The embedded kernel object, the checks to run before loading it
+//! (privileges, kernel BTF, locked-memory limits), and load errors on one
+//! line.
 
-use std::fs;
+use std::{fs, sync::OnceLock};
 
 use anyhow::{bail, Context, Result};
-use aya::{Ebpf, EbpfLoader};
+use aya::{programs::ProgramError, Ebpf, EbpfLoader};
 
 /// latprobe-ebpf, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latprobe"));
@@ -31,8 +32,9 @@ pub fn check_privileges() -> Result<()> {
     }
     bail!(
         "latprobe needs root, or the capabilities CAP_BPF and CAP_PERFMON (Linux 5.8+; \
-         CAP_SYS_ADMIN on older kernels): run it with sudo, or grant them once with \
-         `sudo setcap cap_bpf,cap_perfmon+ep $(command -v latprobe)`"
+         CAP_SYS_ADMIN on older kernels): run it with sudo, or grant them with \
+         `sudo setcap cap_bpf,cap_perfmon+ep $(command -v latprobe)` — which lets every user \
+         who can run that binary trace the whole machine"
     )
 }
 
@@ -52,9 +54,31 @@ pub fn check_btf() -> Result<()> {
 /// memory cgroups. Raising it is best effort: without CAP_SYS_RESOURCE it
 /// fails, which only matters on those old kernels.
 pub fn raise_memlock() {
+    original_memlock();
     let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: a valid rlimit struct for setrlimit.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
+/// RLIMIT_MEMLOCK as latprobe found it (soft, hard), before raising it:
+/// what `-- COMMAND` gets back.
+pub fn original_memlock() -> (u64, u64) {
+    static ORIGINAL: OnceLock<(u64, u64)> = OnceLock::new();
+    *ORIGINAL.get_or_init(|| {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: a valid out-pointer for getrlimit.
+        if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0 {
+            return (8 << 20, 8 << 20);
+        }
+        (limit.rlim_cur, limit.rlim_max)
+    })
+}
+
+/// The kernel's page size: the smallest ring buffer.
+pub fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(size).unwrap_or(4096).max(4096)
 }
 
 /// Runs every check that must pass before anything is loaded.
@@ -75,4 +99,82 @@ pub fn load<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
     loader
         .load(OBJECT)
         .context("loading latprobe's BPF maps failed (task-local storage needs Linux 5.11 or newer)")
+}
+
+/// An error and its causes on one line, like anyhow's `{:#}`.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text += &format!(": {e}");
+        source = e.source();
+    }
+    text
+}
+
+/// The errno behind an aya program error, if any.
+pub fn errno(err: &ProgramError) -> Option<i32> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return io.raw_os_error();
+        }
+        source = e.source();
+    }
+    None
+}
+
+/// A program error on one line: a refused load says why in the last lines
+/// of the verifier's log, never the whole log.
+pub fn describe(err: &ProgramError) -> String {
+    if let ProgramError::LoadError { io_error, verifier_log } = err {
+        if io_error.raw_os_error() == Some(libc::EPERM) {
+            return "the kernel refused to load it (EPERM: lockdown or a BPF LSM policy)".into();
+        }
+        let log = verifier_log.to_string();
+        let tail: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).rev().take(3).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        if tail.is_empty() {
+            return io_error.to_string();
+        }
+        return format!("{io_error}; the verifier said: {}", tail.join(" | "));
+    }
+    error_chain(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use object::{Object, ObjectSymbol};
+
+    use latprobe_common::{flame, func, sched};
+
+    /// Every map, global and program name userspace asks for is in the
+    /// embedded object: a misspelt or renamed one fails here, not at run time.
+    #[test]
+    fn every_name_userspace_uses_is_in_the_object() {
+        let file = object::File::parse(super::OBJECT).expect("the embedded object is ELF");
+        let symbols: std::collections::HashSet<&str> = file.symbols().filter_map(|s| s.name().ok()).collect();
+        let mut names: Vec<&str> = Vec::new();
+        names.extend(func::maps::ALL);
+        names.extend(func::globals::ALL);
+        for kind in [
+            func::programs::FENTRY,
+            func::programs::FEXIT,
+            func::programs::KPROBE,
+            func::programs::KRETPROBE,
+            func::programs::UPROBE,
+            func::programs::URETPROBE,
+        ] {
+            names.extend(kind);
+        }
+        names.extend([func::programs::SOFTIRQ_ENTRY, func::programs::SOFTIRQ_EXIT]);
+        names.extend(sched::maps::ALL);
+        names.extend(sched::globals::ALL);
+        names.extend(sched::programs::TP_BTF.iter().chain(&sched::programs::RAW_TP).map(|(p, _)| *p));
+        names.extend(flame::maps::ALL);
+        names.extend(flame::globals::ALL);
+        names.extend([flame::programs::SAMPLE, flame::programs::SWITCH]);
+        let missing: Vec<&&str> = names.iter().filter(|n| !symbols.contains(**n)).collect();
+        assert!(missing.is_empty(), "names missing from the kernel object: {missing:?}");
+    }
 }

@@ -14,6 +14,27 @@ Examples:
   latprobe runqslower 50ms --secs 60           which task held the CPU while others waited
   latprobe runqlat --per-cpu --secs 10         run-queue latency percentiles per CPU";
 
+/// Longest run `--secs` accepts: 100 days.
+pub const MAX_SECS: u64 = 100 * 24 * 3600;
+
+/// What happens to `-- COMMAND`, said once for every command's help.
+const COMMAND_HELP: &str = "Run COMMAND, trace only its process, and stop when it exits. Under sudo it \
+runs as the invoking user; its stdout goes to latprobe's stderr (so latprobe's output stays parseable); \
+if latprobe ends first, COMMAND gets SIGTERM";
+
+/// Flags every command has: how long a run lasts and whom it traces.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Stop after N seconds (default: until Ctrl-C, SIGTERM or SIGHUP, or the traced process exits)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_SECS))]
+    pub secs: Option<u64>,
+    /// Only this process; stop when it exits
+    #[arg(long, value_name = "PID", conflicts_with = "command")]
+    pub pid: Option<u32>,
+    #[arg(last = true, value_name = "COMMAND", help = COMMAND_HELP)]
+    pub command: Vec<String>,
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "latprobe",
@@ -71,15 +92,9 @@ pub struct FlameArgs {
     /// With --offcpu: ignore waits shorter than DUR
     #[arg(long, value_name = "DUR", value_parser = duration::parse_arg, requires = "offcpu")]
     pub min_block: Option<u64>,
-    /// Stop after N seconds (default: until Ctrl-C or COMMAND exits)
-    #[arg(long, value_name = "N")]
-    pub secs: Option<u64>,
     /// On-CPU samples per second per CPU
     #[arg(long, value_name = "HZ", default_value_t = 99)]
     pub freq: u64,
-    /// Only this process; stop when it exits
-    #[arg(long, value_name = "PID", conflicts_with = "command")]
-    pub pid: Option<u32>,
     /// Only this CPU (on-CPU sampling)
     #[arg(long, value_name = "N")]
     pub cpu: Option<u32>,
@@ -102,9 +117,8 @@ pub struct FlameArgs {
     /// Title of the SVG (default: what was sampled, where, how long)
     #[arg(long, value_name = "TEXT")]
     pub title: Option<String>,
-    /// Run COMMAND, sample only its process, and stop when it exits
-    #[arg(last = true, value_name = "COMMAND")]
-    pub command: Vec<String>,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 const FN_EXAMPLES: &str = "\
@@ -125,15 +139,9 @@ pub struct FnArgs {
     /// Kernel function (net_rx_action) or user function (BINARY:SYMBOL); up to 8
     #[arg(required = true, value_name = "FUNC")]
     pub functions: Vec<String>,
-    /// Stop after N seconds (default: until Ctrl-C or COMMAND exits)
-    #[arg(long, value_name = "N")]
-    pub secs: Option<u64>,
     /// Also print a report of each interval, e.g. 10s
-    #[arg(long, value_name = "DUR", value_parser = duration::parse_arg)]
+    #[arg(long, value_name = "DUR", value_parser = duration::parse_interval)]
     pub interval: Option<u64>,
-    /// Only calls made by this process; stop when it exits
-    #[arg(long, value_name = "PID", conflicts_with = "command")]
-    pub pid: Option<u32>,
     /// Only calls that started on this CPU
     #[arg(long, value_name = "N")]
     pub cpu: Option<u32>,
@@ -149,9 +157,8 @@ pub struct FnArgs {
     /// text for people, json for one JSON object per line
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
-    /// Run COMMAND, trace only its process, and stop when it exits
-    #[arg(last = true, value_name = "COMMAND")]
-    pub command: Vec<String>,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 const RUNQSLOWER_EXAMPLES: &str = "\
@@ -173,11 +180,8 @@ pub struct RunqslowerArgs {
     /// Print waits at least this long, e.g. 50ms (a unit is required)
     #[arg(value_name = "THRESHOLD", value_parser = duration::parse_arg)]
     pub threshold: u64,
-    /// Only tasks of this process
-    #[arg(long, value_name = "PID", conflicts_with_all = ["command", "tid"])]
-    pub pid: Option<u32>,
     /// Only this thread
-    #[arg(long, value_name = "TID", conflicts_with = "command")]
+    #[arg(long, value_name = "TID", conflicts_with_all = ["command", "pid"])]
     pub tid: Option<u32>,
     /// Only tasks whose name (comm) starts with PREFIX
     #[arg(long, value_name = "PREFIX")]
@@ -185,9 +189,6 @@ pub struct RunqslowerArgs {
     /// Only waits that ended on this CPU
     #[arg(long, value_name = "N")]
     pub cpu: Option<u32>,
-    /// Stop after N seconds (default: until Ctrl-C or COMMAND exits)
-    #[arg(long, value_name = "N")]
-    pub secs: Option<u64>,
     /// The culprit's kernel stack with each wait
     #[arg(long)]
     pub stacks: bool,
@@ -197,9 +198,8 @@ pub struct RunqslowerArgs {
     /// text for people, json for one JSON object per line
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
-    /// Run COMMAND, trace only its threads, and stop when it exits
-    #[arg(last = true, value_name = "COMMAND")]
-    pub command: Vec<String>,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 const RUNQLAT_EXAMPLES: &str = "\
@@ -229,21 +229,14 @@ pub struct RunqlatArgs {
           value_parser = clap::value_parser!(u32).range(1..=latprobe_common::sched::MAX_PID_SLOTS as i64))]
     pub max_pids: u32,
     /// Also print a report of each interval, e.g. 10s
-    #[arg(long, value_name = "DUR", value_parser = duration::parse_arg)]
+    #[arg(long, value_name = "DUR", value_parser = duration::parse_interval)]
     pub interval: Option<u64>,
-    /// Stop after N seconds (default: until Ctrl-C or COMMAND exits)
-    #[arg(long, value_name = "N")]
-    pub secs: Option<u64>,
-    /// Only tasks of this process
-    #[arg(long, value_name = "PID", conflicts_with = "command")]
-    pub pid: Option<u32>,
     /// How to attach to the scheduler tracepoints
     #[arg(long, value_enum, default_value_t = TpMode::Auto)]
     pub attach: TpMode,
     /// text for people, json for one JSON object per line
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
-    /// Run COMMAND, trace only its threads, and stop when it exits
-    #[arg(last = true, value_name = "COMMAND")]
-    pub command: Vec<String>,
+    #[command(flatten)]
+    pub run: RunArgs,
 }

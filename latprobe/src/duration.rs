@@ -50,6 +50,16 @@ pub fn parse_arg(text: &str) -> Result<u64, String> {
     parse_ns(text).map_err(|e| e.to_string())
 }
 
+/// For clap: a report interval, between 1 ms and `cli::MAX_SECS`.
+pub fn parse_interval(text: &str) -> Result<u64, String> {
+    let ns = parse_arg(text)?;
+    let max = crate::cli::MAX_SECS * 1_000_000_000;
+    if !(1_000_000..=max).contains(&ns) {
+        return Err(format!("interval {text:?} must be between 1ms and {} days", crate::cli::MAX_SECS / 86_400));
+    }
+    Ok(ns)
+}
+
 /// Formats nanoseconds with three significant digits: `812ns`, `4.10us`,
 /// `23.1ms`, `1.50s`.
 pub fn format_ns(ns: u64) -> String {

@@ -45,8 +45,13 @@ impl Latencies {
             .with_context(|| format!("recording {count} values of {value} ns"))
     }
 
+    /// The kernel's exact sum, min and max. The max is never below the
+    /// lowest value of the highest bucket counted, so a max read a moment
+    /// before its outlier's bucket cannot hide that outlier.
     pub fn set_totals(&mut self, sum_ns: u64, min_ns: u64, max_ns: u64) {
         self.sum_ns = sum_ns;
+        let counted = if self.count() > 0 { self.hist.lowest_equivalent(self.hist.max()) } else { 0 };
+        let max_ns = max_ns.max(counted);
         self.exact_min_max = (min_ns <= max_ns).then_some((min_ns, max_ns));
     }
 

@@ -6,10 +6,45 @@ use std::{fs, io};
 /// Larger than any kernel function; see [`KernelSymbols::symbolize`].
 const MAX_FUNCTION_SIZE: u64 = 64 * 1024;
 
-/// Whether a symbolized frame is latprobe's own program or the trampoline
-/// that called it, rather than the traced code.
-pub fn is_bpf_frame(symbol: &str) -> bool {
-    symbol.starts_with("bpf_prog_") || symbol.starts_with("bpf_trampoline_")
+/// Symbol prefixes of the tracer itself: latprobe's programs and the kernel
+/// glue that ran them (trampolines, tracepoint and perf callbacks).
+const TRACER_FRAMES: [&str; 6] =
+    ["bpf_prog_", "bpf_trampoline_", "bpf_trace_run", "__bpf_trace_", "__traceiter_", "perf_trace_"];
+
+/// Whether a frame (`name` or `name+0xoff`) is the tracer, not the traced code.
+pub fn is_tracer_frame(symbol: &str) -> bool {
+    TRACER_FRAMES.iter().any(|p| symbol.starts_with(p))
+}
+
+/// A kernel stack captured inside one of latprobe's programs, innermost
+/// first, without the tracer's own frames on top (unsymbolized ones there
+/// are trampolines). A stack with nothing but such frames is kept whole:
+/// with addresses hidden, every frame is unsymbolized.
+pub fn trim_tracer_frames(stack: Vec<(u64, Option<String>)>) -> Vec<(u64, Option<String>)> {
+    let skip = stack.iter().take_while(|(_, s)| s.as_deref().is_none_or(is_tracer_frame)).count();
+    if skip == stack.len() {
+        return stack;
+    }
+    stack.into_iter().skip(skip).collect()
+}
+
+/// Kernel symbols to print stacks with; says once, on stderr, when the
+/// kernel hides its addresses.
+pub fn for_stacks() -> Option<KernelSymbols> {
+    let symbols = KernelSymbols::load().ok();
+    if !symbols.as_ref().is_some_and(KernelSymbols::addresses_visible) {
+        crate::output::say(
+            "kernel addresses are hidden (/proc/sys/kernel/kptr_restrict), so stacks print as raw \
+             addresses: run as root, or set kptr_restrict to 0",
+        );
+    }
+    symbols
+}
+
+/// `stack` (innermost first) symbolized with `symbols` and trimmed of the
+/// tracer's frames.
+pub fn symbolize_stack(stack: &[u64], symbols: Option<&KernelSymbols>) -> Vec<(u64, Option<String>)> {
+    trim_tracer_frames(stack.iter().map(|&addr| (addr, symbols.and_then(|s| s.symbolize(addr)))).collect())
 }
 
 /// Whether the running kernel has a text symbol `name`, reading
@@ -155,6 +190,22 @@ ffffffff81a01000 T tcp_v6_rcv [ipv6]
         assert!(!k.addresses_visible());
         assert!(k.contains("net_rx_action"));
         assert_eq!(k.symbolize(0), None);
+    }
+
+    #[test]
+    fn tracer_frames_are_trimmed() {
+        let f = |s: &str| (1u64, Some(s.to_string()));
+        let stack = vec![
+            f("bpf_prog_855200e89585c265_rq_switch+0x859"),
+            (7, None),
+            f("bpf_trace_run4+0x10d"),
+            f("__schedule+0x628"),
+            f("schedule+0x23"),
+        ];
+        let trimmed = trim_tracer_frames(stack);
+        assert_eq!(trimmed[0].1.as_deref(), Some("__schedule+0x628"));
+        assert_eq!(trimmed.len(), 2);
+        assert_eq!(trim_tracer_frames(vec![(5, None), (6, None)]).len(), 2, "hidden addresses: all kept");
     }
 
     #[test]

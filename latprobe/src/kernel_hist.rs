@@ -42,50 +42,71 @@ impl HistMaps {
 
     /// Every CPU's counts of `slot`, summed.
     pub fn totals(&self, slot: usize) -> Result<Totals> {
-        self.collect(slot, |_| true)
+        let mut all = self.collect(slot, |_| 0, 1)?;
+        Ok(all.pop().expect("one group"))
     }
 
-    /// The counts of `slot` on each possible CPU, indexed by CPU number.
+    /// The counts of `slot` on each possible CPU, indexed by CPU number. Each
+    /// map value is read once for all CPUs: the kernel returns every CPU's
+    /// copy in one call.
     pub fn totals_per_cpu(&self, slot: usize, cpus: usize) -> Result<Vec<Totals>> {
-        (0..cpus).map(|cpu| self.collect(slot, |c| c == cpu)).collect()
+        self.collect(slot, |cpu| cpu, cpus)
     }
 
-    /// Sums the counts of `slot` on the CPUs `want` accepts, reading only
+    /// Sums the counts of `slot` into `groups` totals, CPU `c` into
+    /// `group_of(c)` (CPUs mapped past the end are skipped), reading only
     /// histogram groups that saw a value.
-    fn collect(&self, slot: usize, want: impl Fn(usize) -> bool) -> Result<Totals> {
+    ///
+    /// Order matters: the programs raise min/max before they count a bucket,
+    /// and the stats are read again after the buckets, so no value in the
+    /// buckets read can be above the max reported (p99.99 is clamped to it).
+    fn collect(&self, slot: usize, group_of: impl Fn(usize) -> usize, groups: usize) -> Result<Vec<Totals>> {
         let (stats_name, buckets_name) = self.names;
-        let per_cpu = self.stats.get(&(slot as u32), 0).with_context(|| format!("reading {stats_name}"))?;
-        let mut latencies = Latencies::new();
-        let (mut sum, mut min, mut max, mut missed, mut lost) = (0, u64::MAX, 0, 0, 0);
-        let mut groups = [0u64; GROUP_COUNT_SLOTS];
-        for (_, s) in per_cpu.iter().enumerate().filter(|(cpu, _)| want(*cpu)) {
-            sum += s.sum_ns;
-            if s.count > 0 {
-                min = min.min(s.min_ns);
-            }
-            max = max.max(s.max_ns);
-            missed += s.missed;
-            lost += s.outliers_lost;
-            for (g, c) in groups.iter_mut().zip(s.group_counts) {
-                *g += c;
+        let read_stats = || self.stats.get(&(slot as u32), 0).with_context(|| format!("reading {stats_name}"));
+        // Which histogram groups saw a value, on any CPU.
+        let mut seen = [false; GROUP_COUNT_SLOTS];
+        for s in read_stats()?.iter() {
+            for (g, &c) in seen.iter_mut().zip(&s.group_counts) {
+                *g |= c > 0;
             }
         }
-        for (group, _) in groups.iter().enumerate().take(hdr::GROUPS).filter(|(_, &c)| c > 0) {
+        let mut latencies: Vec<Latencies> = (0..groups).map(|_| Latencies::new()).collect();
+        for (group, _) in seen.iter().enumerate().take(hdr::GROUPS).filter(|(_, &s)| s) {
             let key = (slot * hdr::GROUPS + group) as u32;
             let per_cpu = self.buckets.get(&key, 0).with_context(|| format!("reading {buckets_name}"))?;
-            let mut counts = [0u64; hdr::GROUP_BUCKETS];
-            for (_, g) in per_cpu.iter().enumerate().filter(|(cpu, _)| want(*cpu)) {
-                for (total, c) in counts.iter_mut().zip(g.counts) {
-                    *total += c;
+            let mut counts = vec![[0u64; hdr::GROUP_BUCKETS]; groups];
+            for (cpu, g) in per_cpu.iter().enumerate() {
+                let Some(total) = counts.get_mut(group_of(cpu)) else { continue };
+                for (t, c) in total.iter_mut().zip(g.counts) {
+                    *t += c;
                 }
             }
-            for (i, &c) in counts.iter().enumerate().filter(|(_, &c)| c > 0) {
-                latencies.add_bucket(group * hdr::GROUP_BUCKETS + i, c)?;
+            for (l, total) in latencies.iter_mut().zip(&counts) {
+                for (i, &c) in total.iter().enumerate().filter(|(_, &c)| c > 0) {
+                    l.add_bucket(group * hdr::GROUP_BUCKETS + i, c)?;
+                }
             }
         }
-        // A CPU may count a value between the reads of its stats and its
-        // buckets: the histogram can trail the kernel's count by a few.
-        latencies.set_totals(sum, min, max);
-        Ok(Totals { latencies, missed, outliers_lost: lost })
+        let mut sums = vec![(0u64, u64::MAX, 0u64, 0u64, 0u64); groups];
+        for (cpu, s) in read_stats()?.iter().enumerate() {
+            let Some((sum, min, max, missed, lost)) = sums.get_mut(group_of(cpu)) else { continue };
+            *sum += s.sum_ns;
+            if s.count > 0 {
+                *min = (*min).min(s.min_ns);
+            }
+            *max = (*max).max(s.max_ns);
+            *missed += s.missed;
+            *lost += s.outliers_lost;
+        }
+        // A CPU may count a value between the reads of its buckets and its
+        // stats: the histogram can trail the kernel's count by a few.
+        Ok(latencies
+            .into_iter()
+            .zip(sums)
+            .map(|(mut latencies, (sum, min, max, missed, lost))| {
+                latencies.set_totals(sum, min, max);
+                Totals { latencies, missed, outliers_lost: lost }
+            })
+            .collect())
     }
 }

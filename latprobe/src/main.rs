@@ -11,41 +11,68 @@ mod folded;
 mod histogram;
 mod kallsyms;
 mod kernel_hist;
-mod launch;
 mod output;
 mod report;
+mod run;
 mod sched_probes;
-mod session;
 mod usyms;
 
-use std::process::ExitCode;
+use std::{
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use clap::Parser;
+use output::text;
 
 fn main() -> ExitCode {
-    launch::run_gate_if_asked();
+    run::child::run_gate_if_asked();
     let cli = cli::Cli::parse();
+    output::set_verbose(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("latprobe: error: cannot start the runtime: {e}");
+            output::error(&format!("cannot start the runtime: {e}"));
+            output::finish(Instant::now() + Duration::from_secs(1));
             return ExitCode::FAILURE;
         }
     };
     let result = runtime.block_on(async {
         match cli.command {
-            cli::Command::Fn(args) => commands::func::run(args, cli.verbose).await,
-            cli::Command::Runqslower(args) => commands::runqslower::run(args, cli.verbose).await,
-            cli::Command::Runqlat(args) => commands::runqlat::run(args, cli.verbose).await,
-            cli::Command::Flame(args) => commands::flame::run(args, cli.verbose).await,
+            cli::Command::Fn(args) => commands::func::run(args).await,
+            cli::Command::Runqslower(args) => commands::runqslower::run(args).await,
+            cli::Command::Runqlat(args) => commands::runqlat::run(args).await,
+            cli::Command::Flame(args) => commands::flame::run(args).await,
         }
     });
-    match result {
+    // Probes are detached by now; what is left is writing out. A stalled
+    // reader cannot hold latprobe: with the final drain's 300 ms, a run ends
+    // within a second of its deadline.
+    let finished = output::finish(Instant::now() + Duration::from_millis(600));
+    let code = match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.is::<output::BrokenPipe>() => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("latprobe: error: {e:#}");
+            output::error(&text::printable(&format!("{e:#}")));
             ExitCode::FAILURE
         }
+    };
+    if let Some(failure) = &finished.stdout_failure {
+        output::error(&format!("writing to stdout failed: {failure}"));
+        return finish_with(ExitCode::FAILURE);
     }
+    if finished.stdout_stalled {
+        output::error(&format!(
+            "stdout did not take the output in time ({} records not printed): \
+             is the reader of the pipe stopped?",
+            finished.stdout.dropped_records
+        ));
+        return finish_with(ExitCode::FAILURE);
+    }
+    finish_with(code)
+}
+
+/// Gives stderr a moment for the last line, then exits.
+fn finish_with(code: ExitCode) -> ExitCode {
+    output::finish(Instant::now() + Duration::from_millis(100));
+    code
 }

@@ -36,6 +36,9 @@ pub struct FunctionReport<'a> {
     pub missed: u64,
     /// Outliers that did not reach userspace.
     pub outliers_lost: u64,
+    /// Outliers that reached userspace but were not printed: stdout could
+    /// not keep up, or the run ended with them still queued.
+    pub outliers_unprinted: u64,
 }
 
 #[derive(Serialize)]
@@ -62,6 +65,7 @@ struct HistogramJson<'a> {
     lost: u64,
     missed: u64,
     outliers_lost: u64,
+    outliers_unprinted: u64,
     log2_ns: Vec<Log2Json>,
 }
 
@@ -100,6 +104,7 @@ impl FunctionReport<'_> {
             lost: self.lost(),
             missed: self.missed,
             outliers_lost: self.outliers_lost,
+            outliers_unprinted: self.outliers_unprinted,
             log2_ns: l
                 .log2_buckets(1)
                 .into_iter()
@@ -134,6 +139,9 @@ impl FunctionReport<'_> {
                 self.noun,
                 self.outliers_lost
             );
+        }
+        if self.outliers_unprinted > 0 {
+            out += &format!(", {} outliers not printed (stdout too slow, or still queued at the end)", self.outliers_unprinted);
         }
         out.push('\n');
         if l.count() == 0 {
@@ -275,6 +283,7 @@ mod tests {
             latencies: &l,
             missed: 1,
             outliers_lost: 2,
+            outliers_unprinted: 0,
         };
         let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(v["type"], "histogram");
@@ -304,6 +313,7 @@ mod tests {
             latencies: &l,
             missed: 0,
             outliers_lost: 0,
+            outliers_unprinted: 0,
         };
         let expected = "\
 do_nanosleep [kprobe] final 2.0s: 4 calls

@@ -13,14 +13,15 @@ use aya::{
     Btf as AyaBtf, Ebpf,
 };
 use latprobe_common::{
-    hdr,
-    sched::{globals, hist, Lost, START_HASH_ENTRIES},
+    func, hdr,
+    sched::{globals, hist, maps, programs, Lost, START_HASH_ENTRIES},
     COMM_LEN,
 };
 
 use crate::{
     bpf,
     btf_offsets::{task_storage_safe_in_scheduler, Btf, TaskOffsets},
+    output,
 };
 
 /// `--attach` of runqslower and runqlat.
@@ -88,16 +89,6 @@ pub struct Probes {
     lost: PerCpuArray<aya::maps::MapData, Lost>,
 }
 
-/// Programs in attach order: the wakeups before the switch, so that every
-/// wait the switch program sees ending was seen starting.
-const TP_BTF: [(&str, &str); 3] =
-    [("rq_wakeup", "sched_wakeup"), ("rq_wakeup_new", "sched_wakeup_new"), ("rq_switch", "sched_switch")];
-const RAW_TP: [(&str, &str); 3] = [
-    ("rq_raw_wakeup", "sched_wakeup"),
-    ("rq_raw_wakeup_new", "sched_wakeup_new"),
-    ("rq_raw_switch", "sched_switch"),
-];
-
 
 /// The bytes of a `--comm` prefix, checked against TASK_COMM_LEN.
 pub fn comm_prefix(comm: &str) -> Result<[u8; COMM_LEN]> {
@@ -115,19 +106,9 @@ pub fn comm_prefix(comm: &str) -> Result<[u8; COMM_LEN]> {
     Ok(out)
 }
 
-fn page_size() -> u32 {
-    // SAFETY: sysconf has no preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u32::try_from(size).unwrap_or(4096)
-}
-
 /// Loads the object with `config` and attaches the `rq_` programs.
-pub fn start(config: &Config, verbose: bool) -> Result<Probes> {
-    let note = |text: &str| {
-        if verbose {
-            eprintln!("latprobe: {text}");
-        }
-    };
+pub fn start(config: &Config) -> Result<Probes> {
+    let note = output::verbose;
     let btf = Btf::from_sys_fs()?;
     let offsets = TaskOffsets::from_btf(&btf)?;
     note(&format!(
@@ -150,7 +131,7 @@ pub fn start(config: &Config, verbose: bool) -> Result<Probes> {
         hist::PER_PID => config.pid_slots + 1,
         _ => 1,
     };
-    let page = page_size();
+    let page = bpf::page_size();
     let mut ebpf = bpf::load(|loader| {
         loader
             .override_global(globals::TARGET_TGID, &config.tgid, true)
@@ -167,14 +148,14 @@ pub fn start(config: &Config, verbose: bool) -> Result<Probes> {
             .override_global(globals::TASK_TGID_OFF, &offsets.tgid, true)
             .override_global(globals::TASK_COMM_OFF, &offsets.comm, true)
             .override_global(globals::TASK_STATE_OFF, &offsets.state, true)
-            .map_max_entries("RQ_START_HASH", START_HASH_ENTRIES)
-            .map_max_entries("RQ_STATS", slots)
-            .map_max_entries("RQ_BUCKETS", slots * hdr::GROUPS as u32)
-            .map_max_entries("RQ_PID_SLOTS", config.pid_slots.max(1))
-            .map_max_entries("RQ_EVENTS", config.ring_bytes.max(page))
+            .map_max_entries(maps::START_HASH, START_HASH_ENTRIES)
+            .map_max_entries(maps::STATS, slots)
+            .map_max_entries(maps::BUCKETS, slots * hdr::GROUPS as u32)
+            .map_max_entries(maps::PID_SLOTS, config.pid_slots.max(1))
+            .map_max_entries(maps::EVENTS, config.ring_bytes.max(page))
             // `fn`'s maps, unused here: smallest sizes.
-            .map_max_entries("BUCKETS", 1)
-            .map_max_entries("OUTLIERS", page);
+            .map_max_entries(func::maps::BUCKETS, 1)
+            .map_max_entries(func::maps::OUTLIERS, page);
     })?;
 
     let mut failures = Vec::new();
@@ -214,14 +195,14 @@ pub fn start(config: &Config, verbose: bool) -> Result<Probes> {
              allocates with kmalloc, unsafe under the run-queue lock"
         ),
     });
-    let lost = PerCpuArray::try_from(ebpf.take_map("RQ_LOST").context("map RQ_LOST missing")?)
+    let lost = PerCpuArray::try_from(ebpf.take_map(maps::LOST).context("map RQ_LOST missing")?)
         .context("map RQ_LOST")?;
     Ok(Probes { ebpf, mechanism, store, lost })
 }
 
 fn attach_tp_btf(ebpf: &mut Ebpf) -> Result<()> {
     let btf = AyaBtf::from_sys_fs().context("reading kernel BTF")?;
-    for (name, event) in TP_BTF {
+    for (name, event) in programs::TP_BTF {
         let prog: &mut BtfTracePoint = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} is missing from the embedded object"))?
@@ -233,7 +214,7 @@ fn attach_tp_btf(ebpf: &mut Ebpf) -> Result<()> {
 }
 
 fn attach_raw_tp(ebpf: &mut Ebpf) -> Result<()> {
-    for (name, event) in RAW_TP {
+    for (name, event) in programs::RAW_TP {
         let prog: &mut RawTracePoint = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} is missing from the embedded object"))?
@@ -244,24 +225,13 @@ fn attach_raw_tp(ebpf: &mut Ebpf) -> Result<()> {
     Ok(())
 }
 
-/// A load error with the verifier's log trimmed to its last lines: the
-/// lines that say why.
 fn describe(name: &str, e: aya::programs::ProgramError) -> anyhow::Error {
-    if let aya::programs::ProgramError::LoadError { io_error, verifier_log } = &e {
-        let log = verifier_log.to_string();
-        let tail: Vec<&str> = log.lines().rev().take(4).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        if io_error.raw_os_error() == Some(libc::EPERM) {
-            return anyhow!("loading {name}: the kernel refused (EPERM: lockdown or a BPF LSM policy)");
-        }
-        return anyhow!("loading {name}: {io_error}: {}", tail.join(" | "));
-    }
-    anyhow!(e).context(format!("loading {name}"))
+    anyhow!("loading {name}: {}", bpf::describe(&e))
 }
 
 /// Unloads every `rq_` program, detaching its links; safe to call twice.
 pub fn unload_all(ebpf: &mut Ebpf) {
-    for (name, _) in TP_BTF.iter().chain(RAW_TP.iter()) {
+    for (name, _) in programs::TP_BTF.iter().chain(programs::RAW_TP.iter()) {
         let _ = match ebpf.program_mut(name) {
             Some(Program::BtfTracePoint(p)) => p.unload(),
             Some(Program::RawTracePoint(p)) => p.unload(),

@@ -8,11 +8,9 @@
 
 use std::{
     collections::HashSet,
-    fs,
-    io::{IsTerminal, Write},
-    path::PathBuf,
-    pin::pin,
-    time::{Duration, Instant},
+    io::IsTerminal,
+    path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
@@ -25,8 +23,8 @@ use aya::{
     Btf, Ebpf,
 };
 use latprobe_common::{
-    flame::{globals, Drops, StackKey, MAX_KEYS, MAX_PENDING, MAX_STACKS},
-    func::{globals as func_globals, MAX_FUNCS},
+    flame::{globals, maps, programs, Drops, StackKey, MAX_KEYS, MAX_PENDING, MAX_STACKS},
+    func::{self, MAX_FUNCS},
 };
 
 use crate::{
@@ -36,17 +34,40 @@ use crate::{
     duration::format_ns,
     folded::{self, Stack},
     kallsyms::{self, KernelSymbols},
-    launch::GatedChild,
-    output::emit,
-    session::Session,
+    output::{self, files::OutputFile, text},
+    run::{Run, Step},
     usyms::UserSymbols,
 };
 
 /// Tasks tracked at once off-CPU where task storage cannot be used.
 const OFF_CPU_TASKS: u32 = 16384;
 
-pub async fn run(args: FlameArgs, verbose: bool) -> Result<()> {
-    let mut session = Session::new(args.secs)?;
+/// Where the results go, opened before anything is attached.
+struct Outputs {
+    svg: Option<OutputFile>,
+    folded: Option<OutputFile>,
+    /// No file named and stdout is not a terminal: the SVG goes to stdout.
+    svg_to_stdout: bool,
+}
+
+impl Outputs {
+    fn open(args: &FlameArgs) -> Result<Self> {
+        let open = |p: &Path| OutputFile::create(p);
+        let svg_path = match (&args.output, &args.folded) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(_)) => None,
+            (None, None) if std::io::stdout().is_terminal() => Some(PathBuf::from("flame.svg")),
+            (None, None) => None,
+        };
+        Ok(Self {
+            svg: svg_path.as_deref().map(open).transpose()?,
+            folded: args.folded.as_deref().map(open).transpose()?,
+            svg_to_stdout: args.output.is_none() && args.folded.is_none() && svg_path.is_none(),
+        })
+    }
+}
+
+pub async fn run(args: FlameArgs) -> Result<()> {
     let (kernel, user) = match (args.kernel, args.user) {
         (false, false) => (true, true),
         chosen => chosen,
@@ -54,21 +75,12 @@ pub async fn run(args: FlameArgs, verbose: bool) -> Result<()> {
     if args.freq == 0 || args.freq > 10_000 {
         bail!("--freq {}: choose between 1 and 10000 samples per second", args.freq);
     }
-    let cpus = aya::util::online_cpus().map_err(|(_, e)| e).context("listing online CPUs")?;
-    if let Some(cpu) = args.cpu {
-        if !cpus.contains(&cpu) {
-            bail!("--cpu {cpu}: not an online CPU (online: {})", describe_cpus(&cpus));
-        }
-    }
-    crate::session::check_targets(None, args.pid, None)?;
-    bpf::preflight()?;
-    if let Some(pid) = args.pid {
-        session.watch_process(pid);
-    }
-    let mut child = if args.command.is_empty() { None } else { Some(GatedChild::spawn(&args.command)?) };
-    let tgid = args.pid.or(child.as_ref().map(|c| c.pid)).unwrap_or(0);
-    let (k, u, min_block) = (u32::from(kernel), u32::from(user), args.min_block.unwrap_or(0));
     let during = args.during.as_deref().map(Target::parse).transpose()?;
+    let outputs = Outputs::open(&args)?;
+    let mut run = Run::prepare(&args.run, args.cpu, None)?;
+    let cpus = aya::util::online_cpus().map_err(|(_, e)| e).context("listing online CPUs")?;
+    let tgid = run.tgid();
+    let (k, u, min_block) = (u32::from(kernel), u32::from(user), args.min_block.unwrap_or(0));
     // --during times FUNC with `fn`'s programs in slot 0, filtered like the samples.
     let during_slot = if during.is_some() { 0u32 } else { u32::MAX };
     let during_slower = args.slower.unwrap_or(0);
@@ -85,38 +97,37 @@ pub async fn run(args: FlameArgs, verbose: bool) -> Result<()> {
     } else {
         (0, 0)
     };
-    if verbose && args.offcpu {
+    if args.offcpu {
         let store = if use_hash == 1 { "a preallocated hash by tid" } else { "task storage" };
-        eprintln!("latprobe: off-CPU start times in {store}");
+        output::verbose(&format!("off-CPU start times in {store}"));
     }
     let hash_entries = if use_hash == 1 { OFF_CPU_TASKS } else { 1 };
     let mut ebpf = bpf::load(|loader| {
         loader
-            .override_global("FL_USE_HASH", &use_hash, true)
-            .override_global("FL_TASK_PID_OFF", &pid_offset, true)
-            .map_max_entries("FL_OFF_HASH", hash_entries)
-            .override_global(func_globals::TARGET_TGID, &tgid, true)
-            .override_global(func_globals::SOFTIRQ_SLOT, &softirq_slot, true)
+            .override_global(globals::USE_HASH, &use_hash, true)
+            .override_global(globals::TASK_PID_OFF, &pid_offset, true)
+            .map_max_entries(maps::OFF_HASH, hash_entries)
+            .override_global(func::globals::TARGET_TGID, &tgid, true)
+            .override_global(func::globals::SOFTIRQ_SLOT, &softirq_slot, true)
             .override_global(globals::DURING_SLOT, &during_slot, true)
             .override_global(globals::DURING_SLOWER_NS, &during_slower, true)
             .override_global(globals::TGID, &tgid, true)
             .override_global(globals::KERNEL, &k, true)
             .override_global(globals::USER, &u, true)
             .override_global(globals::MIN_BLOCK_NS, &min_block, true)
-            .map_max_entries("FL_COUNTS", MAX_KEYS)
-            .map_max_entries("FL_STACKS", MAX_STACKS);
+            .map_max_entries(maps::COUNTS, MAX_KEYS)
+            .map_max_entries(maps::STACKS, MAX_STACKS);
     })?;
     let mut gate = String::new();
     if let Some(target) = &during {
-        let mechanism = Attacher {
-            ebpf: &mut ebpf,
-            btf: Btf::from_sys_fs().ok(),
-            mode: args.attach,
-            pid: (tgid != 0).then_some(tgid),
-            verbose,
-        }
-        .attach(0, target)?;
-        gate = format!(", during {} calls over {} ({mechanism})", target.name(), format_ns(during_slower));
+        let mechanism =
+            Attacher { ebpf: &mut ebpf, btf: Btf::from_sys_fs().ok(), mode: args.attach, pid: (tgid != 0).then_some(tgid) }
+                .attach(0, target)?;
+        gate = format!(
+            ", during {} calls over {} ({mechanism})",
+            text::printable(&target.name()),
+            format_ns(during_slower)
+        );
     }
     if args.offcpu {
         attach_offcpu(&mut ebpf)?;
@@ -128,39 +139,34 @@ pub async fn run(args: FlameArgs, verbose: bool) -> Result<()> {
         attach_oncpu(&mut ebpf, &on, args.freq)?;
     }
     let what = describe(&args, kernel, user, &cpus) + &gate;
-    eprintln!("latprobe: sampling {what}; Ctrl-C to end");
-    if verbose && args.offcpu {
-        eprintln!("latprobe: off-CPU time from tp_btf sched_switch, weighted in microseconds");
+    output::say(&format!("sampling {what}; Ctrl-C to end"));
+    if args.offcpu {
+        output::verbose("off-CPU time from tp_btf sched_switch, weighted in microseconds");
     }
 
     let counts: HashMap<MapData, StackKey, u64> =
-        HashMap::try_from(ebpf.take_map("FL_COUNTS").context("map FL_COUNTS missing")?)?;
+        HashMap::try_from(ebpf.take_map(maps::COUNTS).context("map FL_COUNTS missing")?)?;
     let mut usyms = UserSymbols::default();
-    if let Some(c) = child.as_mut() {
-        c.release()?;
-    }
-    session.start_clock(args.secs);
-    let started = Instant::now();
-    {
-        let mut ended = pin!(session.ended(child.as_mut().map(|c| &mut c.child)));
-        // Often enough to read the mappings of short-lived processes.
-        let mut poll = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            tokio::select! {
-                _ = &mut ended => break,
-                _ = poll.tick() => remember_processes(&counts, &mut usyms, user),
-            }
+    // Often enough to read the mappings of short-lived processes.
+    run.poll_every(Duration::from_millis(100));
+    run.activate()?;
+    let end = loop {
+        match run.next_tick().await? {
+            Step::Ended(end) => break end,
+            Step::Poll => remember_processes(&counts, &mut usyms, user),
+            Step::Interval | Step::Records => {}
         }
-    }
+    };
+    run.end(&end);
     // Stop counting before reading, so the picture is one instant's.
     drop_programs(&mut ebpf);
     crate::attach::detach_entries(&mut ebpf);
-    let elapsed = started.elapsed();
+    let elapsed = run.elapsed();
     remember_processes(&counts, &mut usyms, user);
 
-    let stacks = StackTraceMap::try_from(ebpf.take_map("FL_STACKS").context("map FL_STACKS missing")?)?;
+    let stacks = StackTraceMap::try_from(ebpf.take_map(maps::STACKS).context("map FL_STACKS missing")?)?;
     let drops: PerCpuArray<MapData, Drops> =
-        PerCpuArray::try_from(ebpf.take_map("FL_DROPS").context("map FL_DROPS missing")?)?;
+        PerCpuArray::try_from(ebpf.take_map(maps::DROPS).context("map FL_DROPS missing")?)?;
     let ksyms = if kernel { KernelSymbols::load().ok() } else { None };
     let lines = fold_counts(&counts, &stacks, ksyms.as_ref(), &mut usyms)?;
     let dropped = total_drops(&drops)?;
@@ -175,40 +181,33 @@ pub async fn run(args: FlameArgs, verbose: bool) -> Result<()> {
         format!("{what}, {:.1} s, {amount}", elapsed.as_secs_f64())
     });
     if dropped.stack_collisions + dropped.stack_errors + dropped.keys_full + dropped.pending_full > 0 {
-        eprintln!(
-            "latprobe: DROPPED {} stacks that collided in the stack map, {} that could not be taken, \
+        output::say(&format!(
+            "DROPPED {} stacks that collided in the stack map, {} that could not be taken, \
              {} for a full counts map, {} beyond {MAX_PENDING} per slow call (of {} events)",
             dropped.stack_collisions,
             dropped.stack_errors,
             dropped.keys_full,
             dropped.pending_full,
             dropped.events
-        );
+        ));
     }
-    if let Some(path) = &args.folded {
-        fs::write(path, lines.join("\n") + "\n").with_context(|| format!("writing {}", path.display()))?;
+    if let Some(file) = outputs.folded {
+        let path = file.path().display().to_string();
+        file.commit((lines.join("\n") + "\n").as_bytes())?;
+        output::say(&format!("wrote {path}"));
     }
-    let svg_path = match (&args.output, &args.folded) {
-        (Some(p), _) => Some(p.clone()),
-        (None, Some(_)) => None,
-        (None, None) if std::io::stdout().is_terminal() => Some(PathBuf::from("flame.svg")),
-        (None, None) => {
-            emit(&render(&lines, &title, unit)?)?;
-            None
+    if outputs.svg.is_some() || outputs.svg_to_stdout {
+        let svg = render(&lines, &title, unit)?;
+        match outputs.svg {
+            Some(file) => {
+                let path = file.path().display().to_string();
+                file.commit(svg.as_bytes())?;
+                output::say(&format!("wrote {path} ({title})"));
+            }
+            None => output::report(svg),
         }
-    };
-    if let Some(path) = svg_path {
-        fs::write(&path, render(&lines, &title, unit)?).with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("latprobe: wrote {} ({title})", path.display());
     }
     Ok(())
-}
-
-fn describe_cpus(cpus: &[u32]) -> String {
-    match (cpus.first(), cpus.last()) {
-        (Some(a), Some(b)) => format!("{a}-{b}"),
-        _ => "none".into(),
-    }
 }
 
 /// "on-CPU, kernel+user stacks, all CPUs, 99 Hz" and the like.
@@ -218,9 +217,9 @@ fn describe(args: &FlameArgs, kernel: bool, user: bool, cpus: &[u32]) -> String 
         (true, false) => "kernel stacks",
         _ => "user stacks",
     };
-    let whom = match (args.pid, args.command.first()) {
+    let whom = match (args.run.pid, args.run.command.first()) {
         (Some(pid), _) => format!("pid {pid}"),
-        (None, Some(cmd)) => cmd.clone(),
+        (None, Some(cmd)) => text::printable(cmd),
         (None, None) => "all processes".into(),
     };
     if args.offcpu {
@@ -235,8 +234,8 @@ fn describe(args: &FlameArgs, kernel: bool, user: bool, cpus: &[u32]) -> String 
 }
 
 fn attach_oncpu(ebpf: &mut Ebpf, cpus: &[u32], freq: u64) -> Result<()> {
-    let prog: &mut PerfEvent = ebpf.program_mut("fl_sample").context("fl_sample missing")?.try_into()?;
-    prog.load().context("loading the sampling program")?;
+    let prog: &mut PerfEvent = ebpf.program_mut(programs::SAMPLE).context("fl_sample missing")?.try_into()?;
+    prog.load().map_err(|e| anyhow::anyhow!("loading the sampling program: {}", bpf::describe(&e)))?;
     for &cpu in cpus {
         prog.attach(
             PerfEventConfig::Software(SoftwareEvent::CpuClock),
@@ -251,15 +250,16 @@ fn attach_oncpu(ebpf: &mut Ebpf, cpus: &[u32], freq: u64) -> Result<()> {
 
 fn attach_offcpu(ebpf: &mut Ebpf) -> Result<()> {
     let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
-    let prog: &mut BtfTracePoint = ebpf.program_mut("fl_switch").context("fl_switch missing")?.try_into()?;
-    prog.load("sched_switch", &btf).context("loading the sched_switch program (tp_btf, Linux 5.5+)")?;
+    let prog: &mut BtfTracePoint = ebpf.program_mut(programs::SWITCH).context("fl_switch missing")?.try_into()?;
+    prog.load("sched_switch", &btf)
+        .map_err(|e| anyhow::anyhow!("loading the sched_switch program (tp_btf, Linux 5.5+): {}", bpf::describe(&e)))?;
     prog.attach().context("attaching to sched_switch")?;
     Ok(())
 }
 
 fn drop_programs(ebpf: &mut Ebpf) {
     use aya::programs::Program;
-    for name in ["fl_sample", "fl_switch"] {
+    for name in [programs::SAMPLE, programs::SWITCH] {
         let _ = match ebpf.program_mut(name) {
             Some(Program::PerfEvent(p)) => p.unload(),
             Some(Program::BtfTracePoint(p)) => p.unload(),
@@ -304,11 +304,10 @@ fn fold_counts(
                     .map(|s| s.split('+').next().unwrap_or_default().to_string())
                     .unwrap_or_else(|| "[unknown]".into())
             })
-            .skip_while(|f| is_tracing_glue(f))
+            .skip_while(|f| kallsyms::is_tracer_frame(f))
             .collect();
         let user: Vec<String> = frames(key.user_stack).into_iter().map(|ip| usyms.symbolize(key.tgid, ip)).collect();
-        let len = key.comm.iter().position(|&b| b == 0).unwrap_or(key.comm.len());
-        resolved.push((String::from_utf8_lossy(&key.comm[..len]).into_owned(), user, kernel, count));
+        resolved.push((text::folded_frame(&text::comm(&key.comm)), user, kernel, count));
     }
     Ok(folded::fold(resolved.iter().map(|(comm, user, kernel, count)| Stack {
         comm,
@@ -316,11 +315,6 @@ fn fold_counts(
         kernel,
         count: *count,
     })))
-}
-
-fn is_tracing_glue(frame: &str) -> bool {
-    kallsyms::is_bpf_frame(frame)
-        || ["bpf_trace_run", "__traceiter_", "__bpf_trace_", "perf_trace_"].iter().any(|p| frame.starts_with(p))
 }
 
 fn total_drops(drops: &PerCpuArray<MapData, Drops>) -> Result<Drops> {
@@ -346,6 +340,5 @@ fn render(lines: &[String], title: &str, unit: &str) -> Result<String> {
     }
     inferno::flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), &mut svg)
         .context("rendering the flame graph")?;
-    let _ = std::io::stderr().flush();
     String::from_utf8(svg).context("inferno produced non-UTF-8 SVG")
 }

@@ -11,24 +11,22 @@
 use std::{
     collections::HashMap,
     fs,
-    pin::pin,
+    io::Read,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use latprobe_common::sched::hist;
+use latprobe_common::sched::{hist, maps};
 
 use crate::{
-    bpf,
     cli::RunqlatArgs,
     histogram::Latencies,
     kernel_hist::{HistMaps, Totals},
-    launch::GatedChild,
-    output::emit,
+    output::{self, text},
     report::{Format, FunctionReport},
+    run::{Run, Step},
     sched_probes::{self, Config, Probes},
-    session::{End, Session},
 };
 
 /// How waits are grouped.
@@ -61,7 +59,7 @@ impl Source {
     /// The processes that have a slot, as (tgid, slot).
     fn slots(&self) -> Result<Vec<(u32, u32)>> {
         match &self.pid_slots {
-            Some(map) => map.iter().collect::<Result<_, _>>().context("reading RQ_PID_SLOTS"),
+            Some(map) => map.iter().collect::<Result<_, _>>().with_context(|| format!("reading {}", maps::PID_SLOTS)),
             None => Ok(Vec::new()),
         }
     }
@@ -76,14 +74,7 @@ impl Source {
     }
 
     fn comm(&mut self, tgid: u32) -> String {
-        self.comms
-            .entry(tgid)
-            .or_insert_with(|| {
-                fs::read_to_string(format!("/proc/{tgid}/comm"))
-                    .map(|c| c.trim_end().to_string())
-                    .unwrap_or_else(|_| "?".into())
-            })
-            .clone()
+        self.comms.entry(tgid).or_insert_with(|| read_comm(tgid)).clone()
     }
 
     fn rows(&mut self, probes: &Probes) -> Result<Vec<Row>> {
@@ -123,10 +114,18 @@ impl Source {
     }
 }
 
-pub async fn run(args: RunqlatArgs, verbose: bool) -> Result<()> {
-    let mut session = Session::new(args.secs)?;
-    crate::session::check_targets(None, args.pid, None)?;
-    bpf::preflight()?;
+/// A process's name as printable text, `?` once it is gone. Bounded: a
+/// comm is at most 16 bytes, and /proc files can be anything.
+fn read_comm(tgid: u32) -> String {
+    let mut raw = Vec::new();
+    match fs::File::open(format!("/proc/{tgid}/comm")).and_then(|f| f.take(64).read_to_end(&mut raw)) {
+        Ok(_) => text::comm(raw.strip_suffix(b"\n").unwrap_or(&raw)),
+        Err(_) => "?".into(),
+    }
+}
+
+pub async fn run(args: RunqlatArgs) -> Result<()> {
+    let mut run = Run::prepare(&args.run, None, None)?;
     let grouping = if args.per_cpu {
         Grouping::PerCpu
     } else if args.per_pid {
@@ -134,10 +133,8 @@ pub async fn run(args: RunqlatArgs, verbose: bool) -> Result<()> {
     } else {
         Grouping::All
     };
-
-    let mut child = if args.command.is_empty() { None } else { Some(GatedChild::spawn(&args.command)?) };
     let config = Config {
-        tgid: args.pid.or(child.as_ref().map(|c| c.pid)).unwrap_or(0),
+        tgid: run.tgid(),
         tid: 0,
         cpu: None,
         comm: None,
@@ -148,10 +145,10 @@ pub async fn run(args: RunqlatArgs, verbose: bool) -> Result<()> {
         ring_bytes: 0,
         mode: args.attach,
     };
-    let mut probes = sched_probes::start(&config, verbose)?;
-    let maps = HistMaps::take(&mut probes.ebpf, "RQ_STATS", "RQ_BUCKETS")?;
+    let mut probes = sched_probes::start(&config)?;
+    let maps = HistMaps::take(&mut probes.ebpf, maps::STATS, maps::BUCKETS)?;
     let pid_slots = if grouping == Grouping::PerPid {
-        let map = probes.ebpf.take_map("RQ_PID_SLOTS").context("map RQ_PID_SLOTS missing")?;
+        let map = probes.ebpf.take_map(maps::PID_SLOTS).context("map RQ_PID_SLOTS missing")?;
         Some(BpfHashMap::try_from(map).context("map RQ_PID_SLOTS")?)
     } else {
         None
@@ -160,48 +157,38 @@ pub async fn run(args: RunqlatArgs, verbose: bool) -> Result<()> {
     let mut source = Source { grouping, maps, pid_slots, cpus, comms: HashMap::new() };
     let attach = probes.mechanism.to_string();
 
-    eprintln!("latprobe: tracing run-queue latency ({attach}); Ctrl-C to end");
-    // The clock starts before the command runs: a command that hogs this
-    // CPU could otherwise delay it.
-    session.start_clock(args.secs);
-    let started = Instant::now();
-    if let Some(c) = child.as_mut() {
-        c.release()?;
+    output::say(&format!("tracing run-queue latency ({attach}); Ctrl-C to end"));
+    run.report_every(args.interval);
+    if grouping == Grouping::PerPid {
+        // Names are read while processes live: by the end, short-lived ones are gone.
+        run.poll_every(Duration::from_millis(500));
     }
-    let mut last_report = started;
+    run.activate()?;
+    let mut last_report = Instant::now();
     let mut previous: HashMap<Option<String>, Latencies> = HashMap::new();
-    let mut ticker = args.interval.map(|ns| {
-        let period = Duration::from_nanos(ns.max(1_000_000));
-        tokio::time::interval_at(tokio::time::Instant::now() + period, period)
-    });
-
-    let mut comm_ticker = (grouping == Grouping::PerPid).then(|| tokio::time::interval(Duration::from_millis(500)));
-    let end = {
-        let mut ended = pin!(session.ended(child.as_mut().map(|c| &mut c.child)));
-        loop {
-            tokio::select! {
-                end = &mut ended => break end,
-                _ = async { comm_ticker.as_mut().unwrap().tick().await }, if comm_ticker.is_some() => {
-                    source.remember_comms()?;
+    let end = loop {
+        match run.next_tick().await? {
+            Step::Ended(end) => break end,
+            Step::Poll => source.remember_comms()?,
+            Step::Interval => {
+                let now = Instant::now();
+                let mut out = String::new();
+                for row in source.rows(&probes)? {
+                    let before = previous.get(&row.key).cloned().unwrap_or_else(Latencies::new);
+                    let delta = row.totals.latencies.since(&before)?;
+                    out += &render(&row, &delta, &attach, "interval", now - last_report, args.format);
+                    previous.insert(row.key, row.totals.latencies);
                 }
-                _ = async { ticker.as_mut().unwrap().tick().await }, if ticker.is_some() => {
-                    let now = Instant::now();
-                    let mut out = String::new();
-                    for row in source.rows(&probes)? {
-                        let before = previous.get(&row.key).cloned().unwrap_or_else(Latencies::new);
-                        let delta = row.totals.latencies.since(&before)?;
-                        out += &render(&row, &delta, &attach, "interval", now - last_report, args.format);
-                        previous.insert(row.key, row.totals.latencies);
-                    }
-                    emit(&out)?;
-                    last_report = now;
-                }
+                output::report(out);
+                last_report = now;
             }
+            Step::Records => {}
         }
     };
 
+    run.end(&end);
     probes.stop();
-    let elapsed = started.elapsed();
+    let elapsed = run.elapsed();
     let mut out = String::new();
     let rows = source.rows(&probes)?;
     if rows.is_empty() && args.format == Format::Text {
@@ -210,14 +197,7 @@ pub async fn run(args: RunqlatArgs, verbose: bool) -> Result<()> {
     for row in &rows {
         out += &render(row, &row.totals.latencies, &attach, "final", elapsed, args.format);
     }
-    emit(&out)?;
-    match end {
-        End::CommandExited(status) if !status.success() => {
-            eprintln!("latprobe: {} exited with {status}", args.command[0]);
-        }
-        End::Signal(name) if verbose => eprintln!("latprobe: ended by {name}"),
-        _ => {}
-    }
+    output::report(out);
     Ok(())
 }
 
@@ -233,6 +213,7 @@ fn render(row: &Row, latencies: &Latencies, attach: &str, period: &str, elapsed:
         latencies,
         missed: row.totals.missed,
         outliers_lost: row.totals.outliers_lost,
+        outliers_unprinted: 0,
     };
     match format {
         Format::Text => format!("{}\n", report.to_text()),

@@ -5,41 +5,36 @@
 //! The `rq_` programs (see `sched_probes`) measure every wait in the kernel;
 //! only waits over the threshold reach this process, through the ring buffer.
 
-use std::{collections::HashMap, pin::pin, time::Instant};
+use std::collections::HashMap;
 
-use anyhow::{Context, Result};
-use aya::maps::{MapData, RingBuf};
-use latprobe_common::sched::{hist, RunqEvent, EVENTS_RING_BYTES};
+use anyhow::Result;
+use latprobe_common::sched::{hist, maps, RunqEvent, EVENTS_RING_BYTES};
 use serde::Serialize;
-use tokio::io::unix::AsyncFd;
 
 use crate::{
-    bpf,
     cli::RunqslowerArgs,
     clock::WallClock,
     duration::format_ns,
-    kallsyms::KernelSymbols,
-    launch::GatedChild,
-    output::emit,
+    kallsyms::{self, KernelSymbols},
+    output::{self, text},
     report::{frames_json, Format},
+    run::{Ring, Run, Step, BATCH},
     sched_probes::{self, Config},
-    session::{End, Session},
 };
 
 /// Culprit rows the text summary shows; JSON gets them all.
 const TEXT_CULPRITS: usize = 20;
+/// Culprits tallied one by one; later ones are summed in one row, so a run
+/// on a box with a million short-lived tasks holds bounded memory.
+const MAX_CULPRITS: usize = 4096;
 
-pub async fn run(args: RunqslowerArgs, verbose: bool) -> Result<()> {
-    let mut session = Session::new(args.secs)?;
-    crate::session::check_targets(args.cpu, args.pid, args.tid)?;
+pub async fn run(args: RunqslowerArgs) -> Result<()> {
     if let Some(comm) = &args.comm {
         sched_probes::comm_prefix(comm)?;
     }
-    bpf::preflight()?;
-
-    let mut child = if args.command.is_empty() { None } else { Some(GatedChild::spawn(&args.command)?) };
+    let mut run = Run::prepare(&args.run, args.cpu, args.tid)?;
     let config = Config {
-        tgid: args.pid.or(child.as_ref().map(|c| c.pid)).unwrap_or(0),
+        tgid: run.tgid(),
         tid: args.tid.unwrap_or(0),
         cpu: args.cpu,
         comm: args.comm.clone(),
@@ -50,20 +45,9 @@ pub async fn run(args: RunqslowerArgs, verbose: bool) -> Result<()> {
         ring_bytes: EVENTS_RING_BYTES,
         mode: args.attach,
     };
-    let mut probes = sched_probes::start(&config, verbose)?;
-    let symbols = if args.stacks { KernelSymbols::load().ok() } else { None };
-    if args.stacks && !symbols.as_ref().is_some_and(KernelSymbols::addresses_visible) {
-        eprintln!(
-            "latprobe: kernel addresses are hidden (/proc/sys/kernel/kptr_restrict), so stacks \
-             print as raw addresses: run as root, or set kptr_restrict to 0"
-        );
-    }
-    let ring = RingBuf::try_from(probes.ebpf.take_map("RQ_EVENTS").context("map RQ_EVENTS missing")?)
-        .context("map RQ_EVENTS")?;
-    // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until
-    // both drop together.
-    let mut ring = unsafe { AsyncFd::register(ring) }
-        .map_err(|e| anyhow::anyhow!("polling the RQ_EVENTS ring buffer: {e}"))?;
+    let mut probes = sched_probes::start(&config)?;
+    let symbols = if args.stacks { kallsyms::for_stacks() } else { None };
+    let mut ring: Ring<RunqEvent> = Ring::take(&mut probes.ebpf, maps::EVENTS)?;
     let mut printer = Printer {
         symbols: symbols.as_ref(),
         clock: WallClock::new(),
@@ -72,52 +56,44 @@ pub async fn run(args: RunqslowerArgs, verbose: bool) -> Result<()> {
         events: 0,
     };
 
-    eprintln!(
-        "latprobe: tracing run-queue waits over {} ({}); Ctrl-C to end",
+    output::say(&format!(
+        "tracing run-queue waits over {} ({}); Ctrl-C to end",
         format_ns(args.threshold),
         probes.mechanism
-    );
+    ));
     if args.format == Format::Text {
-        emit(&format!("{HEADER}\n"))?;
+        output::report(format!("{HEADER}\n"));
     }
-    // The clock starts before the command runs: a command that hogs this
-    // CPU could otherwise delay it.
-    session.start_clock(args.secs);
-    let started = Instant::now();
-    if let Some(c) = child.as_mut() {
-        c.release()?;
-    }
-    let end = {
-        let mut ended = pin!(session.ended(child.as_mut().map(|c| &mut c.child)));
-        loop {
-            tokio::select! {
-                end = &mut ended => break end,
-                guard = ring.readable_mut() => {
-                    let mut guard = guard.context("waiting for RQ_EVENTS")?;
-                    printer.drain(guard.get_inner_mut())?;
-                    guard.clear_ready();
-                }
+    run.activate()?;
+    let end = loop {
+        match run.next(Some(&mut ring)).await? {
+            Step::Ended(end) => break end,
+            Step::Records => {
+                ring.drain(BATCH, |e| printer.print(&e))?;
             }
+            Step::Interval | Step::Poll => {}
         }
     };
 
+    run.end(&end);
     // Detach, then print whatever is left in the ring. Waits still under
     // way are not over the threshold yet, or not known to be.
     probes.stop();
-    printer.drain(ring.get_mut())?;
+    let discarded = ring.drain_until(run.drain_deadline(), |e| printer.print(&e))?;
     let lost = probes.lost()?;
     let summary = Summary {
         threshold_ns: args.threshold,
         attach: probes.mechanism.to_string(),
         store: probes.store.to_string(),
-        seconds: started.elapsed().as_secs_f64(),
-        events: printer.events,
+        seconds: run.elapsed().as_secs_f64(),
+        events: printer.events + discarded,
         lost_no_start: lost.no_start,
         lost_events: lost.events,
+        unprinted: discarded + output::records_dropped(),
     };
     let rows = printer.culprits.rows();
     match args.format {
-        Format::Text => emit(&summary_text(&summary, &rows))?,
+        Format::Text => output::report(summary_text(&summary, &rows)),
         Format::Json => {
             let mut out = String::new();
             for r in &rows {
@@ -126,35 +102,13 @@ pub async fn run(args: RunqslowerArgs, verbose: bool) -> Result<()> {
             }
             out += &summary.to_json();
             out.push('\n');
-            emit(&out)?;
+            output::report(out);
         }
-    }
-    match end {
-        End::CommandExited(status) if !status.success() => {
-            eprintln!("latprobe: {} exited with {status}", args.command[0]);
-        }
-        End::Signal(name) if verbose => eprintln!("latprobe: ended by {name}"),
-        _ => {}
     }
     Ok(())
 }
 
 const HEADER: &str = "TIME                        CPU COMM             TID      DELAY    PREV COMM        PREV TID";
-
-fn comm_of(bytes: &[u8]) -> String {
-    let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..len]).into_owned()
-}
-
-/// Drops the innermost frames that are the tracer itself (our program and
-/// the tracepoint glue that ran it), so a stack starts at `__schedule`.
-fn trim_tracing_frames(stack: Vec<(u64, Option<String>)>) -> Vec<(u64, Option<String>)> {
-    let ours = |s: &Option<String>| {
-        s.as_deref().is_some_and(|s| s.starts_with("bpf_prog_") || s.starts_with("bpf_trace_run") || s.starts_with("__bpf_trace_"))
-    };
-    let skip = stack.iter().take_while(|(_, s)| ours(s)).count();
-    stack.into_iter().skip(skip).collect()
-}
 
 /// Decodes events from the ring buffer, prints them and tallies culprits.
 struct Printer<'a> {
@@ -166,40 +120,26 @@ struct Printer<'a> {
 }
 
 impl Printer<'_> {
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<()> {
-        while let Some(item) = ring.next() {
-            if item.len() < size_of::<RunqEvent>() {
-                continue;
-            }
-            // SAFETY: the record is a `RunqEvent` written by our program; read
-            // unaligned since the ring buffer guarantees only 8-byte alignment.
-            let e: RunqEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            drop(item);
-            let stack = trim_tracing_frames(
-                e.stack[..(e.stack_len as usize).min(e.stack.len())]
-                    .iter()
-                    .map(|&addr| (addr, self.symbols.and_then(|s| s.symbolize(addr))))
-                    .collect(),
-            );
-            let wait = SlowWait {
-                time: self.clock.format(e.ts_ns),
-                cpu: e.cpu,
-                comm: comm_of(&e.comm),
-                pid: e.tgid,
-                tid: e.tid,
-                delay_ns: e.delay_ns,
-                prev_comm: comm_of(&e.prev_comm),
-                prev_pid: e.prev_tgid,
-                prev_tid: e.prev_tid,
-                stack,
-            };
-            self.events += 1;
-            self.culprits.add(&wait);
-            match self.format {
-                Format::Text => emit(&wait.to_text())?,
-                Format::Json => emit(&format!("{}\n", wait.to_json()))?,
-            }
-        }
+    fn print(&mut self, e: &RunqEvent) -> Result<()> {
+        let stack = &e.stack[..(e.stack_len as usize).min(e.stack.len())];
+        let wait = SlowWait {
+            time: self.clock.format(e.ts_ns),
+            cpu: e.cpu,
+            comm: text::comm(&e.comm),
+            pid: e.tgid,
+            tid: e.tid,
+            delay_ns: e.delay_ns,
+            prev_comm: text::comm(&e.prev_comm),
+            prev_pid: e.prev_tgid,
+            prev_tid: e.prev_tid,
+            stack: kallsyms::symbolize_stack(stack, self.symbols),
+        };
+        self.events += 1;
+        self.culprits.add(&wait);
+        output::record(match self.format {
+            Format::Text => wait.to_text(),
+            Format::Json => format!("{}\n", wait.to_json()),
+        });
         Ok(())
     }
 }
@@ -275,6 +215,9 @@ impl SlowWait {
     }
 }
 
+/// The row of culprits beyond `MAX_CULPRITS`.
+const OTHER_CULPRITS: &str = "[other tasks]";
+
 /// Delays summed per culprit (the task that ran before the waiter).
 #[derive(Default)]
 pub struct Culprits {
@@ -325,10 +268,14 @@ impl CulpritRow {
 
 impl Culprits {
     pub fn add(&mut self, w: &SlowWait) {
-        let row = self.by_task.entry((w.prev_tid, w.prev_comm.clone())).or_insert_with(|| CulpritRow {
-            comm: w.prev_comm.clone(),
-            pid: w.prev_pid,
-            tid: w.prev_tid,
+        let mut key = (w.prev_tid, w.prev_comm.clone());
+        if self.by_task.len() >= MAX_CULPRITS && !self.by_task.contains_key(&key) {
+            key = (0, OTHER_CULPRITS.into());
+        }
+        let row = self.by_task.entry(key).or_insert_with_key(|(tid, comm)| CulpritRow {
+            comm: comm.clone(),
+            pid: if *tid == 0 { 0 } else { w.prev_pid },
+            tid: *tid,
             count: 0,
             total_ns: 0,
             max_ns: 0,
@@ -359,6 +306,8 @@ pub struct Summary {
     pub events: u64,
     pub lost_no_start: u64,
     pub lost_events: u64,
+    /// Waits measured but not printed (stdout too slow, or queued at the end).
+    pub unprinted: u64,
 }
 
 #[derive(Serialize)]
@@ -374,6 +323,7 @@ struct SummaryJson<'a> {
     lost: u64,
     lost_untimed: u64,
     lost_undelivered: u64,
+    unprinted: u64,
 }
 
 impl Summary {
@@ -393,6 +343,7 @@ impl Summary {
             lost: self.lost(),
             lost_untimed: self.lost_no_start,
             lost_undelivered: self.lost_events,
+            unprinted: self.unprinted,
         })
         .expect("summary serializes")
     }
@@ -438,6 +389,9 @@ pub fn summary_text(s: &Summary, rows: &[CulpritRow]) -> String {
             s.lost_events
         );
     }
+    if s.unprinted > 0 {
+        out += &format!(", {} waits not printed (stdout too slow, or still queued at the end)", s.unprinted);
+    }
     out.push('\n');
     out
 }
@@ -462,13 +416,16 @@ mod tests {
     }
 
     #[test]
-    fn tracer_frames_are_trimmed() {
-        let f = |s: &str| (1u64, Some(s.to_string()));
-        let stack = vec![f("bpf_prog_855200e89585c265_rq_switch+0x859"), f("bpf_trace_run4+0x10d"), f("__schedule+0x628"), f("schedule+0x23")];
-        let trimmed = trim_tracing_frames(stack);
-        assert_eq!(trimmed[0].1.as_deref(), Some("__schedule+0x628"));
-        assert_eq!(trimmed.len(), 2);
-        assert_eq!(trim_tracing_frames(vec![(5, None)]).len(), 1, "unsymbolized frames are kept");
+    fn culprits_beyond_the_cap_share_one_row() {
+        let mut c = Culprits::default();
+        for tid in 1..=(MAX_CULPRITS as u32 + 10) {
+            c.add(&wait(0, 1_000_000, ("task", tid)));
+        }
+        let rows = c.rows();
+        assert_eq!(rows.len(), MAX_CULPRITS + 1);
+        let other = rows.iter().find(|r| r.comm == OTHER_CULPRITS).expect("an other row");
+        assert_eq!(other.count, 10);
+        assert_eq!(rows.iter().map(|r| r.count).sum::<u64>(), MAX_CULPRITS as u64 + 10, "no wait is dropped");
     }
 
     #[test]
@@ -515,6 +472,7 @@ mod tests {
             events: 1,
             lost_no_start: 2,
             lost_events: 1,
+            unprinted: 0,
         };
         let text = summary_text(&s, &c.rows());
         assert_eq!(

@@ -1,0 +1,118 @@
+//! Everything latprobe says, in one place: results on stdout (records and
+//! reports), messages on stderr (`say`, `verbose`, `warn`), files written
+//! whole or not at all, and text from the kernel or from users' processes
+//! made safe to print.
+//!
+//! Both streams are written by threads of their own (see `stream`): no write
+//! can block a run, and no write error can panic it.
+
+pub mod files;
+mod stream;
+pub mod text;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        OnceLock,
+    },
+    time::Instant,
+};
+
+use tokio::sync::Notify;
+
+pub use stream::Tally;
+use stream::Stream;
+
+static STDOUT: OnceLock<Stream> = OnceLock::new();
+static STDERR: OnceLock<Stream> = OnceLock::new();
+static VERBOSE: AtomicBool = AtomicBool::new(false);
+static CLOSED: Notify = Notify::const_new();
+
+fn stdout() -> &'static Stream {
+    STDOUT.get_or_init(|| Stream::new(1, "stdout"))
+}
+
+fn stderr() -> &'static Stream {
+    STDERR.get_or_init(|| Stream::new(2, "stderr"))
+}
+
+/// Turns on `-v` messages.
+pub fn set_verbose(on: bool) {
+    VERBOSE.store(on, Ordering::Relaxed);
+}
+
+pub fn is_verbose() -> bool {
+    VERBOSE.load(Ordering::Relaxed)
+}
+
+/// One line on stderr, prefixed `latprobe: `.
+pub fn say(text: &str) {
+    stderr().report(format!("latprobe: {text}\n"));
+}
+
+/// A `-v` line: which mechanism was tried and chosen, and why.
+pub fn verbose(text: &str) {
+    if is_verbose() {
+        say(text);
+    }
+}
+
+/// An error line, as the run ends.
+pub fn error(text: &str) {
+    stderr().report(format!("latprobe: error: {text}\n"));
+}
+
+/// A result that may be dropped (and counted) when stdout cannot keep up:
+/// one outlier, one slow wait.
+pub fn record(text: String) {
+    stdout().record(text);
+}
+
+/// A result that must reach stdout: a histogram, a summary, an SVG.
+pub fn report(text: String) {
+    stdout().report(text);
+}
+
+/// Records that stdout could not take so far.
+pub fn records_dropped() -> u64 {
+    stdout().dropped_records()
+}
+
+/// Whether the reader of stdout went away (`latprobe … | head`).
+pub fn stdout_closed() -> bool {
+    stdout().closed()
+}
+
+/// Resolves once stdout's reader goes away.
+pub async fn stdout_closed_wait() {
+    loop {
+        let notified = CLOSED.notified();
+        if stdout_closed() {
+            return;
+        }
+        notified.await;
+    }
+}
+
+fn wake_on_close() {
+    CLOSED.notify_waiters();
+}
+
+/// How the output of a run ended.
+#[derive(Debug, Default)]
+pub struct Finished {
+    /// stdout did not take everything by the deadline.
+    pub stdout_stalled: bool,
+    /// stdout failed (other than its reader going away).
+    pub stdout_failure: Option<String>,
+    pub stdout: Tally,
+}
+
+/// Waits until both streams are written out, or `deadline`.
+pub fn finish(deadline: Instant) -> Finished {
+    let out = stdout();
+    let stdout_stalled = !out.flush_until(deadline);
+    // stderr gets whatever time is left; a stalled terminal is not an error.
+    stderr().flush_until(deadline);
+    Finished { stdout_stalled, stdout_failure: out.failure(), stdout: out.tally() }
+}

@@ -1,0 +1,165 @@
+//! stdout and stderr, each written by a thread of its own, so that a reader
+//! that stalls (a paused terminal, a pipe nobody drains, a dropped SSH
+//! session) never blocks a run: tracing goes on, the run ends on time, and
+//! what could not be written is counted and said.
+//!
+//! Records (one outlier, one wait) are dropped when the queue is full and
+//! counted; reports (histograms, summaries) are kept up to a hard cap. A
+//! closed stdout (`latprobe … | head`) ends the run quietly; a failing
+//! stderr (EIO once the terminal is gone) is ignored rather than allowed to
+//! panic the run before its files are written.
+
+use std::{
+    fs::File,
+    io::{self, Write},
+    mem::ManuallyDrop,
+    os::fd::FromRawFd,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        mpsc::{self, Receiver, Sender},
+        Arc, Mutex,
+    },
+    thread,
+    time::Instant,
+};
+
+/// Queued bytes beyond which records are dropped.
+const RECORD_QUEUE_BYTES: usize = 4 << 20;
+/// Queued bytes beyond which even reports are dropped (a stdout stalled for
+/// hours under `--interval` must not grow without bound).
+const REPORT_QUEUE_BYTES: usize = 64 << 20;
+
+enum Message {
+    Text(Vec<u8>),
+    /// Acknowledged once everything queued before it is written.
+    Flush(mpsc::SyncSender<()>),
+}
+
+/// What a stream's writer thread has seen.
+#[derive(Default)]
+struct State {
+    queued: AtomicUsize,
+    dropped_records: AtomicU64,
+    dropped_reports: AtomicU64,
+    /// The reader went away (EPIPE).
+    closed: AtomicBool,
+    /// A write failed otherwise (EIO, ENOSPC, …).
+    failed: Mutex<Option<io::Error>>,
+}
+
+/// One output stream and the thread that writes it.
+pub struct Stream {
+    sender: Mutex<Sender<Message>>,
+    state: Arc<State>,
+}
+
+/// How a stream ended.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub dropped_records: u64,
+    pub dropped_reports: u64,
+}
+
+impl Stream {
+    /// A stream writing to file descriptor `fd` (1 or 2), which it never closes.
+    pub fn new(fd: i32, name: &'static str) -> Self {
+        let (sender, receiver) = mpsc::channel();
+        let state = Arc::new(State::default());
+        let writer_state = Arc::clone(&state);
+        // If the thread cannot start, messages queue up unwritten and the
+        // run still ends on time: nothing here may fail a run.
+        let _ = thread::Builder::new()
+            .name(format!("latprobe-{name}"))
+            .spawn(move || write_loop(fd, &receiver, &writer_state));
+        Self { sender: Mutex::new(sender), state }
+    }
+
+    fn queue(&self, text: Vec<u8>, limit: usize) -> bool {
+        if self.state.closed.load(Ordering::Relaxed) || self.state.queued.load(Ordering::Relaxed) + text.len() > limit {
+            return false;
+        }
+        self.state.queued.fetch_add(text.len(), Ordering::Relaxed);
+        let sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
+        sender.send(Message::Text(text)).is_ok()
+    }
+
+    /// Queues a record that may be dropped (and counted) when the reader is
+    /// slower than the events.
+    pub fn record(&self, text: String) {
+        if !self.queue(text.into_bytes(), RECORD_QUEUE_BYTES) {
+            self.state.dropped_records.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Queues a report: kept unless the queue is past its hard cap.
+    pub fn report(&self, text: String) {
+        if !self.queue(text.into_bytes(), REPORT_QUEUE_BYTES) {
+            self.state.dropped_reports.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records dropped so far.
+    pub fn dropped_records(&self) -> u64 {
+        self.state.dropped_records.load(Ordering::Relaxed)
+    }
+
+    pub fn closed(&self) -> bool {
+        self.state.closed.load(Ordering::Relaxed)
+    }
+
+    /// The error that stopped the writer, other than a closed reader.
+    pub fn failure(&self) -> Option<String> {
+        let failed = self.state.failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.as_ref().map(ToString::to_string)
+    }
+
+    /// Waits until everything queued is written, or `deadline`. Returns
+    /// false when the reader did not take it all in time.
+    pub fn flush_until(&self, deadline: Instant) -> bool {
+        let (ack, acked) = mpsc::sync_channel(1);
+        {
+            let sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
+            if sender.send(Message::Flush(ack)).is_err() {
+                return self.state.queued.load(Ordering::Relaxed) == 0;
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        acked.recv_timeout(left).is_ok()
+    }
+
+    pub fn tally(&self) -> Tally {
+        Tally {
+            dropped_records: self.state.dropped_records.load(Ordering::Relaxed),
+            dropped_reports: self.state.dropped_reports.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn write_loop(fd: i32, receiver: &Receiver<Message>, state: &State) {
+    // SAFETY: fd 1 or 2 stays open for the life of the process; ManuallyDrop
+    // keeps this File from closing it.
+    let mut out = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
+    let mut broken = false;
+    while let Ok(message) = receiver.recv() {
+        match message {
+            Message::Text(text) => {
+                let len = text.len();
+                if !broken {
+                    if let Err(e) = out.write_all(&text) {
+                        broken = true;
+                        if e.kind() == io::ErrorKind::BrokenPipe {
+                            state.closed.store(true, Ordering::Relaxed);
+                            super::wake_on_close();
+                        } else {
+                            *state.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                        }
+                    }
+                }
+                state.queued.fetch_sub(len, Ordering::Relaxed);
+            }
+            Message::Flush(ack) => {
+                let _ = ack.try_send(());
+            }
+        }
+    }
+}
