@@ -22,6 +22,8 @@
 //!   pin CPU                 run the following steps on CPU only
 //!   report                  print `elapsed_ns=N` since the workload started,
 //!                           on stderr (stdout may be a tracer's JSON)
+//!   rename NAME             set the process's name (comm) to NAME, which
+//!                           may hold newlines and escapes (hostile names)
 //!   contend DUR [MODE]      a run-queue wait of about DUR: the main thread
 //!                           ("wakee") and a "spinner" thread pinned to one
 //!                           CPU; the spinner wakes the wakee through a pipe,
@@ -307,6 +309,11 @@ fn main() {
             }
             ("pin", [cpu, tail @ ..]) => {
                 pin(number(cpu) as usize);
+                tail
+            }
+            ("rename", [name, tail @ ..]) => {
+                let name = std::ffi::CString::new(name.as_bytes()).unwrap_or_else(|_| usage("NUL in name"));
+                set_name(&name);
                 tail
             }
             ("report", tail) => {

@@ -43,7 +43,7 @@ fn unknown_pid_and_tid() {
 #[test]
 fn cpu_out_of_range() {
     let run = latprobe(&["runqslower", "50ms", "--cpu", "100000"]);
-    assert_one_line_error(&run, "--cpu 100000: this machine has CPUs 0 to");
+    assert_one_line_error(&run, "--cpu 100000: not an online CPU (online: 0 to");
 }
 
 #[test]

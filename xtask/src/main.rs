@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Run a command as root inside a Debian kernel booted under QEMU
-    #[command(after_help = "Examples:\n  cargo xtask vm --list\n  cargo xtask vm --kernel 6.12 --add target/x86_64-unknown-linux-musl/release/latprobe -- latprobe fn net_rx_action --secs 5\n  cargo xtask vm --kernel all -- uname -r")]
+    #[command(after_help = "latprobe itself (the static build) is always in the VM's /bin.\n\nExamples:\n  cargo xtask vm --list\n  cargo xtask vm --kernel 6.12 -- latprobe fn net_rx_action --secs 5\n  cargo xtask vm --kernel all -- uname -r")]
     Vm {
         /// Kernel to boot: 6.1, 6.12, 6.1-rt (see --list) or all, one after the other
         #[arg(long, default_value = "6.12")]
@@ -30,7 +30,7 @@ enum Task {
         /// Download and extract every kernel of the matrix (once), boot nothing
         #[arg(long)]
         fetch: bool,
-        /// Copy this executable into the VM's /bin (its shared libraries come along)
+        /// Also copy this executable into the VM's /bin (its shared libraries come along)
         #[arg(long, value_name = "PATH")]
         add: Vec<PathBuf>,
         /// Kill a VM still running after this many seconds

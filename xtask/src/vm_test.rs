@@ -16,6 +16,13 @@ const TARGET: &str = "x86_64-unknown-linux-musl";
 /// Peer tools compared against inside the VM, when installed on the host.
 const PEERS: &[&str] = &["/usr/sbin/funclatency", "/usr/sbin/runqlat", "/usr/sbin/runqslower"];
 
+/// Builds latprobe as a static (musl) binary, the one to copy to servers,
+/// and returns its path.
+pub fn build_static_latprobe() -> Result<PathBuf> {
+    cargo(&["build", "--release", "--target", TARGET, "-p", "latprobe", "--bin", "latprobe"])?;
+    Ok(workspace_root().join("target").join(TARGET).join("release").join("latprobe"))
+}
+
 pub fn run(kernel: &str, filter: Option<&str>) -> Result<ExitCode> {
     let kernels = vm::select(kernel)?;
     let root = workspace_root();

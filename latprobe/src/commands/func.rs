@@ -20,7 +20,7 @@ use crate::{
     kernel_hist::{HistMaps, Totals},
     output::{self, text},
     report::{Format, FunctionReport, OutlierReport},
-    run::{Ring, Run, Step, BATCH},
+    run::{Ring, Run, Step, BATCH, SETTLE_TIME},
 };
 
 /// One traced function and where its counts live.
@@ -66,7 +66,7 @@ pub async fn run(args: FnArgs) -> Result<()> {
         for (slot, target) in targets.iter().enumerate() {
             let mechanism = attacher.attach(slot, target)?;
             output::verbose(&format!("{} attached with {mechanism}", text::printable(&target.name())));
-            traced.push(Traced { name: text::printable(&target.name()), mechanism, previous: Latencies::new() });
+            traced.push(Traced { name: text::printable(&target.name()).into_owned(), mechanism, previous: Latencies::new() });
         }
     }
     let maps = HistMaps::take(&mut ebpf, maps::STATS, maps::BUCKETS)?;
@@ -106,7 +106,7 @@ pub async fn run(args: FnArgs) -> Result<()> {
     // Stop new calls from being timed, then collect what is in flight.
     attach::detach_entries(&mut ebpf);
     let discarded = ring.drain_until(run.drain_deadline(), |o| printer.print(&o))?;
-    let period = Period { name: "final", elapsed: run.elapsed(), unprinted: discarded + output::records_dropped() };
+    let period = Period { name: "final", elapsed: run.elapsed(), unprinted: discarded + output::settle_records(run.drain_deadline() + SETTLE_TIME) };
     for (slot, t) in traced.iter().enumerate() {
         let totals = maps.totals(slot)?;
         output::report(render(t, &period, &totals.latencies, &totals, args.format));

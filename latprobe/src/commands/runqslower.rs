@@ -18,7 +18,7 @@ use crate::{
     kallsyms::{self, KernelSymbols},
     output::{self, text},
     report::{frames_json, Format},
-    run::{Ring, Run, Step, BATCH},
+    run::{Ring, Run, Step, BATCH, SETTLE_TIME},
     sched_probes::{self, Config},
 };
 
@@ -89,7 +89,7 @@ pub async fn run(args: RunqslowerArgs) -> Result<()> {
         events: printer.events + discarded,
         lost_no_start: lost.no_start,
         lost_events: lost.events,
-        unprinted: discarded + output::records_dropped(),
+        unprinted: discarded + output::settle_records(run.drain_deadline() + SETTLE_TIME),
     };
     let rows = printer.culprits.rows();
     match args.format {

@@ -73,9 +73,11 @@ pub fn report(text: String) {
     stdout().report(text);
 }
 
-/// Records that stdout could not take so far.
-pub fn records_dropped() -> u64 {
-    stdout().dropped_records()
+/// Ends the records of a run: waits for those queued until `deadline`,
+/// drops the rest, and returns how many were never written. Call it before
+/// the final report, which then goes out without waiting behind them.
+pub fn settle_records(deadline: Instant) -> u64 {
+    stdout().settle_records(deadline)
 }
 
 /// Whether the reader of stdout went away (`latprobe … | head`).

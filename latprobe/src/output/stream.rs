@@ -23,14 +23,15 @@ use std::{
     time::Instant,
 };
 
-/// Queued bytes beyond which records are dropped.
-const RECORD_QUEUE_BYTES: usize = 4 << 20;
+/// Queued bytes beyond which records are dropped: small enough for a
+/// starved writer to get through by the end of a run.
+const RECORD_QUEUE_BYTES: usize = 1 << 20;
 /// Queued bytes beyond which even reports are dropped (a stdout stalled for
 /// hours under `--interval` must not grow without bound).
 const REPORT_QUEUE_BYTES: usize = 64 << 20;
 
 enum Message {
-    Text(Vec<u8>),
+    Text { text: Vec<u8>, record: bool },
     /// Acknowledged once everything queued before it is written.
     Flush(mpsc::SyncSender<()>),
 }
@@ -41,6 +42,11 @@ struct State {
     queued: AtomicUsize,
     dropped_records: AtomicU64,
     dropped_reports: AtomicU64,
+    /// Records queued and not yet written or dropped.
+    pending_records: AtomicU64,
+    /// Drop queued records instead of writing them: the run is ending and
+    /// its final report must not wait behind them.
+    discard_records: AtomicBool,
     /// The reader went away (EPIPE).
     closed: AtomicBool,
     /// A write failed otherwise (EIO, ENOSPC, …).
@@ -74,33 +80,45 @@ impl Stream {
         Self { sender: Mutex::new(sender), state }
     }
 
-    fn queue(&self, text: Vec<u8>, limit: usize) -> bool {
-        if self.state.closed.load(Ordering::Relaxed) || self.state.queued.load(Ordering::Relaxed) + text.len() > limit {
+    fn queue(&self, text: Vec<u8>, record: bool) -> bool {
+        let limit = if record { RECORD_QUEUE_BYTES } else { REPORT_QUEUE_BYTES };
+        let state = &self.state;
+        if state.closed.load(Ordering::Relaxed)
+            || (record && state.discard_records.load(Ordering::Relaxed))
+            || state.queued.load(Ordering::Relaxed) + text.len() > limit
+        {
             return false;
         }
-        self.state.queued.fetch_add(text.len(), Ordering::Relaxed);
+        state.queued.fetch_add(text.len(), Ordering::Relaxed);
+        if record {
+            state.pending_records.fetch_add(1, Ordering::Relaxed);
+        }
         let sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
-        sender.send(Message::Text(text)).is_ok()
+        sender.send(Message::Text { text, record }).is_ok()
     }
 
     /// Queues a record that may be dropped (and counted) when the reader is
     /// slower than the events.
     pub fn record(&self, text: String) {
-        if !self.queue(text.into_bytes(), RECORD_QUEUE_BYTES) {
+        if !self.queue(text.into_bytes(), true) {
             self.state.dropped_records.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Queues a report: kept unless the queue is past its hard cap.
     pub fn report(&self, text: String) {
-        if !self.queue(text.into_bytes(), REPORT_QUEUE_BYTES) {
+        if !self.queue(text.into_bytes(), false) {
             self.state.dropped_reports.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Records dropped so far.
-    pub fn dropped_records(&self) -> u64 {
-        self.state.dropped_records.load(Ordering::Relaxed)
+    /// Ends the records: waits until those queued are written, or
+    /// `deadline`, then drops any left. Returns how many records were not
+    /// written, now and earlier; none will be from now on.
+    pub fn settle_records(&self, deadline: Instant) -> u64 {
+        self.flush_until(deadline);
+        self.state.discard_records.store(true, Ordering::Relaxed);
+        self.state.dropped_records.load(Ordering::Relaxed) + self.state.pending_records.load(Ordering::Relaxed)
     }
 
     pub fn closed(&self) -> bool {
@@ -142,9 +160,10 @@ fn write_loop(fd: i32, receiver: &Receiver<Message>, state: &State) {
     let mut broken = false;
     while let Ok(message) = receiver.recv() {
         match message {
-            Message::Text(text) => {
+            Message::Text { text, record } => {
                 let len = text.len();
-                if !broken {
+                let discard = record && state.discard_records.load(Ordering::Relaxed);
+                if !broken && !discard {
                     if let Err(e) = out.write_all(&text) {
                         broken = true;
                         if e.kind() == io::ErrorKind::BrokenPipe {
@@ -156,6 +175,14 @@ fn write_loop(fd: i32, receiver: &Receiver<Message>, state: &State) {
                     }
                 }
                 state.queued.fetch_sub(len, Ordering::Relaxed);
+                if record {
+                    // Written or not, it is no longer pending: a record not
+                    // written is counted as dropped.
+                    if broken || discard {
+                        state.dropped_records.fetch_add(1, Ordering::Relaxed);
+                    }
+                    state.pending_records.fetch_sub(1, Ordering::Relaxed);
+                }
             }
             Message::Flush(ack) => {
                 let _ = ack.try_send(());

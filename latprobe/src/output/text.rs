@@ -3,42 +3,50 @@
 //! "\n2026-11-23T… fake line" or an escape sequence that drives root's
 //! terminal. Control characters are shown escaped, never sent as they are.
 
-use std::fmt::Write;
+use std::borrow::Cow;
 
-/// Longest name printed; longer ones end in "…".
+/// Longest name printed, in bytes, before the "…" mark.
 const MAX_NAME_BYTES: usize = 512;
 
-/// `name` with control characters as `\xNN`, and cut at `MAX_NAME_BYTES`.
-pub fn printable(name: &str) -> String {
-    let mut out = String::with_capacity(name.len().min(MAX_NAME_BYTES));
+/// `name` with control characters as `\xNN` escapes, cut at a character
+/// boundary after `MAX_NAME_BYTES` and ended with "…". Borrowed when clean.
+pub fn printable(name: &str) -> Cow<'_, str> {
+    escape(name, false)
+}
+
+fn escape(name: &str, folded: bool) -> Cow<'_, str> {
+    let clean = name.len() <= MAX_NAME_BYTES && !name.chars().any(|c| c.is_control() || (folded && c == ';'));
+    if clean {
+        return Cow::Borrowed(name);
+    }
+    let mut out = String::with_capacity(name.len().min(MAX_NAME_BYTES + 3));
     for c in name.chars() {
-        if out.len() >= MAX_NAME_BYTES {
+        let piece = match c {
+            ';' if folded => Cow::Borrowed(":"),
+            // Control characters are all below U+00A0: two hex digits suffice.
+            c if c.is_control() => Cow::Owned(format!("\\x{:02x}", u32::from(c))),
+            c => Cow::Owned(c.to_string()),
+        };
+        if out.len() + piece.len() > MAX_NAME_BYTES {
             out.push('…');
             break;
         }
-        if c.is_control() {
-            let mut buf = [0u8; 4];
-            for b in c.encode_utf8(&mut buf).bytes() {
-                let _ = write!(out, "\\x{b:02x}");
-            }
-        } else {
-            out.push(c);
-        }
+        out.push_str(&piece);
     }
-    out
+    Cow::Owned(out)
 }
 
 /// A task name (`comm`, up to its first NUL) as printable text. Invalid
 /// UTF-8 is shown as U+FFFD.
 pub fn comm(bytes: &[u8]) -> String {
     let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    printable(&String::from_utf8_lossy(&bytes[..len]))
+    printable(&String::from_utf8_lossy(&bytes[..len])).into_owned()
 }
 
 /// `name` as one frame of a folded stack: printable, and without the `;`
 /// that separates frames (a process named "a;b" would add a frame).
-pub fn folded_frame(name: &str) -> String {
-    printable(name).replace(';', ":")
+pub fn folded_frame(name: &str) -> Cow<'_, str> {
+    escape(name, true)
 }
 
 #[cfg(test)]
@@ -50,7 +58,8 @@ mod tests {
         assert_eq!(printable("nginx"), "nginx");
         assert_eq!(printable("a\nb\x1b[31m"), "a\\x0ab\\x1b[31m");
         assert_eq!(printable("tab\there"), "tab\\x09here");
-        assert_eq!(printable("\u{85}"), "\\xc2\\x85", "C1 controls too");
+        assert_eq!(printable("\u{85}"), "\\x85", "C1 controls too");
+        assert!(matches!(printable("plain::name"), Cow::Borrowed("plain::name")));
     }
 
     #[test]
@@ -63,11 +72,11 @@ mod tests {
     }
 
     #[test]
-    fn long_names_are_cut() {
-        let long = "x".repeat(10_000);
-        let p = printable(&long);
-        assert!(p.len() <= MAX_NAME_BYTES + '…'.len_utf8());
-        assert!(p.ends_with('…'));
+    fn long_names_are_cut_at_a_char_boundary() {
+        let long = "\u{e9}".repeat(300); // 600 bytes of 2-byte chars
+        let out = printable(&long);
+        assert_eq!(out.strip_suffix('…'), Some("\u{e9}".repeat(256).as_str()));
+        assert_eq!(printable(&"x".repeat(512)), "x".repeat(512));
     }
 
     #[test]

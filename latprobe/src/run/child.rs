@@ -115,7 +115,7 @@ impl GatedChild {
         let child = command.spawn().with_context(|| format!("starting {}", argv[0]))?;
         drop(read_end);
         let pid = child.id().context("the command exited at once")?;
-        Ok(Self { child, pid, name: crate::output::text::printable(&argv[0]), gate: Some(write_end) })
+        Ok(Self { child, pid, name: crate::output::text::printable(&argv[0]).into_owned(), gate: Some(write_end) })
     }
 
     /// Lets the command run.

@@ -41,7 +41,10 @@ use child::GatedChild;
 use signals::Signals;
 
 /// How long records left in a ring buffer may be printed after the end.
-const DRAIN_TIME: Duration = Duration::from_millis(300);
+const DRAIN_TIME: Duration = Duration::from_millis(250);
+/// How long after that the records queued for stdout may take to be
+/// written, before they are dropped for the final report.
+pub const SETTLE_TIME: Duration = Duration::from_millis(250);
 
 /// Why a run ended.
 #[derive(Debug)]

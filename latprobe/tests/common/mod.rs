@@ -70,16 +70,22 @@ impl Run {
     }
 }
 
+impl Run {
+    pub fn from_output(output: Output) -> Run {
+        Run {
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            output,
+        }
+    }
+}
+
 pub fn latprobe(args: &[&str]) -> Run {
     let output = Command::new(latprobe_bin())
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", latprobe_bin().display()));
-    Run {
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        output,
-    }
+    Run::from_output(output)
 }
 
 /// Why BPF tests cannot run here, if they cannot.
@@ -125,15 +131,24 @@ pub struct Tracing {
 
 /// Starts latprobe with `args` and returns once it says it is tracing.
 pub fn start_tracing(args: &[&str]) -> Tracing {
-    let mut child = Command::new(latprobe_bin())
+    let child = Command::new(latprobe_bin())
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", latprobe_bin().display()));
+    Tracing::from_child(child)
+}
+
+impl Tracing {
+    /// Follows a latprobe started with piped stdout and stderr until it says
+    /// it is tracing.
+    pub fn from_child(mut child: Child) -> Tracing {
+    let args = "latprobe";
     let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
     let mut said = String::new();
-    while !said.contains("tracing") {
+    // `flame` says "sampling", the others "tracing".
+    while !said.contains("tracing") && !said.contains("sampling") {
         let mut line = String::new();
         if stderr.read_line(&mut line).unwrap_or(0) == 0 {
             let out = child.wait_with_output().expect("latprobe ends");
@@ -142,6 +157,7 @@ pub fn start_tracing(args: &[&str]) -> Tracing {
         said += &line;
     }
     Tracing { child, stderr, said }
+    }
 }
 
 impl Tracing {
@@ -155,14 +171,41 @@ impl Tracing {
         unsafe { libc::kill(self.child.id() as i32, signal) };
     }
 
-    /// Waits for latprobe to end and returns what it printed.
-    pub fn finish(mut self) -> Run {
+    /// Waits up to `limit` for latprobe to end without reading its stdout
+    /// (a reader that stalled); returns its status, or None if it still runs
+    /// (then it is killed).
+    pub fn wait_unread(mut self, limit: std::time::Duration) -> (Option<std::process::ExitStatus>, String) {
+        let until = std::time::Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break Some(status);
+            }
+            if std::time::Instant::now() > until {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
         let mut rest = String::new();
         let _ = self.stderr.read_to_string(&mut rest);
-        let output = self.child.wait_with_output().expect("latprobe ends");
+        (status, self.said + &rest)
+    }
+
+    /// Waits for latprobe to end and returns what it printed. stdout and
+    /// stderr are read at the same time: a reader that stalls one of them
+    /// is a different test.
+    pub fn finish(self) -> Run {
+        let Tracing { child, mut stderr, said } = self;
+        let rest = std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = stderr.read_to_string(&mut rest);
+            rest
+        });
+        let output = child.wait_with_output().expect("latprobe ends");
         Run {
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: self.said + &rest,
+            stderr: said + &rest.join().expect("stderr reader"),
             output,
         }
     }

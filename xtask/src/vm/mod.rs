@@ -27,6 +27,10 @@ pub fn cli(kernel: &str, list: bool, fetch: bool, adds: &[PathBuf], timeout: Dur
     ensure!(!command.is_empty(), "nothing to run: add `-- COMMAND [ARGS...]` (or --list, --fetch)");
     let kernels = select(kernel)?;
     let env = forwarded_env();
+    // latprobe itself is always inside: the static binary, built now.
+    let mut adds = adds.to_vec();
+    adds.insert(0, crate::vm_test::build_static_latprobe()?);
+    let adds = &adds[..];
     if let [kernel] = kernels[..] {
         // One kernel: its status is ours, and nothing but its output is printed.
         let code = run_in_vm(kernel, adds, command, &env, timeout)?;
