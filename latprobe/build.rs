@@ -3,11 +3,7 @@
 fn main() -> anyhow::Result<()> {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../latprobe-ebpf");
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "latprobe-ebpf",
-            root_dir: root,
-            ..Default::default()
-        }],
+        [aya_build::Package { name: "latprobe-ebpf", root_dir: root, ..Default::default() }],
         aya_build::Toolchain::default(),
     )
 }

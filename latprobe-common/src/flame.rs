@@ -34,6 +34,9 @@ pub struct Drops {
     pub keys_full: u64,
     /// `--during`: stacks of one call beyond `MAX_PENDING`.
     pub pending_full: u64,
+    /// Off-CPU with the hash by tid (no task storage): a block not timed
+    /// because the hash was full.
+    pub tasks_full: u64,
 }
 
 /// `--during`: stacks held per task while a call of FUNC is in flight,
@@ -117,6 +120,11 @@ pub mod programs {
     pub const SAMPLE: &str = "fl_sample";
     /// tp_btf `sched_switch`: off-CPU time.
     pub const SWITCH: &str = "fl_switch";
+    /// tp_btf `sched_process_exit`: frees an exiting thread's entry in the
+    /// off-CPU hash; attached only where that hash is used.
+    pub const EXIT: &str = "fl_exit";
+
+    pub const ALL: [&str; 3] = [SAMPLE, SWITCH, EXIT];
 }
 
 #[cfg(feature = "user")]
@@ -129,3 +137,4 @@ mod pod {
 }
 
 const _: () = assert!(core::mem::size_of::<StackKey>() == 32);
+const _: () = assert!(core::mem::size_of::<Drops>() == 8 * 6);

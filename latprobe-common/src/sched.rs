@@ -141,12 +141,23 @@ pub mod maps {
 }
 
 /// Names of the `rq_` programs, as (program, tracepoint), in attach order:
-/// the wakeups before the switch, so that every wait the switch program sees
+/// the exit first, so that no record in the hash map outlives its task; the
+/// wakeups before the switch, so that every wait the switch program sees
 /// ending was seen starting.
 pub mod programs {
-    pub const TP_BTF: [(&str, &str); 3] =
-        [("rq_wakeup", "sched_wakeup"), ("rq_wakeup_new", "sched_wakeup_new"), ("rq_switch", "sched_switch")];
-    pub const RAW_TP: [(&str, &str); 3] = [
+    /// The tracepoint of the programs that only remove an exiting task's
+    /// record from the tid-keyed hash map: attached only where that map is
+    /// used (raw_tp always, tp_btf with `globals::USE_HASH`).
+    pub const EXIT_EVENT: &str = "sched_process_exit";
+
+    pub const TP_BTF: [(&str, &str); 4] = [
+        ("rq_exit", EXIT_EVENT),
+        ("rq_wakeup", "sched_wakeup"),
+        ("rq_wakeup_new", "sched_wakeup_new"),
+        ("rq_switch", "sched_switch"),
+    ];
+    pub const RAW_TP: [(&str, &str); 4] = [
+        ("rq_raw_exit", EXIT_EVENT),
         ("rq_raw_wakeup", "sched_wakeup"),
         ("rq_raw_wakeup_new", "sched_wakeup_new"),
         ("rq_raw_switch", "sched_switch"),

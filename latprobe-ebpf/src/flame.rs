@@ -7,6 +7,10 @@
 //! time it was away is added to that stack's count. Stack ids come from a
 //! stack map; a capture that fails (a hash collision with another stack, a
 //! full map) is counted in `FL_DROPS`, never silently folded in.
+//!
+//! Where task storage cannot be used, the starts go to a preallocated hash by
+//! tid instead, which nothing frees when a thread exits: a thread's last
+//! switch (to TASK_DEAD) stores nothing, and `fl_exit` removes what is left.
 
 use core::ffi::c_void;
 
@@ -222,8 +226,13 @@ pub fn fl_sample(ctx: PerfEventContext) -> u32 {
     0
 }
 
-/// sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next):
-/// `prev` is the current task, leaving; `next` is coming back.
+/// `prev_state` of a task's last switch (TASK_DEAD, 0x80 in every kernel
+/// latprobe supports).
+const TASK_DEAD: u64 = 0x80;
+
+/// sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
+/// unsigned int prev_state): `prev` is the current task, leaving; `next` is
+/// coming back.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn fl_switch(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: a helper without arguments.
@@ -233,17 +242,40 @@ pub fn fl_switch(ctx: BtfTracePointContext) -> i32 {
     }
     let prev: *mut c_void = ctx.arg(1);
     let next: *mut c_void = ctx.arg(2);
+    let prev_state: u64 = ctx.arg(3);
+    // No start for the idle task (tid 0, one per CPU: "blocked" would be the
+    // time the CPU was busy, and the hash would mix all CPUs' under one key),
+    // nor for a task's last switch: it never comes back, and in the hash its
+    // entry would outlive it (`fl_exit` has already run).
+    let leaving =
+        if bpf_get_current_pid_tgid() as u32 != 0 && prev_state & TASK_DEAD == 0 { current_key(&ctx) } else { None };
     if global(&FL_USE_HASH) != 0 {
-        switch_with_hash(&ctx, next, now);
+        switch_with_hash(leaving, next, now);
     } else {
-        switch_with_task_storage(&ctx, prev, next, now);
+        switch_with_task_storage(leaving, prev, next, now);
+    }
+    0
+}
+
+/// sched_process_exit(struct task_struct *p, …), `p` the current task: drops
+/// its entry from the hash, if one is left, before its tid can be reused.
+/// Attached only where the hash is used. The lookup is lockless: only an
+/// entry found takes the bucket lock.
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn fl_exit(_ctx: BtfTracePointContext) -> i32 {
+    if global(&FL_USE_HASH) == 0 {
+        return 0;
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if tid != 0 && FL_OFF_HASH.get_ptr(tid).is_some() {
+        let _ = FL_OFF_HASH.remove(tid);
     }
     0
 }
 
 #[inline(always)]
-fn switch_with_task_storage(ctx: &BtfTracePointContext, prev: *mut c_void, next: *mut c_void, now: u64) {
-    if let Some(key) = current_key(ctx) {
+fn switch_with_task_storage(leaving: Option<StackKey>, prev: *mut c_void, next: *mut c_void, now: u64) {
+    if let Some(key) = leaving {
         // SAFETY: a task argument of a tp_btf program is trusted.
         if let Some(start) = unsafe { FL_OFF_START.get(prev, true) } {
             start.start_ns = now;
@@ -261,12 +293,13 @@ fn switch_with_task_storage(ctx: &BtfTracePointContext, prev: *mut c_void, next:
 }
 
 #[inline(always)]
-fn switch_with_hash(ctx: &BtfTracePointContext, next: *mut c_void, now: u64) {
-    if let Some(key) = current_key(ctx) {
+fn switch_with_hash(leaving: Option<StackKey>, next: *mut c_void, now: u64) {
+    if let Some(key) = leaving {
         let start = OffCpuStart { start_ns: now, key };
         if FL_OFF_HASH.insert(key.pid, start, 0).is_err() {
+            // The task table is full (or busy): this block goes uncounted.
             if let Some(d) = drops() {
-                add(&mut d.keys_full, 1);
+                add(&mut d.tasks_full, 1);
             }
         }
     }
@@ -274,6 +307,10 @@ fn switch_with_hash(ctx: &BtfTracePointContext, next: *mut c_void, now: u64) {
     // SAFETY: reads 4 bytes of the task the tracepoint handed us; the helper
     // fails cleanly on a bad address.
     let Ok(tid) = (unsafe { bpf_probe_read_kernel(at.cast::<u32>()) }) else { return };
+    // The idle task never has an entry (see `fl_switch`).
+    if tid == 0 {
+        return;
+    }
     // SAFETY: a live value of our map, valid for this program run.
     let Some(start) = FL_OFF_HASH.get_ptr(tid).map(|p| unsafe { *p }) else { return };
     let _ = FL_OFF_HASH.remove(tid);

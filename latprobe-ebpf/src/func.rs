@@ -15,18 +15,15 @@ use core::ffi::c_void;
 use aya_ebpf::{
     btf_maps::{PerCpuArray, RingBuf},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id,
-        bpf_ktime_get_ns, generated::bpf_get_stack,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        generated::bpf_get_stack,
     },
     macros::{btf_map, fentry, fexit, kprobe, kretprobe, raw_tracepoint, uprobe, uretprobe},
     programs::{FEntryContext, FExitContext, ProbeContext, RawTracePointContext, RetProbeContext},
     EbpfContext,
 };
-use latprobe_common::{
-    func::{
-        BucketGroup, FuncStats, Outlier, TaskFrames, MAX_DEPTH, MAX_FUNCS, MAX_STACK,
-        NET_RX_SOFTIRQ,
-    },
+use latprobe_common::func::{
+    BucketGroup, FuncStats, Outlier, TaskFrames, MAX_DEPTH, MAX_FUNCS, MAX_STACK, NET_RX_SOFTIRQ,
 };
 
 use crate::{
@@ -83,9 +80,7 @@ fn enter(slot: usize) {
     };
     // SAFETY (all indexing below): `slot` and the depth index are masked
     // to their power-of-two array lengths.
-    let (depth, stack) = unsafe {
-        (frames.depth.get_unchecked_mut(slot), frames.frames.get_unchecked_mut(slot))
-    };
+    let (depth, stack) = unsafe { (frames.depth.get_unchecked_mut(slot), frames.frames.get_unchecked_mut(slot)) };
     let d = *depth as usize;
     if d < MAX_DEPTH {
         // SAFETY: masked to MAX_DEPTH.
@@ -112,9 +107,7 @@ fn exit<C: EbpfContext>(ctx: &C, slot: usize) {
         return;
     };
     // SAFETY: `slot` is masked to MAX_FUNCS.
-    let (depth, stack) = unsafe {
-        (frames.depth.get_unchecked_mut(slot), frames.frames.get_unchecked(slot))
-    };
+    let (depth, stack) = unsafe { (frames.depth.get_unchecked_mut(slot), frames.frames.get_unchecked(slot)) };
     if *depth == 0 {
         return;
     }

@@ -50,6 +50,66 @@ pub fn masked(index: usize, len: usize) -> usize {
     i
 }
 
+/// Attempts at a compare-and-exchange before giving up on a min/max update.
+/// Only a run of the same program that preempted this one on this CPU
+/// (PREEMPT_RT) can interleave, so a second attempt nearly always succeeds;
+/// the bound is for the verifier.
+const CAS_ATTEMPTS: usize = 4;
+
+/// Stores `new` in `*slot` if it still holds `expected`; returns what it held.
+#[inline(always)]
+fn cmpxchg(slot: &mut u64, expected: u64, new: u64) -> u64 {
+    let mut old = expected;
+    // SAFETY: `slot` is a valid, aligned u64 in a map value. BPF_ATOMIC |
+    // BPF_CMPXCHG (Linux 5.12+; 5.10 lacks it and its verifier rejects the
+    // program): r0 holds the expected value and receives the one found.
+    unsafe {
+        core::arch::asm!(
+            "r0 = cmpxchg_64({ptr} + 0, r0, {new})",
+            ptr = in(reg) core::ptr::from_mut(slot),
+            new = in(reg) new,
+            inout("r0") old,
+        );
+    }
+    old
+}
+
+/// Lowers `*slot` to `value`, atomically against a run of the same program
+/// preempting this one. 0 in `*slot` means "no value yet".
+#[inline(always)]
+fn store_min(slot: &mut u64, value: u64) {
+    // SAFETY: a plain read of a valid, aligned u64; the exchange below
+    // checks it.
+    let mut seen = unsafe { read_volatile(slot) };
+    for _ in 0..CAS_ATTEMPTS {
+        if seen != 0 && seen <= value {
+            return;
+        }
+        let found = cmpxchg(slot, seen, value);
+        if found == seen {
+            return;
+        }
+        seen = found;
+    }
+}
+
+/// Raises `*slot` to `value`, as `store_min`.
+#[inline(always)]
+fn store_max(slot: &mut u64, value: u64) {
+    // SAFETY: as in `store_min`.
+    let mut seen = unsafe { read_volatile(slot) };
+    for _ in 0..CAS_ATTEMPTS {
+        if seen >= value {
+            return;
+        }
+        let found = cmpxchg(slot, seen, value);
+        if found == seen {
+            return;
+        }
+        seen = found;
+    }
+}
+
 /// Adds `duration` to histogram `slot`: its running totals in `stats` and
 /// one bucket of its `hdr::GROUPS` groups in `buckets`, keyed by
 /// `slot * hdr::GROUPS + group`.
@@ -60,6 +120,12 @@ pub fn record<const B: usize>(
     slot: usize,
     duration: u64,
 ) {
+    // Min and max first: userspace reads the stats after the buckets, so a
+    // value it finds in a bucket is already within them, and the reported
+    // max (which clamps the top percentiles) cannot miss the outlier.
+    // Per-CPU values start zeroed, so 0 also means "no value yet".
+    store_min(&mut stats.min_ns, duration);
+    store_max(&mut stats.max_ns, duration);
     let index = hdr::bucket_index(duration);
     let group = index / hdr::GROUP_BUCKETS;
     let key = (slot * hdr::GROUPS + group) as u32;
@@ -77,11 +143,4 @@ pub fn record<const B: usize>(
     add(&mut stats.sum_ns, duration);
     // SAFETY: masked to GROUP_COUNT_SLOTS.
     add(unsafe { stats.group_counts.get_unchecked_mut(masked(group, GROUP_COUNT_SLOTS)) }, 1);
-    // Per-CPU values start zeroed, so 0 also means "no value yet".
-    if stats.min_ns == 0 || duration < stats.min_ns {
-        stats.min_ns = duration;
-    }
-    if duration > stats.max_ns {
-        stats.max_ns = duration;
-    }
 }

@@ -12,6 +12,9 @@
 //! Two program sets share that logic: tp_btf (`rq_wakeup`, `rq_switch`, …),
 //! whose task arguments are BTF pointers the task-storage helper accepts, and
 //! raw_tp (`rq_raw_*`), the fallback, whose arguments are plain integers.
+//! Where wait starts live in the tid-keyed hash map instead (raw_tp, or
+//! kernels whose task storage cannot be used in the scheduler), `rq_exit` /
+//! `rq_raw_exit` remove an exiting task's record, which nothing else frees.
 //! Rust eBPF has no CO-RE, so every `task_struct` field is read at an offset
 //! userspace found in the running kernel's BTF and set as a load-time global.
 
@@ -21,8 +24,8 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id,
-        bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_get_stack,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, generated::bpf_get_stack,
     },
     macros::{btf_map, btf_tracepoint, raw_tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext},
@@ -191,11 +194,7 @@ fn on_wakeup<const BTF: bool>(task: *mut c_void) {
     if want_tgid != 0 && tgid != want_tgid {
         return;
     }
-    let tid = if want_tid != 0 || uses_hash::<BTF>() {
-        field::<u32>(task, &RQ_TASK_PID_OFF).unwrap_or(0)
-    } else {
-        0
-    };
+    let tid = if want_tid != 0 || uses_hash::<BTF>() { field::<u32>(task, &RQ_TASK_PID_OFF).unwrap_or(0) } else { 0 };
     if (want_tid != 0 && tid != want_tid) || (uses_hash::<BTF>() && tid == 0) {
         return;
     }
@@ -209,6 +208,22 @@ fn on_wakeup<const BTF: bool>(task: *mut c_void) {
     begin_wait::<BTF>(task, tid, tgid, unsafe { bpf_ktime_get_ns() });
 }
 
+/// The current task is exiting: drop its wait record from the hash map. A
+/// record can outlive its wait when a wakeup found the task still running
+/// (it had not yet switched out), so that no switch-in ever removed it;
+/// task storage goes with the task, the hash map keeps it until full. The
+/// lookup is lockless: only a record found takes the bucket lock.
+#[inline(always)]
+fn on_exit<const BTF: bool>() {
+    if !uses_hash::<BTF>() {
+        return;
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if tid != 0 && RQ_START_HASH.get_ptr(tid).is_some() {
+        let _ = RQ_START_HASH.remove(tid);
+    }
+}
+
 /// The CPU switches from `prev` (the current task: the tracepoint fires
 /// before the switch) to `next`.
 #[inline(always)]
@@ -220,7 +235,10 @@ fn on_switch<const BTF: bool, C: EbpfContext>(ctx: &C, preempt: bool, prev: *mut
     // Still runnable (TASK_RUNNING == 0, or preempted on its way to sleep):
     // it stays on the run queue, and its wait starts now. The idle task
     // (tid 0) never waits.
-    if prev_tid != 0 && (preempt || field::<u32>(prev, &RQ_TASK_STATE_OFF) == Some(0)) && current_wanted(prev_tid, prev_tgid) {
+    if prev_tid != 0
+        && (preempt || field::<u32>(prev, &RQ_TASK_STATE_OFF) == Some(0))
+        && current_wanted(prev_tid, prev_tgid)
+    {
         begin_wait::<BTF>(prev, prev_tid, prev_tgid, now);
     }
     end_wait::<BTF, C>(ctx, next, now);
@@ -353,7 +371,8 @@ fn report<C: EbpfContext>(ctx: &C, next: *mut c_void, now: u64, delay: u64, cpu:
 }
 
 // tp_btf: `sched_wakeup(struct task_struct *p)`, `sched_switch(bool preempt,
-// struct task_struct *prev, struct task_struct *next, unsigned int prev_state)`.
+// struct task_struct *prev, struct task_struct *next, unsigned int prev_state)`,
+// `sched_process_exit(struct task_struct *p, …)` with `p` the current task.
 
 #[btf_tracepoint(function = "sched_wakeup")]
 pub fn rq_wakeup(ctx: BtfTracePointContext) -> i32 {
@@ -371,6 +390,12 @@ pub fn rq_wakeup_new(ctx: BtfTracePointContext) -> i32 {
 pub fn rq_switch(ctx: BtfTracePointContext) -> i32 {
     let preempt: u64 = ctx.arg(0);
     on_switch::<true, _>(&ctx, preempt & 0xff != 0, ctx.arg(1), ctx.arg(2));
+    0
+}
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn rq_exit(_ctx: BtfTracePointContext) -> i32 {
+    on_exit::<true>();
     0
 }
 
@@ -392,5 +417,11 @@ pub fn rq_raw_wakeup_new(ctx: RawTracePointContext) -> i32 {
 pub fn rq_raw_switch(ctx: RawTracePointContext) -> i32 {
     let preempt: u64 = ctx.arg(0);
     on_switch::<false, _>(&ctx, preempt & 0xff != 0, ctx.arg(1), ctx.arg(2));
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn rq_raw_exit(_ctx: RawTracePointContext) -> i32 {
+    on_exit::<false>();
     0
 }

@@ -28,12 +28,7 @@ unsafe impl<T> Sync for TaskStorage<T> {}
 
 impl<T> TaskStorage<T> {
     pub const fn new() -> Self {
-        Self {
-            r#type: ptr::null(),
-            key: ptr::null(),
-            value: ptr::null(),
-            map_flags: ptr::null(),
-        }
+        Self { r#type: ptr::null(), key: ptr::null(), value: ptr::null(), map_flags: ptr::null() }
     }
 
     /// The current task's value, created zeroed when `create` is set.
@@ -55,21 +50,13 @@ impl<T> TaskStorage<T> {
     /// current task, or a task argument of a tp_btf/fentry program.
     #[inline(always)]
     pub unsafe fn get(&self, task: *mut core::ffi::c_void, create: bool) -> Option<&mut T> {
-        let flags = if create {
-            aya_ebpf::bindings::BPF_LOCAL_STORAGE_GET_F_CREATE as u64
-        } else {
-            0
-        };
+        let flags = if create { aya_ebpf::bindings::BPF_LOCAL_STORAGE_GET_F_CREATE as u64 } else { 0 };
         // SAFETY: the helper takes this map and a trusted task pointer; it
         // returns null or a pointer to a value of this map's value type, owned
         // by that task, which outlives this program run.
         unsafe {
-            let value = bpf_task_storage_get(
-                ptr::from_ref(self).cast_mut().cast(),
-                task.cast(),
-                ptr::null_mut(),
-                flags,
-            );
+            let value =
+                bpf_task_storage_get(ptr::from_ref(self).cast_mut().cast(), task.cast(), ptr::null_mut(), flags);
             value.cast::<T>().as_mut()
         }
     }

@@ -48,14 +48,13 @@
 //! the spinner too, would otherwise run between it and the wakee.
 
 use std::{
-    env,
-    fs,
-    thread,
+    env, fs,
     fs::File,
     hint::black_box,
     io::{Read, Write},
     net::{TcpListener, TcpStream, UdpSocket},
     process::exit,
+    thread,
     thread::sleep,
     time::{Duration, Instant},
 };

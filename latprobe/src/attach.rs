@@ -120,7 +120,9 @@ impl Refusal {
         let errno = bpf::errno(err);
         let hint = match errno {
             Some(libc::EPERM) => "the kernel refused (EPERM: lockdown or a BPF LSM policy)",
-            Some(libc::ENOENT) | Some(libc::ESRCH) => "not in the kernel's BTF (static or inlined functions may be missing)",
+            Some(libc::ENOENT) | Some(libc::ESRCH) => {
+                "not in the kernel's BTF (static or inlined functions may be missing)"
+            }
             Some(libc::EINVAL) | Some(libc::EBUSY) => {
                 "the kernel cannot probe this function (marked notrace, on the kprobe blocklist, or inlined at its \
                  call sites)"
@@ -249,11 +251,11 @@ impl Attacher<'_> {
     }
 
     fn attach_softirq(&mut self) -> Result<()> {
-        for (prog_name, event) in [(programs::SOFTIRQ_EXIT, "softirq_exit"), (programs::SOFTIRQ_ENTRY, "softirq_entry")] {
+        for (prog_name, event) in [(programs::SOFTIRQ_EXIT, "softirq_exit"), (programs::SOFTIRQ_ENTRY, "softirq_entry")]
+        {
             let prog: &mut RawTracePoint = program(self.ebpf, prog_name).map_err(|e| anyhow!(e))?;
             prog.load().map_err(|e| anyhow!("loading {prog_name}: {}", bpf::describe(&e)))?;
-            prog.attach(event)
-                .with_context(|| format!("attaching to raw tracepoint irq:{event}"))?;
+            prog.attach(event).with_context(|| format!("attaching to raw tracepoint irq:{event}"))?;
         }
         Ok(())
     }
@@ -269,9 +271,7 @@ fn program<'e, P>(ebpf: &'e mut Ebpf, name: &str) -> Result<&'e mut P, String>
 where
     &'e mut P: TryFrom<&'e mut aya::programs::Program, Error = ProgramError>,
 {
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or_else(|| format!("program {name} is missing from the embedded object"))?;
+    let prog = ebpf.program_mut(name).ok_or_else(|| format!("program {name} is missing from the embedded object"))?;
     prog.try_into().map_err(|e: ProgramError| e.to_string())
 }
 

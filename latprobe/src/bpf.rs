@@ -96,9 +96,7 @@ pub fn load<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
     // aya has no userspace type for task storage; the kernel side needs none.
     loader.allow_unsupported_maps();
     configure(&mut loader);
-    loader
-        .load(OBJECT)
-        .context("loading latprobe's BPF maps failed (task-local storage needs Linux 5.11 or newer)")
+    loader.load(OBJECT).context("loading latprobe's BPF maps failed (task-local storage needs Linux 5.11 or newer)")
 }
 
 /// An error and its causes on one line, like anyhow's `{:#}`.

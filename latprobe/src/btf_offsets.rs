@@ -319,7 +319,14 @@ mod tests {
         }
         fn build(&self) -> Vec<u8> {
             let mut out = Vec::new();
-            for w in [u32::from(MAGIC) | (1 << 16), 24, 0, self.types.len() as u32, self.types.len() as u32, self.strings.len() as u32] {
+            for w in [
+                u32::from(MAGIC) | (1 << 16),
+                24,
+                0,
+                self.types.len() as u32,
+                self.types.len() as u32,
+                self.strings.len() as u32,
+            ] {
                 out.extend_from_slice(&w.to_le_bytes());
             }
             out.extend_from_slice(&self.types);
@@ -343,7 +350,12 @@ mod tests {
         b.ty("f", FUNC_PROTO, 1, false, int, &[0, int]);
         let inner = b.strukt(STRUCT, "", 8, &[("pad", int, 0), ("tgid", pid_t, 32)]);
         let anon = b.strukt(UNION, "", 8, &[("", inner, 0)]);
-        b.strukt(STRUCT, "task_struct", 64, &[("__state", vol, 64), ("pid", pid_t, 128), ("", anon, 192), ("comm", comm, 320)]);
+        b.strukt(
+            STRUCT,
+            "task_struct",
+            64,
+            &[("__state", vol, 64), ("pid", pid_t, 128), ("", anon, 192), ("comm", comm, 320)],
+        );
         b.build()
     }
 

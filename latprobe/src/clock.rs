@@ -31,12 +31,7 @@ pub fn format_unix_ns(unix_ns: u64) -> String {
     let micros = (unix_ns % 1_000_000_000) / 1000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z", rem / 3600, rem / 60 % 60, rem % 60)
 }
 
 /// Gregorian date of a day count since 1970-01-01 (Howard Hinnant's algorithm).

@@ -25,9 +25,7 @@ impl std::error::Error for ParseDurationError {}
 pub fn parse_ns(text: &str) -> Result<u64, ParseDurationError> {
     let err = || ParseDurationError(text.to_string());
     let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(err)?;
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(err)?;
     let (number, unit) = t.split_at(split);
     let scale: f64 = match unit.trim() {
         "ns" => 1.0,

@@ -31,7 +31,11 @@ pub fn fold<'a>(stacks: impl IntoIterator<Item = Stack<'a>>) -> Vec<String> {
 /// Frame names cannot hold the format's separators.
 fn sanitize(frame: &str) -> String {
     let f = frame.replace([';', '\n'], "_").replace(' ', "_");
-    if f.is_empty() { "[unknown]".into() } else { f }
+    if f.is_empty() {
+        "[unknown]".into()
+    } else {
+        f
+    }
 }
 
 /// Total count of folded lines.

@@ -10,13 +10,8 @@ use hdrhistogram::Histogram;
 use latprobe_common::hdr;
 
 /// The quantiles every report shows, and their JSON names.
-pub const QUANTILES: [(f64, &str); 5] = [
-    (0.50, "p50"),
-    (0.90, "p90"),
-    (0.99, "p99"),
-    (0.999, "p999"),
-    (0.9999, "p9999"),
-];
+pub const QUANTILES: [(f64, &str); 5] =
+    [(0.50, "p50"), (0.90, "p90"), (0.99, "p99"), (0.999, "p999"), (0.9999, "p9999")];
 
 /// Latencies of one function over one period.
 #[derive(Clone)]
@@ -31,8 +26,7 @@ pub struct Latencies {
 
 impl Latencies {
     pub fn new() -> Self {
-        let hist = Histogram::new_with_bounds(1, hdr::MAX_TRACKED_NS, 3)
-            .expect("static HDR bounds are valid");
+        let hist = Histogram::new_with_bounds(1, hdr::MAX_TRACKED_NS, 3).expect("static HDR bounds are valid");
         Self { hist, sum_ns: 0, exact_min_max: None }
     }
 
@@ -40,9 +34,7 @@ impl Latencies {
     pub fn add_bucket(&mut self, index: usize, count: u64) -> Result<()> {
         // Bucket 0 holds zero-length calls; HDR's lowest value is 1 ns.
         let value = hdr::bucket_low(index).max(1);
-        self.hist
-            .record_n(value, count)
-            .with_context(|| format!("recording {count} values of {value} ns"))
+        self.hist.record_n(value, count).with_context(|| format!("recording {count} values of {value} ns"))
     }
 
     /// The kernel's exact sum, min and max. The max is never below the
@@ -93,11 +85,7 @@ impl Latencies {
     pub fn since(&self, earlier: &Latencies) -> Result<Latencies> {
         let mut hist = self.hist.clone();
         hist.subtract(&earlier.hist).context("subtracting the previous report")?;
-        Ok(Latencies {
-            hist,
-            sum_ns: self.sum_ns.saturating_sub(earlier.sum_ns),
-            exact_min_max: None,
-        })
+        Ok(Latencies { hist, sum_ns: self.sum_ns.saturating_sub(earlier.sum_ns), exact_min_max: None })
     }
 
     /// Counts per power-of-two range of `value / unit_ns`, as SystemTap and bcc
@@ -152,7 +140,6 @@ pub fn log2_unit(max_ns: u64) -> (u64, &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
 
     #[test]
     fn kernel_buckets_match_hdr_buckets() {

@@ -123,14 +123,8 @@ impl FunctionReport<'_> {
         if let Some(comm) = self.comm {
             name += &format!(" ({comm})");
         }
-        let mut out = format!(
-            "{name} [{}] {} {:.1}s: {} {}",
-            self.attach,
-            self.period,
-            self.seconds,
-            l.count(),
-            self.noun
-        );
+        let mut out =
+            format!("{name} [{}] {} {:.1}s: {} {}", self.attach, self.period, self.seconds, l.count(), self.noun);
         if self.lost() > 0 {
             out += &format!(
                 ", LOST {} ({} {} untimed, {} outliers undelivered)",
@@ -141,7 +135,10 @@ impl FunctionReport<'_> {
             );
         }
         if self.outliers_unprinted > 0 {
-            out += &format!(", {} outliers not printed (stdout too slow, or still queued at the end)", self.outliers_unprinted);
+            out += &format!(
+                ", {} outliers not printed (stdout too slow, or still queued at the end)",
+                self.outliers_unprinted
+            );
         }
         out.push('\n');
         if l.count() == 0 {
@@ -175,13 +172,7 @@ fn log2_text(l: &Latencies) -> String {
     let mut out = format!("  {unit:>22} : {:<10} distribution\n", "count");
     for (low, high, count) in buckets {
         let bar_len = ((count as f64 / peak as f64) * 40.0).ceil() as usize;
-        out += &format!(
-            "  {:>9} -> {:<9} : {:<10} |{:<40}|\n",
-            low,
-            high,
-            count,
-            "*".repeat(bar_len.min(40))
-        );
+        out += &format!("  {:>9} -> {:<9} : {:<10} |{:<40}|\n", low, high, count, "*".repeat(bar_len.min(40)));
     }
     out
 }
@@ -267,7 +258,6 @@ impl OutlierReport<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
 
     #[test]
     fn json_has_the_documented_fields() {

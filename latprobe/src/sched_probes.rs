@@ -89,7 +89,6 @@ pub struct Probes {
     lost: PerCpuArray<aya::maps::MapData, Lost>,
 }
 
-
 /// The bytes of a `--comm` prefix, checked against TASK_COMM_LEN.
 pub fn comm_prefix(comm: &str) -> Result<[u8; COMM_LEN]> {
     let bytes = comm.as_bytes();
@@ -161,7 +160,7 @@ pub fn start(config: &Config) -> Result<Probes> {
     let mut failures = Vec::new();
     let mut chosen = None;
     if config.mode != TpMode::RawTp {
-        match attach_tp_btf(&mut ebpf) {
+        match attach_tp_btf(&mut ebpf, use_hash != 0) {
             Ok(()) => chosen = Some(Mechanism::TpBtf),
             Err(e) => {
                 note(&format!("tp_btf unavailable: {e:#}"));
@@ -186,23 +185,31 @@ pub fn start(config: &Config) -> Result<Probes> {
     // raw_tp task pointers are plain integers, which the task-storage helper
     // refuses: that fallback always keeps wakeup times in the hash map.
     let store = if use_hash == 0 && mechanism == Mechanism::TpBtf { Store::TaskStorage } else { Store::Hash };
-    note(&format!("sched_wakeup, sched_wakeup_new, sched_switch attached with {mechanism}"));
+    let exit = if store == Store::Hash { ", sched_process_exit" } else { "" };
+    note(&format!("sched_wakeup, sched_wakeup_new, sched_switch{exit} attached with {mechanism}"));
     note(&match (store, storage_safe) {
         (Store::TaskStorage, _) => "wakeup times kept in task-local storage".to_string(),
-        (Store::Hash, true) => format!("wakeup times kept in a hash map of {START_HASH_ENTRIES} tids (raw_tp cannot use task storage)"),
+        (Store::Hash, true) => {
+            format!("wakeup times kept in a hash map of {START_HASH_ENTRIES} tids (raw_tp cannot use task storage)")
+        }
         (Store::Hash, false) => format!(
             "wakeup times kept in a hash map of {START_HASH_ENTRIES} tids: this kernel's task storage \
              allocates with kmalloc, unsafe under the run-queue lock"
         ),
     });
-    let lost = PerCpuArray::try_from(ebpf.take_map(maps::LOST).context("map RQ_LOST missing")?)
-        .context("map RQ_LOST")?;
+    let lost =
+        PerCpuArray::try_from(ebpf.take_map(maps::LOST).context("map RQ_LOST missing")?).context("map RQ_LOST")?;
     Ok(Probes { ebpf, mechanism, store, lost })
 }
 
-fn attach_tp_btf(ebpf: &mut Ebpf) -> Result<()> {
+/// Attaches the tp_btf programs; the exit one only with the hash map
+/// (`use_hash`), as task storage is freed with its task.
+fn attach_tp_btf(ebpf: &mut Ebpf, use_hash: bool) -> Result<()> {
     let btf = AyaBtf::from_sys_fs().context("reading kernel BTF")?;
     for (name, event) in programs::TP_BTF {
+        if event == programs::EXIT_EVENT && !use_hash {
+            continue;
+        }
         let prog: &mut BtfTracePoint = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} is missing from the embedded object"))?
@@ -213,6 +220,8 @@ fn attach_tp_btf(ebpf: &mut Ebpf) -> Result<()> {
     Ok(())
 }
 
+/// Attaches the raw_tp programs, the exit one included: raw_tp always keeps
+/// wakeup times in the hash map.
 fn attach_raw_tp(ebpf: &mut Ebpf) -> Result<()> {
     for (name, event) in programs::RAW_TP {
         let prog: &mut RawTracePoint = ebpf
@@ -254,9 +263,9 @@ impl Probes {
 
     /// Lost counts summed over CPUs.
     pub fn lost(&self) -> Result<Lost> {
-        Ok(self.lost_per_cpu()?.iter().fold(Lost::default(), |a, l| Lost {
-            no_start: a.no_start + l.no_start,
-            events: a.events + l.events,
-        }))
+        Ok(self
+            .lost_per_cpu()?
+            .iter()
+            .fold(Lost::default(), |a, l| Lost { no_start: a.no_start + l.no_start, events: a.events + l.events }))
     }
 }

@@ -307,7 +307,8 @@ fn hostile_task_names_are_escaped() {
     }
     let w = workload();
     let func = format!("{w}:latprobe_workload_recurse");
-    let run = latprobe(&["fn", &func, "--slower", "0ns", "--", &w, "rename", "ev\nil\x1b[2J", "recurse", "3", "1", "1ms"]);
+    let run =
+        latprobe(&["fn", &func, "--slower", "0ns", "--", &w, "rename", "ev\nil\x1b[2J", "recurse", "3", "1", "1ms"]);
     run.assert_success();
     assert!(!run.stdout.contains('\x1b'), "no raw escape reaches the terminal:\n{}", run.stdout);
     let lines: Vec<&str> = run.stdout.lines().filter(|l| l.contains("comm=")).collect();

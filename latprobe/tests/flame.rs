@@ -35,8 +35,18 @@ fn on_cpu_time_in_a_known_kernel_path_dominates() {
     let (f, svg) = (dir.join("out.folded"), dir.join("out.svg"));
     let w = workload();
     let run = latprobe(&[
-        "flame", "--kernel", "--freq", "199", "--folded", f.to_str().unwrap(), "-o", svg.to_str().unwrap(), "--", &w,
-        "readfor", "2s",
+        "flame",
+        "--kernel",
+        "--freq",
+        "199",
+        "--folded",
+        f.to_str().unwrap(),
+        "-o",
+        svg.to_str().unwrap(),
+        "--",
+        &w,
+        "readfor",
+        "2s",
     ]);
     run.assert_success();
     let lines = folded(&f);
@@ -60,7 +70,8 @@ fn on_cpu_time_in_a_known_kernel_path_dominates() {
 /// Renders the SVG in headless Chromium and checks the screenshot shows
 /// flames. The screenshot is kept under target/tmp as a test artifact.
 fn renders_in_chromium(svg: &std::path::Path) {
-    let Some(chromium) = ["/usr/bin/chromium", "/usr/bin/chromium-browser"].into_iter().find(|p| std::path::Path::new(p).exists())
+    let Some(chromium) =
+        ["/usr/bin/chromium", "/usr/bin/chromium-browser"].into_iter().find(|p| std::path::Path::new(p).exists())
     else {
         return skip("renders_in_chromium", "Chromium is not installed (scripts/setup installs it on the host)");
     };
@@ -81,12 +92,14 @@ fn renders_in_chromium(svg: &std::path::Path) {
     let mut pixels = vec![0; reader.output_buffer_size()];
     let info = reader.next_frame(&mut pixels).expect("PNG frame");
     let channels = info.color_type.samples();
-    let flame_colored = pixels[..info.buffer_size()]
-        .chunks(channels)
-        .filter(|p| p[0] > 180 && p[1] < 160 && p[2] < 100)
-        .count();
+    let flame_colored =
+        pixels[..info.buffer_size()].chunks(channels).filter(|p| p[0] > 180 && p[1] < 160 && p[2] < 100).count();
     let total = (info.width * info.height) as usize;
-    assert!(flame_colored * 100 >= total, "only {flame_colored} of {total} pixels are flame-colored: {}", shot.display());
+    assert!(
+        flame_colored * 100 >= total,
+        "only {flame_colored} of {total} pixels are flame-colored: {}",
+        shot.display()
+    );
 }
 
 #[test]
@@ -98,7 +111,8 @@ fn off_cpu_time_matches_the_time_slept() {
     let f = dir.join("out.folded");
     let w = workload();
     // 20 sleeps of 50 ms: one second blocked in nanosleep.
-    let run = latprobe(&["flame", "--offcpu", "--kernel", "--folded", f.to_str().unwrap(), "--", &w, "sleep", "20", "50ms"]);
+    let run =
+        latprobe(&["flame", "--offcpu", "--kernel", "--folded", f.to_str().unwrap(), "--", &w, "sleep", "20", "50ms"]);
     run.assert_success();
     let slept_us: u64 = folded(&f).iter().filter(|l| l.0.contains("nanosleep")).map(|l| l.1).sum();
     assert!(

@@ -105,7 +105,7 @@ fn interval_reports_add_up_to_the_final_one() {
     let run = latprobe(&["fn", &func, "--interval", "1s", "--format", "json", "--", &w, "recurse", "6", "1", "400ms"]);
     run.assert_success();
     let intervals: Vec<_> = run.records().into_iter().filter(|r| r["period"] == "interval").collect();
-    assert!(intervals.len() >= 1, "at least one interval report in ~2.4 s:\n{}", run.stdout);
+    assert!(!intervals.is_empty(), "at least one interval report in ~2.4 s:\n{}", run.stdout);
     let in_intervals: u64 = intervals.iter().map(|r| u64_of(r, "count")).sum();
     let total = u64_of(&run.final_histogram(&func), "count");
     assert_eq!(total, 6);
@@ -171,8 +171,8 @@ fn slower_reports_each_slow_call_with_its_stack() {
     }
     let w = workload();
     let run = latprobe(&[
-        "fn", NANOSLEEP, "--slower", "10ms", "--stacks", "--format", "json", "--", &w, "sleep", "5", "20ms", "sleep", "20",
-        "100us",
+        "fn", NANOSLEEP, "--slower", "10ms", "--stacks", "--format", "json", "--", &w, "sleep", "5", "20ms", "sleep",
+        "20", "100us",
     ]);
     run.assert_success();
     let outliers = run.outliers();
@@ -216,11 +216,7 @@ fn net_rx_action_counts_every_net_rx_softirq() {
     assert!(status.success());
     let after = net_rx_softirqs();
     let out = child.wait_with_output().unwrap();
-    let run = Run {
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: said,
-        output: out,
-    };
+    let run = Run { stdout: String::from_utf8_lossy(&out.stdout).into_owned(), stderr: said, output: out };
     run.assert_success();
     let h = run.final_histogram("net_rx_action");
     let expected = if kernel_probes_unavailable().is_some() { "softirq-tracepoint" } else { "fentry" };
@@ -358,7 +354,8 @@ fn counts_agree_with_funclatency() {
     // The workload waits 4 s so that both tracers are attached before it starts.
     let mut subject = Command::new(workload_bin()).args(["sleep", "1", "4s"]).args(steps).spawn().unwrap();
     let pid = subject.id().to_string();
-    let theirs = Command::new(&peer).args(["-p", &pid, "-d", "8", &peer_target]).stdout(Stdio::piped()).spawn().unwrap();
+    let theirs =
+        Command::new(&peer).args(["-p", &pid, "-d", "8", &peer_target]).stdout(Stdio::piped()).spawn().unwrap();
     // Attach one after the other: 6.1-rt has crashed (NULL call in a BPF
     // trampoline) when two tracers attached to vfs_read at the same instant.
     wait_for_bpf_links(theirs.id(), 2);

@@ -70,7 +70,9 @@ fn assert_wakee_waited_for_spinner(run: &Run) -> Value {
         .iter()
         .filter(|w| u64_of(w, "tid") == c.wakee)
         .max_by_key(|w| u64_of(w, "delay_ns"))
-        .unwrap_or_else(|| panic!("no wait of the wakee (tid {}) on {}:\n{}\n{}", c.wakee, kernel_name(), run.stdout, run.stderr))
+        .unwrap_or_else(|| {
+            panic!("no wait of the wakee (tid {}) on {}:\n{}\n{}", c.wakee, kernel_name(), run.stdout, run.stderr)
+        })
         .clone();
     let delay = u64_of(&wait, "delay_ns");
     assert!(delay >= 50_000_000, "the wakee waited the whole {SPIN} spin, not {delay} ns: {wait}");
@@ -113,7 +115,8 @@ fn runqslower_raw_tp_fallback_finds_the_same_wait() {
         return skip("runqslower_raw_tp_fallback_finds_the_same_wait", &why);
     }
     let w = workload();
-    let run = latprobe(&["-v", "runqslower", THRESHOLD, "--attach", "raw-tp", "--format", "json", "--", &w, "contend", SPIN]);
+    let run =
+        latprobe(&["-v", "runqslower", THRESHOLD, "--attach", "raw-tp", "--format", "json", "--", &w, "contend", SPIN]);
     run.assert_success();
     assert_wakee_waited_for_spinner(&run);
     let s = summary(&run);
@@ -132,7 +135,8 @@ fn runqslower_verbose_says_what_was_chosen() {
     run.assert_success();
     assert!(run.stderr.contains("attached with tp_btf"), "{}", run.stderr);
     assert!(run.stderr.contains("task_struct offsets from BTF"), "{}", run.stderr);
-    let store = run.stderr.lines().find(|l| l.contains("wakeup times kept in")).unwrap_or_else(|| panic!("{}", run.stderr));
+    let store =
+        run.stderr.lines().find(|l| l.contains("wakeup times kept in")).unwrap_or_else(|| panic!("{}", run.stderr));
     eprintln!("runqslower on {}: {store}", kernel_name());
 }
 
@@ -304,14 +308,20 @@ fn runqslower_cpu_filter() {
     let w = workload();
     // The workload contends on the CPU it starts on: the one we pin it to.
     let on = (cpus - 1).to_string();
-    let run = latprobe_on_cpu(cpus - 1, &["runqslower", THRESHOLD, "--cpu", &on, "--format", "json", "--", &w, "contend", SPIN]);
+    let run = latprobe_on_cpu(
+        cpus - 1,
+        &["runqslower", THRESHOLD, "--cpu", &on, "--format", "json", "--", &w, "contend", SPIN],
+    );
     run.assert_success();
     let wait = assert_wakee_waited_for_spinner(&run);
     assert_eq!(u64_of(&wait, "cpu"), (cpus - 1) as u64);
     if cpus < 2 {
         return skip("runqslower_cpu_filter (other CPU)", "one CPU only");
     }
-    let run = latprobe_on_cpu(cpus - 1, &["runqslower", THRESHOLD, "--cpu", "0", "--format", "json", "--", &w, "contend", SPIN]);
+    let run = latprobe_on_cpu(
+        cpus - 1,
+        &["runqslower", THRESHOLD, "--cpu", "0", "--format", "json", "--", &w, "contend", SPIN],
+    );
     run.assert_success();
     contention(&run.stderr);
     assert!(waits(&run).is_empty(), "the wait ended on CPU {}, not 0:\n{}", cpus - 1, run.stdout);
@@ -355,7 +365,8 @@ fn runqlat_per_cpu_keys_each_cpu() {
     for r in &rows {
         assert!(r["key"].as_str().is_some_and(|k| k.starts_with("cpu=")), "{r}");
     }
-    let mine = rows.iter().find(|r| r["key"] == key.as_str()).unwrap_or_else(|| panic!("no {key} row:\n{}", run.stdout));
+    let mine =
+        rows.iter().find(|r| r["key"] == key.as_str()).unwrap_or_else(|| panic!("no {key} row:\n{}", run.stdout));
     assert!(u64_of(mine, "max_ns") >= 50_000_000, "the spin was on {key}: {mine}");
 }
 
@@ -367,7 +378,21 @@ fn runqlat_per_pid_is_capped() {
     // Only the command's process is traced: it gets the one row, and
     // nothing is left for "other".
     let w = workload();
-    let run = latprobe(&["runqlat", "--per-pid", "--max-pids", "1", "--format", "json", "--secs", "2", "--", &w, "sleep", "50", "10ms"]);
+    let run = latprobe(&[
+        "runqlat",
+        "--per-pid",
+        "--max-pids",
+        "1",
+        "--format",
+        "json",
+        "--secs",
+        "2",
+        "--",
+        &w,
+        "sleep",
+        "50",
+        "10ms",
+    ]);
     run.assert_success();
     let rows: Vec<Value> = run.records().into_iter().filter(|r| r["period"] == "final").collect();
     let pids: Vec<&Value> = rows.iter().filter(|r| r["key"].as_str().is_some_and(|k| k.starts_with("pid="))).collect();
@@ -444,7 +469,10 @@ fn runqlat_agrees_with_libbpf_tools_runqlat() {
         return skip("runqlat_agrees_with_libbpf_tools_runqlat", &why);
     }
     let Some(peer_bin) = peer_runqlat() else {
-        return skip("runqlat_agrees_with_libbpf_tools_runqlat", "libbpf-tools' runqlat is not installed (Debian package libbpf-tools)");
+        return skip(
+            "runqlat_agrees_with_libbpf_tools_runqlat",
+            "libbpf-tools' runqlat is not installed (Debian package libbpf-tools)",
+        );
     };
     let peer_name = peer_bin.display().to_string();
     // The target: 400 sleeps of 2 ms, each ending in one wakeup and so one
@@ -474,7 +502,8 @@ fn runqlat_agrees_with_libbpf_tools_runqlat() {
             let _ = target.wait();
             ours.signal(libc::SIGINT);
             ours.finish();
-            let err = peer.wait_with_output().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
+            let err =
+                peer.wait_with_output().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
             let why = format!("{peer_name} cannot run on this kernel ({status}): {}", err.lines().last().unwrap_or(""));
             return skip("runqlat_agrees_with_libbpf_tools_runqlat", &why);
         }
@@ -512,13 +541,19 @@ fn runqlat_agrees_with_libbpf_tools_runqlat() {
     // when the switch was a preemption; and by the workload's exit. 2% or 5
     // waits, whichever is more.
     let tolerance = (peer_count / 50).max(5);
-    assert!(count.abs_diff(peer_count) <= tolerance, "latprobe {count} vs libbpf-tools {peer_count} waits (tolerance {tolerance})\n{peer_text}");
+    assert!(
+        count.abs_diff(peer_count) <= tolerance,
+        "latprobe {count} vs libbpf-tools {peer_count} waits (tolerance {tolerance})\n{peer_text}"
+    );
     // Median: libbpf-tools knows it only to a power of two (its log2 bucket),
     // and each tool's program runs inside the other's measurement, adding
     // some hundreds of ns: latprobe's p50 must fall in that bucket or a
     // neighbour, i.e. within a factor of two of its bounds.
     let (low_ns, high_ns) = (low_us * 1000 / 2, (high_us + 1) * 1000 * 2);
-    assert!((low_ns..=high_ns).contains(&p50), "latprobe p50 {p50} ns vs libbpf-tools median bucket {low_us}..={high_us} us\n{peer_text}");
+    assert!(
+        (low_ns..=high_ns).contains(&p50),
+        "latprobe p50 {p50} ns vs libbpf-tools median bucket {low_us}..={high_us} us\n{peer_text}"
+    );
 }
 
 #[test]

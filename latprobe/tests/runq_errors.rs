@@ -10,7 +10,11 @@ use common::*;
 fn assert_usage_error(run: &Run, needle: &str) {
     assert!(!run.output.status.success(), "should fail: {}", run.stdout);
     let first = run.stderr.lines().next().unwrap_or_default();
-    assert!(first.starts_with("error:") && run.stderr.contains(needle), "error should mention {needle:?}: {}", run.stderr);
+    assert!(
+        first.starts_with("error:") && run.stderr.contains(needle),
+        "error should mention {needle:?}: {}",
+        run.stderr
+    );
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
 }
 

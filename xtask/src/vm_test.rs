@@ -33,10 +33,8 @@ pub fn run(kernel: &str, filter: Option<&str>) -> Result<ExitCode> {
     adds.extend(tests.iter().cloned());
     adds.extend(PEERS.iter().map(PathBuf::from).filter(|p| p.is_file()));
 
-    let names: Vec<String> = tests
-        .iter()
-        .map(|t| t.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string())
-        .collect();
+    let names: Vec<String> =
+        tests.iter().map(|t| t.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string()).collect();
     let filter = filter.map(|f| format!(" {}", vm::initramfs::shell_quote(f))).unwrap_or_default();
     let script = format!(
         "fail=0; for t in {}; do echo \"--- $t\" >&2; $t --test-threads=1 --nocapture{filter} || fail=1; done; exit $fail",
@@ -51,11 +49,8 @@ pub fn run(kernel: &str, filter: Option<&str>) -> Result<ExitCode> {
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
-    let status = Command::new(env!("CARGO"))
-        .args(args)
-        .current_dir(workspace_root())
-        .status()
-        .context("running cargo")?;
+    let status =
+        Command::new(env!("CARGO")).args(args).current_dir(workspace_root()).status().context("running cargo")?;
     if !status.success() {
         bail!("cargo {} failed", args.join(" "));
     }
@@ -65,7 +60,17 @@ fn cargo(args: &[&str]) -> Result<()> {
 /// Builds the integration tests for musl and returns their executables.
 fn test_executables() -> Result<Vec<PathBuf>> {
     let out = Command::new(env!("CARGO"))
-        .args(["test", "--release", "--target", TARGET, "-p", "latprobe", "--tests", "--no-run", "--message-format=json"])
+        .args([
+            "test",
+            "--release",
+            "--target",
+            TARGET,
+            "-p",
+            "latprobe",
+            "--tests",
+            "--no-run",
+            "--message-format=json",
+        ])
         .current_dir(workspace_root())
         .stderr(Stdio::inherit())
         .output()

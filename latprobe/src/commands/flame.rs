@@ -120,9 +120,13 @@ pub async fn run(args: FlameArgs) -> Result<()> {
     })?;
     let mut gate = String::new();
     if let Some(target) = &during {
-        let mechanism =
-            Attacher { ebpf: &mut ebpf, btf: Btf::from_sys_fs().ok(), mode: args.attach, pid: (tgid != 0).then_some(tgid) }
-                .attach(0, target)?;
+        let mechanism = Attacher {
+            ebpf: &mut ebpf,
+            btf: Btf::from_sys_fs().ok(),
+            mode: args.attach,
+            pid: (tgid != 0).then_some(tgid),
+        }
+        .attach(0, target)?;
         gate = format!(
             ", during {} calls over {} ({mechanism})",
             text::printable(&target.name()),
@@ -130,7 +134,7 @@ pub async fn run(args: FlameArgs) -> Result<()> {
         );
     }
     if args.offcpu {
-        attach_offcpu(&mut ebpf)?;
+        attach_offcpu(&mut ebpf, use_hash == 1)?;
     } else {
         let on: Vec<u32> = match args.cpu {
             Some(cpu) => vec![cpu],
@@ -146,14 +150,14 @@ pub async fn run(args: FlameArgs) -> Result<()> {
 
     let counts: HashMap<MapData, StackKey, u64> =
         HashMap::try_from(ebpf.take_map(maps::COUNTS).context("map FL_COUNTS missing")?)?;
-    let mut usyms = UserSymbols::default();
+    let mut processes = Processes::default();
     // Often enough to read the mappings of short-lived processes.
     run.poll_every(Duration::from_millis(100));
     run.activate()?;
     let end = loop {
         match run.next_tick().await? {
             Step::Ended(end) => break end,
-            Step::Poll => remember_processes(&counts, &mut usyms, user),
+            Step::Poll => processes.remember(&counts, user),
             Step::Interval | Step::Records => {}
         }
     };
@@ -162,13 +166,13 @@ pub async fn run(args: FlameArgs) -> Result<()> {
     drop_programs(&mut ebpf);
     crate::attach::detach_entries(&mut ebpf);
     let elapsed = run.elapsed();
-    remember_processes(&counts, &mut usyms, user);
+    processes.remember(&counts, user);
 
     let stacks = StackTraceMap::try_from(ebpf.take_map(maps::STACKS).context("map FL_STACKS missing")?)?;
     let drops: PerCpuArray<MapData, Drops> =
         PerCpuArray::try_from(ebpf.take_map(maps::DROPS).context("map FL_DROPS missing")?)?;
     let ksyms = if kernel { KernelSymbols::load().ok() } else { None };
-    let lines = fold_counts(&counts, &stacks, ksyms.as_ref(), &mut usyms)?;
+    let lines = fold_counts(&counts, &stacks, ksyms.as_ref(), &mut processes.usyms)?;
     let dropped = total_drops(&drops)?;
     let total = folded::total(&lines);
     let unit = if args.offcpu { "us" } else { "samples" };
@@ -180,14 +184,18 @@ pub async fn run(args: FlameArgs) -> Result<()> {
         };
         format!("{what}, {:.1} s, {amount}", elapsed.as_secs_f64())
     });
-    if dropped.stack_collisions + dropped.stack_errors + dropped.keys_full + dropped.pending_full > 0 {
+    if dropped.stack_collisions + dropped.stack_errors + dropped.keys_full + dropped.pending_full + dropped.tasks_full
+        > 0
+    {
         output::say(&format!(
             "DROPPED {} stacks that collided in the stack map, {} that could not be taken, \
-             {} for a full counts map, {} beyond {MAX_PENDING} per slow call (of {} events)",
+             {} for a full counts map, {} beyond {MAX_PENDING} per slow call, {} for a full task table \
+             (of {} events)",
             dropped.stack_collisions,
             dropped.stack_errors,
             dropped.keys_full,
             dropped.pending_full,
+            dropped.tasks_full,
             dropped.events
         ));
     }
@@ -219,7 +227,7 @@ fn describe(args: &FlameArgs, kernel: bool, user: bool, cpus: &[u32]) -> String 
     };
     let whom = match (args.run.pid, args.run.command.first()) {
         (Some(pid), _) => format!("pid {pid}"),
-        (None, Some(cmd)) => text::printable(cmd),
+        (None, Some(cmd)) => text::printable(cmd).into_owned(),
         (None, None) => "all processes".into(),
     };
     if args.offcpu {
@@ -243,13 +251,25 @@ fn attach_oncpu(ebpf: &mut Ebpf, cpus: &[u32], freq: u64) -> Result<()> {
             SamplePolicy::Frequency(freq),
             false,
         )
-        .with_context(|| format!("opening a perf event on CPU {cpu} (perf_event_paranoid, or no PMU in a container?)"))?;
+        .with_context(|| {
+            format!("opening a perf event on CPU {cpu} (perf_event_paranoid, or no PMU in a container?)")
+        })?;
     }
     Ok(())
 }
 
-fn attach_offcpu(ebpf: &mut Ebpf) -> Result<()> {
+/// Attaches the switch program, and with the hash by tid (`use_hash`) the
+/// exit program that frees an exiting thread's entry: task storage is freed
+/// with its task, the hash is not.
+fn attach_offcpu(ebpf: &mut Ebpf, use_hash: bool) -> Result<()> {
     let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
+    if use_hash {
+        // Before the switch, so that no entry is stored without it.
+        let exit: &mut BtfTracePoint = ebpf.program_mut(programs::EXIT).context("fl_exit missing")?.try_into()?;
+        exit.load("sched_process_exit", &btf)
+            .map_err(|e| anyhow::anyhow!("loading the sched_process_exit program (tp_btf): {}", bpf::describe(&e)))?;
+        exit.attach().context("attaching to sched_process_exit")?;
+    }
     let prog: &mut BtfTracePoint = ebpf.program_mut(programs::SWITCH).context("fl_switch missing")?.try_into()?;
     prog.load("sched_switch", &btf)
         .map_err(|e| anyhow::anyhow!("loading the sched_switch program (tp_btf, Linux 5.5+): {}", bpf::describe(&e)))?;
@@ -259,7 +279,7 @@ fn attach_offcpu(ebpf: &mut Ebpf) -> Result<()> {
 
 fn drop_programs(ebpf: &mut Ebpf) {
     use aya::programs::Program;
-    for name in [programs::SAMPLE, programs::SWITCH] {
+    for name in programs::ALL {
         let _ = match ebpf.program_mut(name) {
             Some(Program::PerfEvent(p)) => p.unload(),
             Some(Program::BtfTracePoint(p)) => p.unload(),
@@ -269,13 +289,30 @@ fn drop_programs(ebpf: &mut Ebpf) {
 }
 
 /// Reads the mappings of every process in the counts that is not known yet.
-fn remember_processes(counts: &HashMap<MapData, StackKey, u64>, usyms: &mut UserSymbols, user: bool) {
-    if !user {
-        return;
-    }
-    let tgids: HashSet<u32> = counts.keys().filter_map(Result::ok).map(|k| k.tgid).collect();
-    for tgid in tgids {
-        usyms.remember(tgid);
+/// Reads the mappings of processes seen in the counts while they live, and
+/// reads them again when a process shows up under a new name: it exec'd, and
+/// its old mappings would name the new program's frames wrongly.
+#[derive(Default)]
+struct Processes {
+    usyms: UserSymbols,
+    /// The name each process had when its mappings were read.
+    names: std::collections::HashMap<u32, [u8; latprobe_common::COMM_LEN]>,
+}
+
+impl Processes {
+    fn remember(&mut self, counts: &HashMap<MapData, StackKey, u64>, user: bool) {
+        if !user {
+            return;
+        }
+        // Threads have names of their own: only the main thread's says exec.
+        let seen: HashSet<(u32, Option<[u8; latprobe_common::COMM_LEN]>)> =
+            counts.keys().filter_map(Result::ok).map(|k| (k.tgid, (k.pid == k.tgid).then_some(k.comm))).collect();
+        for (tgid, comm) in seen {
+            match comm.and_then(|c| self.names.insert(tgid, c).filter(|before| *before != c)) {
+                Some(_) => self.usyms.refresh(tgid),
+                None => self.usyms.remember(tgid),
+            }
+        }
     }
 }
 
@@ -307,14 +344,9 @@ fn fold_counts(
             .skip_while(|f| kallsyms::is_tracer_frame(f))
             .collect();
         let user: Vec<String> = frames(key.user_stack).into_iter().map(|ip| usyms.symbolize(key.tgid, ip)).collect();
-        resolved.push((text::folded_frame(&text::comm(&key.comm)), user, kernel, count));
+        resolved.push((text::folded_frame(&text::comm(&key.comm)).into_owned(), user, kernel, count));
     }
-    Ok(folded::fold(resolved.iter().map(|(comm, user, kernel, count)| Stack {
-        comm,
-        user,
-        kernel,
-        count: *count,
-    })))
+    Ok(folded::fold(resolved.iter().map(|(comm, user, kernel, count)| Stack { comm, user, kernel, count: *count })))
 }
 
 fn total_drops(drops: &PerCpuArray<MapData, Drops>) -> Result<Drops> {
@@ -325,6 +357,7 @@ fn total_drops(drops: &PerCpuArray<MapData, Drops>) -> Result<Drops> {
         total.stack_errors += d.stack_errors;
         total.keys_full += d.keys_full;
         total.pending_full += d.pending_full;
+        total.tasks_full += d.tasks_full;
     }
     Ok(total)
 }

@@ -61,12 +61,20 @@ pub async fn run(args: FnArgs) -> Result<()> {
 
     let mut traced = Vec::new();
     {
-        let mut attacher =
-            Attacher { ebpf: &mut ebpf, btf: Btf::from_sys_fs().ok(), mode: args.attach, pid: (tgid != 0).then_some(tgid) };
+        let mut attacher = Attacher {
+            ebpf: &mut ebpf,
+            btf: Btf::from_sys_fs().ok(),
+            mode: args.attach,
+            pid: (tgid != 0).then_some(tgid),
+        };
         for (slot, target) in targets.iter().enumerate() {
             let mechanism = attacher.attach(slot, target)?;
             output::verbose(&format!("{} attached with {mechanism}", text::printable(&target.name())));
-            traced.push(Traced { name: text::printable(&target.name()).into_owned(), mechanism, previous: Latencies::new() });
+            traced.push(Traced {
+                name: text::printable(&target.name()).into_owned(),
+                mechanism,
+                previous: Latencies::new(),
+            });
         }
     }
     let maps = HistMaps::take(&mut ebpf, maps::STATS, maps::BUCKETS)?;
@@ -74,7 +82,8 @@ pub async fn run(args: FnArgs) -> Result<()> {
     // Kernel symbols are only needed to print stacks; they take megabytes.
     let symbols = if args.stacks { kallsyms::for_stacks() } else { None };
     let names: Vec<String> = traced.iter().map(|t| t.name.clone()).collect();
-    let printer = OutlierPrinter { names: &names, symbols: symbols.as_ref(), clock: WallClock::new(), format: args.format };
+    let printer =
+        OutlierPrinter { names: &names, symbols: symbols.as_ref(), clock: WallClock::new(), format: args.format };
 
     let described: Vec<String> = traced.iter().map(|t| format!("{} ({})", t.name, t.mechanism)).collect();
     output::say(&format!("tracing {}; Ctrl-C to end", described.join(", ")));
@@ -106,7 +115,11 @@ pub async fn run(args: FnArgs) -> Result<()> {
     // Stop new calls from being timed, then collect what is in flight.
     attach::detach_entries(&mut ebpf);
     let discarded = ring.drain_until(run.drain_deadline(), |o| printer.print(&o))?;
-    let period = Period { name: "final", elapsed: run.elapsed(), unprinted: discarded + output::settle_records(run.drain_deadline() + SETTLE_TIME) };
+    let period = Period {
+        name: "final",
+        elapsed: run.elapsed(),
+        unprinted: discarded + output::settle_records(run.drain_deadline() + SETTLE_TIME),
+    };
     for (slot, t) in traced.iter().enumerate() {
         let totals = maps.totals(slot)?;
         output::report(render(t, &period, &totals.latencies, &totals, args.format));

@@ -357,7 +357,10 @@ pub fn summary_text(s: &Summary, rows: &[CulpritRow]) -> String {
             "\nWaits over {} by the task that held the CPU before (culprit), largest total first:\n",
             format_ns(s.threshold_ns)
         );
-        out += &format!("  {:<16} {:>8} {:>8} {:>6} {:>9} {:>9} {:>4}\n", "PREV COMM", "PREV PID", "PREV TID", "WAITS", "TOTAL", "MAX", "CPU");
+        out += &format!(
+            "  {:<16} {:>8} {:>8} {:>6} {:>9} {:>9} {:>4}\n",
+            "PREV COMM", "PREV PID", "PREV TID", "WAITS", "TOTAL", "MAX", "CPU"
+        );
         for r in rows.iter().take(TEXT_CULPRITS) {
             out += &format!(
                 "  {:<16} {:>8} {:>8} {:>6} {:>9} {:>9} {:>4}\n",
@@ -374,20 +377,11 @@ pub fn summary_text(s: &Summary, rows: &[CulpritRow]) -> String {
             out += &format!("  … and {} more (--format json lists all)\n", rows.len() - TEXT_CULPRITS);
         }
     }
-    out += &format!(
-        "runqslower [{}] {:.1}s: {} waits over {}",
-        s.attach,
-        s.seconds,
-        s.events,
-        format_ns(s.threshold_ns)
-    );
+    out +=
+        &format!("runqslower [{}] {:.1}s: {} waits over {}", s.attach, s.seconds, s.events, format_ns(s.threshold_ns));
     if s.lost() > 0 {
-        out += &format!(
-            ", LOST {} ({} wakeups untimed, {} waits undelivered)",
-            s.lost(),
-            s.lost_no_start,
-            s.lost_events
-        );
+        out +=
+            &format!(", LOST {} ({} wakeups untimed, {} waits undelivered)", s.lost(), s.lost_no_start, s.lost_events);
     }
     if s.unprinted > 0 {
         out += &format!(", {} waits not printed (stdout too slow, or still queued at the end)", s.unprinted);
@@ -438,7 +432,10 @@ mod tests {
         let rows = c.rows();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].comm, "telegraf");
-        assert_eq!((rows[0].count, rows[0].total_ns, rows[0].max_ns, rows[0].max_cpu), (2, 143_000_000, 91_000_000, 39));
+        assert_eq!(
+            (rows[0].count, rows[0].total_ns, rows[0].max_ns, rows[0].max_cpu),
+            (2, 143_000_000, 91_000_000, 39)
+        );
         assert_eq!((rows[1].comm.as_str(), rows[1].total_ns), ("gzip", 115_000_000));
     }
 

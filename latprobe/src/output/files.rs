@@ -90,9 +90,8 @@ impl OutputFile {
             None => self.link_unnamed()?,
         };
         // SAFETY: both names are NUL-terminated and relative to our dir fd.
-        let renamed = unsafe {
-            libc::renameat(self.dir.as_raw_fd(), temp.as_ptr(), self.dir.as_raw_fd(), self.name.as_ptr())
-        };
+        let renamed =
+            unsafe { libc::renameat(self.dir.as_raw_fd(), temp.as_ptr(), self.dir.as_raw_fd(), self.name.as_ptr()) };
         if renamed != 0 {
             let e = last_error(|| format!("renaming the finished file to {}", path.display()));
             // SAFETY: as above; the temporary name is ours to remove.
@@ -110,7 +109,13 @@ impl OutputFile {
             // SAFETY: NUL-terminated names; linkat follows the /proc magic link
             // to our unnamed inode.
             let linked = unsafe {
-                libc::linkat(libc::AT_FDCWD, source.as_ptr(), self.dir.as_raw_fd(), temp.as_ptr(), libc::AT_SYMLINK_FOLLOW)
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    source.as_ptr(),
+                    self.dir.as_raw_fd(),
+                    temp.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
             };
             if linked == 0 {
                 return Ok(temp);
@@ -143,7 +148,9 @@ fn hidden_name(name: &CString, attempt: u32) -> CString {
 fn open_unnamed(dir: &OwnedFd, path: &Path) -> Result<(File, Option<CString>)> {
     let dot = CString::new(".").expect("no NUL");
     // SAFETY: a NUL-terminated name relative to a directory fd we own.
-    let fd = unsafe { libc::openat(dir.as_raw_fd(), dot.as_ptr(), libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC, 0o644) };
+    let fd = unsafe {
+        libc::openat(dir.as_raw_fd(), dot.as_ptr(), libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC, 0o644)
+    };
     if fd < 0 {
         return Err(last_error(|| format!("creating {}", path.display())));
     }

@@ -20,8 +20,8 @@ use std::{
 
 use tokio::sync::Notify;
 
-pub use stream::Tally;
 use stream::Stream;
+pub use stream::Tally;
 
 static STDOUT: OnceLock<Stream> = OnceLock::new();
 static STDERR: OnceLock<Stream> = OnceLock::new();

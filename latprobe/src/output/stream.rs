@@ -31,7 +31,10 @@ const RECORD_QUEUE_BYTES: usize = 1 << 20;
 const REPORT_QUEUE_BYTES: usize = 64 << 20;
 
 enum Message {
-    Text { text: Vec<u8>, record: bool },
+    Text {
+        text: Vec<u8>,
+        record: bool,
+    },
     /// Acknowledged once everything queued before it is written.
     Flush(mpsc::SyncSender<()>),
 }

@@ -204,7 +204,7 @@ fn check(result: libc::c_int, what: &str) -> io::Result<()> {
 
 /// Undoes latprobe's changes to its own process, then drops to the user.
 fn restore_process(restore: Restore) -> io::Result<()> {
-    // SAFETY (this block): plain libc calls on valid, initialized arguments.
+    // SAFETY: plain libc calls on valid, initialized arguments.
     unsafe {
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
@@ -226,8 +226,8 @@ fn restore_process(restore: Restore) -> io::Result<()> {
 }
 
 fn become_user(uid: u32, gid: u32) -> io::Result<()> {
-    // SAFETY (this block): getpwuid_r fills caller-owned buffers; the name
-    // it points at lives in `buf` for the initgroups call.
+    // SAFETY: getpwuid_r fills caller-owned buffers; the name it points at
+    // lives in `buf` for the initgroups call.
     unsafe {
         let mut pw: libc::passwd = std::mem::zeroed();
         let mut found: *mut libc::passwd = std::ptr::null_mut();

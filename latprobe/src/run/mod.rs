@@ -128,11 +128,7 @@ impl Run {
 
     /// The process traced: `--pid`, the command's, or 0 for all.
     pub fn tgid(&self) -> u32 {
-        self.watched
-            .as_ref()
-            .map(|(pid, _)| *pid)
-            .or(self.child.as_ref().map(|c| c.pid))
-            .unwrap_or(0)
+        self.watched.as_ref().map(|(pid, _)| *pid).or(self.child.as_ref().map(|c| c.pid)).unwrap_or(0)
     }
 
     /// Wake with [`Step::Interval`] every `ns` once active.

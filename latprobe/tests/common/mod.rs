@@ -13,9 +13,7 @@ use serde_json::Value;
 
 /// latprobe under test: `LATPROBE_BIN` (set inside VMs) or cargo's build.
 pub fn latprobe_bin() -> PathBuf {
-    env::var_os("LATPROBE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_latprobe")))
+    env::var_os("LATPROBE_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_latprobe")))
 }
 
 /// The deterministic workload (latprobe/examples/workload.rs).
@@ -65,7 +63,13 @@ impl Run {
     }
 
     pub fn assert_success(&self) -> &Self {
-        assert!(self.output.status.success(), "latprobe failed ({}):\n{}\n{}", self.output.status, self.stdout, self.stderr);
+        assert!(
+            self.output.status.success(),
+            "latprobe failed ({}):\n{}\n{}",
+            self.output.status,
+            self.stdout,
+            self.stderr
+        );
         self
     }
 }
@@ -100,9 +104,8 @@ pub fn bpf_unavailable() -> Option<String> {
 /// Why kernel-function probes (fentry or kprobes) cannot run here.
 pub fn kernel_probes_unavailable() -> Option<String> {
     bpf_unavailable().or_else(|| {
-        (!std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists()).then(|| {
-            format!("kernel {} has no kprobes (and no fentry where kprobes are compiled out)", kernel_name())
-        })
+        (!std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists())
+            .then(|| format!("kernel {} has no kprobes (and no fentry where kprobes are compiled out)", kernel_name()))
     })
 }
 
@@ -144,19 +147,23 @@ impl Tracing {
     /// Follows a latprobe started with piped stdout and stderr until it says
     /// it is tracing.
     pub fn from_child(mut child: Child) -> Tracing {
-    let args = "latprobe";
-    let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
-    let mut said = String::new();
-    // `flame` says "sampling", the others "tracing".
-    while !said.contains("tracing") && !said.contains("sampling") {
-        let mut line = String::new();
-        if stderr.read_line(&mut line).unwrap_or(0) == 0 {
-            let out = child.wait_with_output().expect("latprobe ends");
-            panic!("latprobe {args:?} ended before tracing ({}): {said}{}", out.status, String::from_utf8_lossy(&out.stdout));
+        let args = "latprobe";
+        let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
+        let mut said = String::new();
+        // `flame` says "sampling", the others "tracing".
+        while !said.contains("tracing") && !said.contains("sampling") {
+            let mut line = String::new();
+            if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+                let out = child.wait_with_output().expect("latprobe ends");
+                panic!(
+                    "latprobe {args:?} ended before tracing ({}): {said}{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout)
+                );
+            }
+            said += &line;
         }
-        said += &line;
-    }
-    Tracing { child, stderr, said }
+        Tracing { child, stderr, said }
     }
 }
 
@@ -228,4 +235,3 @@ pub fn assert_one_line_error(run: &Run, needle: &str) {
     assert!(lines.len() <= 2, "one error line expected: {}", run.stderr);
     assert!(lines.iter().any(|l| l.contains(needle)), "error should mention {needle:?}: {}", run.stderr);
 }
-

@@ -79,7 +79,16 @@ fn write_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) 
     let nlink = if mode & 0o170000 == DIR & 0o170000 { 2 } else { 1 };
     let header = format!(
         "070701{ino:08x}{mode:08x}{:08x}{:08x}{nlink:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-        0, 0, 0, data.len(), 0, 0, 0, 0, name.len() + 1, 0
+        0,
+        0,
+        0,
+        data.len(),
+        0,
+        0,
+        0,
+        0,
+        name.len() + 1,
+        0
     );
     out.extend_from_slice(header.as_bytes());
     out.extend_from_slice(name.as_bytes());
@@ -129,7 +138,8 @@ pub fn shell_quote(s: &str) -> String {
 /// Whether `name` can be `export`ed by a POSIX shell.
 pub fn is_shell_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars.next().is_some_and(|c| c == '_' || c.is_ascii_alphabetic()) && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+    chars.next().is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
 }
 
 /// Marks the console lines that carry the run's progress to the host.
@@ -198,7 +208,12 @@ pub fn build(path: &Path, adds: &[PathBuf], command: &[String], env: &[(String, 
     for add in adds {
         let name = add.file_name().with_context(|| format!("--add {}: not a file", add.display()))?;
         if let Some(other) = names.insert(name.to_owned(), add) {
-            bail!("--add {} and --add {} would both be /bin/{}", other.display(), add.display(), name.to_string_lossy());
+            bail!(
+                "--add {} and --add {} would both be /bin/{}",
+                other.display(),
+                add.display(),
+                name.to_string_lossy()
+            );
         }
         archive.executable(add).with_context(|| format!("adding {} to the VM", add.display()))?;
     }

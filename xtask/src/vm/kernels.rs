@@ -4,8 +4,7 @@
 
 use std::{
     cmp::Ordering,
-    env,
-    fs,
+    env, fs,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -58,9 +57,7 @@ pub fn select(name: &str) -> Result<Vec<&'static Kernel>> {
 
 /// Where kernels and packages are cached (`LATPROBE_VM_CACHE` or target/vm).
 pub fn cache_dir() -> PathBuf {
-    env::var_os("LATPROBE_VM_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target/vm"))
+    env::var_os("LATPROBE_VM_CACHE").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target/vm"))
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -129,7 +126,8 @@ impl Kernel {
         fs::create_dir_all(&extract).with_context(|| format!("creating {}", extract.display()))?;
         run(Command::new("dpkg").arg("-x").arg(&deb).arg(&extract), "dpkg -x")?;
         let boot = extract.join("boot");
-        let vmlinuz = find_entry(&boot, "vmlinuz-", "").with_context(|| format!("no boot/vmlinuz-* in {}", deb.display()))?;
+        let vmlinuz =
+            find_entry(&boot, "vmlinuz-", "").with_context(|| format!("no boot/vmlinuz-* in {}", deb.display()))?;
 
         // Written under temporary names and renamed, `package` last: an
         // interrupted fetch never looks cached.
@@ -232,7 +230,10 @@ fn install(from: &Path, to: &Path) -> Result<()> {
 
 fn apt_get_update() -> Result<()> {
     eprintln!("xtask: apt-get update");
-    run(Command::new("apt-get").args(["update", "-qq"]), "apt-get update (run xtask as root, or run apt-get update yourself)")
+    run(
+        Command::new("apt-get").args(["update", "-qq"]),
+        "apt-get update (run xtask as root, or run apt-get update yourself)",
+    )
 }
 
 fn download(package: &str, dir: &Path) -> Result<bool> {

@@ -14,7 +14,14 @@ pub use kernels::{select, Kernel, MATRIX};
 pub use qemu::run_in_vm;
 
 /// `xtask vm` with its command-line arguments.
-pub fn cli(kernel: &str, list: bool, fetch: bool, adds: &[PathBuf], timeout: Duration, command: &[String]) -> Result<ExitCode> {
+pub fn cli(
+    kernel: &str,
+    list: bool,
+    fetch: bool,
+    adds: &[PathBuf],
+    timeout: Duration,
+    command: &[String],
+) -> Result<ExitCode> {
     if fetch {
         for k in MATRIX {
             k.fetch()?;
@@ -51,7 +58,13 @@ pub fn forwarded_env() -> Vec<(String, String)> {
 
 /// Runs `command` on each kernel in turn, with a header line before each and
 /// a summary at the end on stderr; returns how many failed.
-pub fn run_on(kernels: &[&Kernel], adds: &[PathBuf], command: &[String], env: &[(String, String)], timeout: Duration) -> Result<usize> {
+pub fn run_on(
+    kernels: &[&Kernel],
+    adds: &[PathBuf],
+    command: &[String],
+    env: &[(String, String)],
+    timeout: Duration,
+) -> Result<usize> {
     let mut summary = Vec::new();
     let mut failed = 0;
     for kernel in kernels {
@@ -60,7 +73,9 @@ pub fn run_on(kernels: &[&Kernel], adds: &[PathBuf], command: &[String], env: &[
         let line = match qemu::boot(kernel, adds, command, env, timeout) {
             Ok(o) => {
                 let times = match o.boot {
-                    Some(boot) => format!("boot {:.1} s, command {:.1} s", boot.as_secs_f64(), (o.total - boot).as_secs_f64()),
+                    Some(boot) => {
+                        format!("boot {:.1} s, command {:.1} s", boot.as_secs_f64(), (o.total - boot).as_secs_f64())
+                    }
                     None => format!("{:.1} s in all", o.total.as_secs_f64()),
                 };
                 if o.code == 0 {

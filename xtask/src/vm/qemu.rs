@@ -170,14 +170,16 @@ fn boot_in(
     let name = kernel.name;
     let logs = failed.display();
     if let Some(reason) = panic_reason(&log) {
-        let message = format!("kernel {name}: kernel panic: {reason}\nlogs in {logs}; the console's end:\n{}", tail(&log));
+        let message =
+            format!("kernel {name}: kernel panic: {reason}\nlogs in {logs}; the console's end:\n{}", tail(&log));
         if !log.contains(START_MARKER) {
             return Err(BootPanic { reason, message }.into());
         }
         bail!(message);
     }
     let Some(status) = status else {
-        let stage = if boot.is_some() { "the command was still running" } else { "the kernel had not finished booting" };
+        let stage =
+            if boot.is_some() { "the command was still running" } else { "the kernel had not finished booting" };
         bail!(
             "kernel {name}: no result within {} s ({stage}): VM killed, raise --timeout if it needs longer\nlogs in {logs}; the console's end:\n{}",
             timeout.as_secs(),
@@ -220,10 +222,12 @@ fn panic_reason(log: &str) -> Option<String> {
     let at = log.find("Kernel panic - not syncing")?;
     let message = log[at..].lines().next().unwrap_or_default();
     let message = message.trim_start_matches("Kernel panic - not syncing").trim_start_matches([':', ' ']).trim();
-    let cause = log[..at]
-        .lines()
-        .map(|l| l.split_once("] ").map_or(l, |(_, rest)| rest).trim())
-        .find(|l| l.starts_with("BUG:") || l.starts_with("Oops:") || l.starts_with("kernel BUG") || l.starts_with("watchdog: BUG:"));
+    let cause = log[..at].lines().map(|l| l.split_once("] ").map_or(l, |(_, rest)| rest).trim()).find(|l| {
+        l.starts_with("BUG:")
+            || l.starts_with("Oops:")
+            || l.starts_with("kernel BUG")
+            || l.starts_with("watchdog: BUG:")
+    });
     Some(match cause {
         Some(cause) if cause != message => format!("{message}, after {cause}"),
         _ => message.to_string(),
@@ -297,10 +301,7 @@ fn tail(log: &str) -> String {
 }
 
 fn which(program: &str, package: &str) -> Result<()> {
-    let found = std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .any(|d| d.join(program).is_file());
+    let found = std::env::var_os("PATH").iter().flat_map(std::env::split_paths).any(|d| d.join(program).is_file());
     if !found {
         bail!("{program} not found: run scripts/setup (or apt-get install {package})");
     }
@@ -330,7 +331,10 @@ mod tests {
             panic_reason(log).unwrap(),
             "Fatal exception, after BUG: kernel NULL pointer dereference, address: 0"
         );
-        assert_eq!(panic_reason("[ 3.3] Kernel panic - not syncing: sysrq triggered crash\n").unwrap(), "sysrq triggered crash");
+        assert_eq!(
+            panic_reason("[ 3.3] Kernel panic - not syncing: sysrq triggered crash\n").unwrap(),
+            "sysrq triggered crash"
+        );
         assert_eq!(panic_reason("fine\n"), None);
     }
 }
