@@ -171,7 +171,7 @@ mod tests {
         names.extend(sched::programs::TP_BTF.iter().chain(&sched::programs::RAW_TP).map(|(p, _)| *p));
         names.extend(flame::maps::ALL);
         names.extend(flame::globals::ALL);
-        names.extend([flame::programs::SAMPLE, flame::programs::SWITCH]);
+        names.extend(flame::programs::ALL);
         let missing: Vec<&&str> = names.iter().filter(|n| !symbols.contains(**n)).collect();
         assert!(missing.is_empty(), "names missing from the kernel object: {missing:?}");
     }

@@ -162,6 +162,11 @@ impl Run {
     /// Phase 4: the next thing to do. Ending comes first, so no flood of
     /// records can hold off a deadline or a signal.
     pub async fn next<T>(&mut self, ring: Option<&mut Ring<T>>) -> Result<Step> {
+        // The clock is read here too: under a flood the timer driver may be
+        // the last thing the runtime gets to.
+        if self.deadline.is_some_and(|at| Instant::now() >= at) {
+            return Ok(Step::Ended(End::Deadline));
+        }
         // Async blocks capture whole variables: borrow each field apart.
         let (deadline_at, child, watched) = (self.deadline, self.child.as_mut(), self.watched.as_ref());
         let (signals, interval, poll) = (&mut self.signals, &mut self.interval, &mut self.poll);

@@ -26,6 +26,10 @@ impl<T> Ring<T> {
     /// Resolves when records are waiting. Cancel-safe.
     pub async fn ready(&mut self) -> Result<()> {
         if self.backlog {
+            // Let the runtime poll its drivers first: a task that is never
+            // pending starves the timer and signal drivers, and the
+            // deadline or Ctrl-C would never be seen.
+            tokio::task::yield_now().await;
             return Ok(());
         }
         let mut guard = self.fd.readable_mut().await.context("waiting on a ring buffer")?;
