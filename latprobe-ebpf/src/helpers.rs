@@ -74,32 +74,18 @@ fn cmpxchg(slot: &mut u64, expected: u64, new: u64) -> u64 {
     old
 }
 
-/// Lowers `*slot` to `value`, atomically against a run of the same program
-/// preempting this one. 0 in `*slot` means "no value yet".
+/// Stores `value` in `*slot` unless `keeps(seen, value)` says the value
+/// there already wins, atomically against a run of the same program
+/// preempting this one (PREEMPT_RT). A bounded number of attempts: the
+/// verifier needs the bound, and losing races that often needs several
+/// preemptions on one CPU within one update.
 #[inline(always)]
-fn store_min(slot: &mut u64, value: u64) {
+fn store_unless(slot: &mut u64, value: u64, keeps: impl Fn(u64, u64) -> bool) {
     // SAFETY: a plain read of a valid, aligned u64; the exchange below
     // checks it.
     let mut seen = unsafe { read_volatile(slot) };
     for _ in 0..CAS_ATTEMPTS {
-        if seen != 0 && seen <= value {
-            return;
-        }
-        let found = cmpxchg(slot, seen, value);
-        if found == seen {
-            return;
-        }
-        seen = found;
-    }
-}
-
-/// Raises `*slot` to `value`, as `store_min`.
-#[inline(always)]
-fn store_max(slot: &mut u64, value: u64) {
-    // SAFETY: as in `store_min`.
-    let mut seen = unsafe { read_volatile(slot) };
-    for _ in 0..CAS_ATTEMPTS {
-        if seen >= value {
+        if keeps(seen, value) {
             return;
         }
         let found = cmpxchg(slot, seen, value);
@@ -124,8 +110,8 @@ pub fn record<const B: usize>(
     // value it finds in a bucket is already within them, and the reported
     // max (which clamps the top percentiles) cannot miss the outlier.
     // Per-CPU values start zeroed, so 0 also means "no value yet".
-    store_min(&mut stats.min_ns, duration);
-    store_max(&mut stats.max_ns, duration);
+    store_unless(&mut stats.min_ns, duration, |seen, v| seen != 0 && seen <= v);
+    store_unless(&mut stats.max_ns, duration, |seen, v| seen >= v);
     let index = hdr::bucket_index(duration);
     let group = index / hdr::GROUP_BUCKETS;
     let key = (slot * hdr::GROUPS + group) as u32;

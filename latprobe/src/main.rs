@@ -60,11 +60,11 @@ fn main() -> ExitCode {
         output::error(&format!("writing to stdout failed: {failure}"));
         return finish_with(ExitCode::FAILURE);
     }
-    if finished.stdout_stalled {
+    if !finished.stdout_closed && (finished.stdout_stalled || finished.stdout.dropped_reports > 0) {
         output::error(&format!(
-            "stdout did not take the output in time ({} records not printed): \
-             is the reader of the pipe stopped?",
-            finished.stdout.dropped_records
+            "stdout did not take the output in time ({} records and {} reports not printed): is the \
+             reader of the pipe stopped?",
+            finished.stdout.dropped_records, finished.stdout.dropped_reports
         ));
         return finish_with(ExitCode::FAILURE);
     }

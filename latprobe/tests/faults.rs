@@ -175,7 +175,8 @@ fn nohup_keeps_sighup_ignored() {
     run.final_histogram("runqlat");
 }
 
-/// Each command, with arguments that make it trace right away.
+/// Each command, with arguments that make it trace right away, and the
+/// prefix of its programs' names.
 fn every_command() -> Vec<(&'static str, Vec<String>)> {
     let mut fn_target = "net_rx_action".to_string();
     if kernel_probes_unavailable().is_none() {
@@ -187,17 +188,6 @@ fn every_command() -> Vec<(&'static str, Vec<String>)> {
         ("rq_", vec!["runqlat".into(), "--format".into(), "json".into()]),
         ("fl_", vec!["flame".into(), "--kernel".into(), "--folded".into(), "/dev/null".into()]),
     ]
-}
-
-fn wait_until_unloaded(prefix: &str, what: &str) {
-    // The kernel frees programs once the last fd closes; give it a moment.
-    for _ in 0..50 {
-        if programs_loaded(prefix) == 0 {
-            return;
-        }
-        sleep(Duration::from_millis(100));
-    }
-    panic!("{prefix} programs left loaded after {what}");
 }
 
 #[test]

@@ -231,43 +231,6 @@ fn net_rx_action_counts_every_net_rx_softirq() {
 }
 
 #[test]
-fn probes_are_gone_after_sigkill() {
-    if let Some(why) = bpf_unavailable() {
-        return skip("probes_are_gone_after_sigkill", &why);
-    }
-    let func = if kernel_probes_unavailable().is_none() { READ } else { "net_rx_action" };
-    let mut child = Command::new(latprobe_bin()).args(["fn", func]).stderr(Stdio::piped()).spawn().unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("tracing") {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "latprobe ended before tracing");
-    }
-    assert!(ours_loaded() > 0, "latprobe's programs are loaded while it runs");
-    child.kill().unwrap();
-    child.wait().unwrap();
-    // The kernel frees programs once the last fd closes; give it a moment.
-    for _ in 0..50 {
-        if ours_loaded() == 0 {
-            break;
-        }
-        sleep(Duration::from_millis(100));
-    }
-    assert_eq!(ours_loaded(), 0, "programs left attached after SIGKILL");
-    if let Ok(events) = std::fs::read_to_string("/sys/kernel/tracing/kprobe_events") {
-        assert!(events.trim().is_empty(), "leftover kprobes: {events}");
-    }
-}
-
-/// latprobe's `fn` programs currently loaded in the kernel.
-fn ours_loaded() -> usize {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("fn_")))
-        .count()
-}
-
-#[test]
 fn network_functions_from_real_incidents() {
     if let Some(why) = kernel_probes_unavailable() {
         return skip("network_functions_from_real_incidents", &why);

@@ -579,18 +579,7 @@ fn every_exit_path_prints_the_final_report() {
     let run = latprobe(&["runqlat", "--secs", "1", "--format", "json"]);
     run.assert_success();
     run.final_histogram("runqlat");
-    wait_until_unloaded();
-}
-
-fn wait_until_unloaded() {
-    // The kernel frees programs once the last fd closes; give it a moment.
-    for _ in 0..50 {
-        if programs_loaded("rq_") == 0 {
-            break;
-        }
-        sleep(Duration::from_millis(100));
-    }
-    assert_eq!(programs_loaded("rq_"), 0, "rq_ programs left loaded after latprobe ended");
+    wait_until_unloaded("rq_", "latprobe ended");
 }
 
 #[test]
@@ -603,7 +592,7 @@ fn rq_programs_are_gone_after_sigkill() {
         assert!(programs_loaded("rq_") >= 3, "wakeup, wakeup_new and switch programs loaded");
         t.child.kill().expect("SIGKILL");
         t.child.wait().expect("reaped");
-        wait_until_unloaded();
+        wait_until_unloaded("rq_", &format!("{args:?} was killed"));
     }
 }
 

@@ -107,6 +107,8 @@ pub struct Finished {
     pub stdout_stalled: bool,
     /// stdout failed (other than its reader going away).
     pub stdout_failure: Option<String>,
+    /// stdout's reader went away: what was not written is not a loss.
+    pub stdout_closed: bool,
     pub stdout: Tally,
 }
 
@@ -116,5 +118,5 @@ pub fn finish(deadline: Instant) -> Finished {
     let stdout_stalled = !out.flush_until(deadline);
     // stderr gets whatever time is left; a stalled terminal is not an error.
     stderr().flush_until(deadline);
-    Finished { stdout_stalled, stdout_failure: out.failure(), stdout: out.tally() }
+    Finished { stdout_stalled, stdout_failure: out.failure(), stdout_closed: out.closed(), stdout: out.tally() }
 }

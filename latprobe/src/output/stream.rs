@@ -58,7 +58,8 @@ struct State {
 
 /// One output stream and the thread that writes it.
 pub struct Stream {
-    sender: Mutex<Sender<Message>>,
+    /// `Sender` is `Sync`: every thread queues through it without a lock.
+    sender: Sender<Message>,
     state: Arc<State>,
 }
 
@@ -80,7 +81,7 @@ impl Stream {
         let _ = thread::Builder::new()
             .name(format!("latprobe-{name}"))
             .spawn(move || write_loop(fd, &receiver, &writer_state));
-        Self { sender: Mutex::new(sender), state }
+        Self { sender, state }
     }
 
     fn queue(&self, text: Vec<u8>, record: bool) -> bool {
@@ -96,8 +97,7 @@ impl Stream {
         if record {
             state.pending_records.fetch_add(1, Ordering::Relaxed);
         }
-        let sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
-        sender.send(Message::Text { text, record }).is_ok()
+        self.sender.send(Message::Text { text, record }).is_ok()
     }
 
     /// Queues a record that may be dropped (and counted) when the reader is
@@ -138,11 +138,8 @@ impl Stream {
     /// false when the reader did not take it all in time.
     pub fn flush_until(&self, deadline: Instant) -> bool {
         let (ack, acked) = mpsc::sync_channel(1);
-        {
-            let sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
-            if sender.send(Message::Flush(ack)).is_err() {
-                return self.state.queued.load(Ordering::Relaxed) == 0;
-            }
+        if self.sender.send(Message::Flush(ack)).is_err() {
+            return self.state.queued.load(Ordering::Relaxed) == 0;
         }
         let left = deadline.saturating_duration_since(Instant::now());
         acked.recv_timeout(left).is_ok()

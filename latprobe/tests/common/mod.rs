@@ -226,6 +226,19 @@ pub fn programs_loaded(prefix: &str) -> usize {
         .count()
 }
 
+/// Waits (up to 5 s: the kernel frees programs once their last fd closes)
+/// until no program whose name starts with `prefix` is loaded; panics
+/// naming `what` otherwise.
+pub fn wait_until_unloaded(prefix: &str, what: &str) {
+    for _ in 0..50 {
+        if programs_loaded(prefix) == 0 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("{prefix} programs left loaded after {what}");
+}
+
 /// Asserts a failed run printed one error line mentioning `needle` (clap adds
 /// a "try --help" hint after its own).
 pub fn assert_one_line_error(run: &Run, needle: &str) {
