@@ -210,6 +210,9 @@ fn every_command_ends_cleanly_on_every_signal() {
                 assert!(!run.records().is_empty(), "{args:?} {name}: a final report");
             } else {
                 assert!(run.stderr.contains("wrote /dev/null"), "{args:?} {name}: {}", run.stderr);
+                use std::os::unix::fs::FileTypeExt;
+                let null = fs::symlink_metadata("/dev/null").expect("/dev/null");
+                assert!(null.file_type().is_char_device(), "/dev/null was written to, not replaced");
             }
             wait_until_unloaded(prefix, &format!("{args:?} ended by {name}"));
         }

@@ -8,6 +8,10 @@
 //! symlink at the target is replaced, never followed — latprobe runs as
 //! root. Where the filesystem has no `O_TMPFILE`, a hidden temporary name
 //! created with `O_EXCL|O_NOFOLLOW` is removed on every exit but `kill -9`.
+//!
+//! A character device or a FIFO named as the target (`/dev/null`, a named
+//! pipe) is a stream, not a file to replace: it is written in place.
+//! Renaming over it would replace the device node itself.
 
 use std::{
     ffi::CString,
@@ -26,9 +30,15 @@ use anyhow::{bail, Context, Result};
 pub struct OutputFile {
     /// What the user asked for, for messages.
     path: PathBuf,
+    file: File,
+    /// Where the finished file is renamed to; None for a stream.
+    place: Option<Place>,
+}
+
+/// The directory and name a finished file is renamed to.
+struct Place {
     dir: OwnedFd,
     name: CString,
-    file: File,
     /// The hidden name of the fallback; None for an unnamed file.
     temp_name: Option<CString>,
 }
@@ -56,6 +66,9 @@ impl OutputFile {
         if path.is_dir() {
             bail!("{}: is a directory; name a file, e.g. {}", path.display(), path.join("out.svg").display());
         }
+        if let Some(file) = open_stream(path)? {
+            return Ok(Self { path: path.to_path_buf(), file, place: None });
+        }
         let dir_c = cstring(parent.as_os_str().as_bytes(), path)?;
         // SAFETY: a NUL-terminated path; the returned fd is checked below.
         let dir = unsafe { libc::open(dir_c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
@@ -73,7 +86,7 @@ impl OutputFile {
         let name = cstring(name.as_bytes(), path)?;
         let (file, temp_name) = open_unnamed(&dir, path).or_else(|_| open_hidden(&dir, path, &name))?;
         give_to_invoking_user(&file);
-        Ok(Self { path: path.to_path_buf(), dir, name, file, temp_name })
+        Ok(Self { path: path.to_path_buf(), file, place: Some(Place { dir, name, temp_name }) })
     }
 
     pub fn path(&self) -> &Path {
@@ -84,26 +97,31 @@ impl OutputFile {
     pub fn commit(mut self, bytes: &[u8]) -> Result<()> {
         let path = self.path.clone();
         self.file.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
+        let Some(place) = self.place.as_mut() else {
+            return Ok(());
+        };
         self.file.sync_all().with_context(|| format!("writing {}", path.display()))?;
-        let temp = match self.temp_name.take() {
+        let temp = match place.temp_name.take() {
             Some(t) => t,
-            None => self.link_unnamed()?,
+            None => place.link_unnamed(&self.file, &path)?,
         };
         // SAFETY: both names are NUL-terminated and relative to our dir fd.
         let renamed =
-            unsafe { libc::renameat(self.dir.as_raw_fd(), temp.as_ptr(), self.dir.as_raw_fd(), self.name.as_ptr()) };
+            unsafe { libc::renameat(place.dir.as_raw_fd(), temp.as_ptr(), place.dir.as_raw_fd(), place.name.as_ptr()) };
         if renamed != 0 {
             let e = last_error(|| format!("renaming the finished file to {}", path.display()));
             // SAFETY: as above; the temporary name is ours to remove.
-            unsafe { libc::unlinkat(self.dir.as_raw_fd(), temp.as_ptr(), 0) };
+            unsafe { libc::unlinkat(place.dir.as_raw_fd(), temp.as_ptr(), 0) };
             return Err(e);
         }
         Ok(())
     }
+}
 
-    /// Gives the unnamed file a hidden temporary name next to the target.
-    fn link_unnamed(&self) -> Result<CString> {
-        let source = CString::new(format!("/proc/self/fd/{}", self.file.as_raw_fd())).expect("no NUL in a number");
+impl Place {
+    /// Gives the unnamed `file` a hidden temporary name next to the target.
+    fn link_unnamed(&self, file: &File, path: &Path) -> Result<CString> {
+        let source = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).expect("no NUL in a number");
         for attempt in 0..100u32 {
             let temp = hidden_name(&self.name, attempt);
             // SAFETY: NUL-terminated names; linkat follows the /proc magic link
@@ -121,20 +139,46 @@ impl OutputFile {
                 return Ok(temp);
             }
             if io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
-                return Err(last_error(|| format!("naming the finished file {}", self.path.display())));
+                return Err(last_error(|| format!("naming the finished file {}", path.display())));
             }
         }
-        bail!("naming the finished file {}: no free temporary name", self.path.display())
+        bail!("naming the finished file {}: no free temporary name", path.display())
     }
 }
 
-impl Drop for OutputFile {
+impl Drop for Place {
     fn drop(&mut self) {
         if let Some(temp) = &self.temp_name {
             // SAFETY: a NUL-terminated name relative to our dir fd, created by us.
             unsafe { libc::unlinkat(self.dir.as_raw_fd(), temp.as_ptr(), 0) };
         }
     }
+}
+
+/// The target itself when it is a character device or a FIFO (not through
+/// a symlink): opened now, without blocking on a FIFO with no reader.
+fn open_stream(path: &Path) -> Result<Option<File>> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(None) };
+    let kind = meta.file_type();
+    if !kind.is_char_device() && !kind.is_fifo() {
+        return Ok(None);
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .open(path)
+        .with_context(|| {
+            let why = if kind.is_fifo() { " (a FIFO needs its reader started first)" } else { "" };
+            format!("cannot open {}{why}", path.display())
+        })?;
+    // Written whole at the end: blocking writes from here on.
+    // SAFETY: F_GETFL/F_SETFL on an fd we own.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+    }
+    Ok(Some(file))
 }
 
 /// `.NAME.latprobe-PID-N`: hidden, and unique to this run.
@@ -241,6 +285,21 @@ mod tests {
     }
 
     #[test]
+    fn a_device_is_written_in_place_never_replaced() {
+        use std::os::unix::fs::FileTypeExt;
+        OutputFile::create(Path::new("/dev/null")).unwrap().commit(b"gone").unwrap();
+        assert!(fs::symlink_metadata("/dev/null").unwrap().file_type().is_char_device(), "/dev/null is still a device");
+        let dir = scratch("fifo");
+        let fifo = dir.join("pipe");
+        let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = OutputFile::create(&fifo).err().expect("no reader: fails at once, does not block");
+        assert!(format!("{e:#}").contains("needs its reader"), "{e:#}");
+        assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(), "the FIFO is left as it was");
+    }
+
+    #[test]
     fn hidden_fallback_is_removed_on_drop() {
         let dir = scratch("hidden");
         let path = dir.join("out.folded");
@@ -249,14 +308,7 @@ mod tests {
         let (_, temp) = open_hidden(&OwnedFd::from(dir_fd.try_clone().unwrap()), &path, &name).unwrap();
         let temp = temp.unwrap();
         assert!(dir.join(OsStr::from_bytes(temp.as_bytes())).exists());
-        let file = OutputFile {
-            path: path.clone(),
-            dir: OwnedFd::from(dir_fd),
-            name,
-            file: File::open("/dev/null").unwrap(),
-            temp_name: Some(temp),
-        };
-        drop(file);
+        drop(Place { dir: OwnedFd::from(dir_fd), name, temp_name: Some(temp) });
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
     }
 }
