@@ -46,9 +46,9 @@ fn main() -> ExitCode {
         }
     });
     // Probes are detached by now; what is left is writing out. A stalled
-    // reader cannot hold latprobe: with the final drain's 300 ms, a run ends
-    // within a second of its deadline.
-    let finished = output::finish(Instant::now() + Duration::from_millis(600));
+    // reader cannot hold latprobe: the time left counts from the end of
+    // tracing, the final drain included.
+    let finished = output::finish(output::deadline());
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

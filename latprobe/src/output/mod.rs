@@ -15,7 +15,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         OnceLock,
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use tokio::sync::Notify;
@@ -27,6 +27,23 @@ static STDOUT: OnceLock<Stream> = OnceLock::new();
 static STDERR: OnceLock<Stream> = OnceLock::new();
 static VERBOSE: AtomicBool = AtomicBool::new(false);
 static CLOSED: Notify = Notify::const_new();
+/// When tracing ended: the output's time to be written counts from here.
+static ENDED: OnceLock<Instant> = OnceLock::new();
+
+/// Output still queued after this long past the end of tracing is given up
+/// (and said): with the final drain inside it, a run ends within a second.
+const WIND_DOWN: Duration = Duration::from_millis(800);
+
+/// Notes that tracing ended now.
+pub fn mark_end() {
+    let _ = ENDED.set(Instant::now());
+}
+
+/// Until when the output may be written: `WIND_DOWN` after the end of
+/// tracing, or from now when a run failed before it traced.
+pub fn deadline() -> Instant {
+    ENDED.get().copied().unwrap_or_else(Instant::now) + WIND_DOWN
+}
 
 fn stdout() -> &'static Stream {
     STDOUT.get_or_init(|| Stream::new(1, "stdout"))

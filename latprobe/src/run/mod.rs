@@ -222,6 +222,7 @@ impl Run {
     /// (it would run on untraced); the user is told why the run ended.
     pub fn end(&mut self, end: &End) {
         self.ended = Some(Instant::now());
+        output::mark_end();
         if let Some(c) = self.child.as_mut() {
             if c.terminate() {
                 output::say(&format!("{} was still running: sent it SIGTERM", c.name));
