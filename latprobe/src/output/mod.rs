@@ -32,7 +32,7 @@ static ENDED: OnceLock<Instant> = OnceLock::new();
 
 /// Output still queued after this long past the end of tracing is given up
 /// (and said): with the final drain inside it, a run ends within a second.
-const WIND_DOWN: Duration = Duration::from_millis(800);
+const WIND_DOWN: Duration = Duration::from_millis(600);
 
 /// Notes that tracing ended now.
 pub fn mark_end() {
