@@ -40,10 +40,17 @@ pub fn mark_end() {
 }
 
 /// Until when the output may be written: `WIND_DOWN` after the end of
-/// tracing, or from now when a run failed before it traced.
+/// tracing (from now when a run failed before it traced), and at least
+/// `GRACE` from now.
 pub fn deadline() -> Instant {
-    ENDED.get().copied().unwrap_or_else(Instant::now) + WIND_DOWN
+    let now = Instant::now();
+    // Work done after the end (folding and rendering a flame graph) does
+    // not eat the writer's time: it always gets a moment.
+    (ENDED.get().copied().unwrap_or(now) + WIND_DOWN).max(now + GRACE)
 }
+
+/// The least time the writer gets once everything is queued.
+const GRACE: Duration = Duration::from_millis(200);
 
 fn stdout() -> &'static Stream {
     STDOUT.get_or_init(|| Stream::new(1, "stdout"))
