@@ -20,7 +20,7 @@ use std::{
         Arc, Mutex,
     },
     thread,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 /// Queued bytes beyond which records are dropped: small enough for a
@@ -29,6 +29,9 @@ const RECORD_QUEUE_BYTES: usize = 1 << 20;
 /// Queued bytes beyond which even reports are dropped (a stdout stalled for
 /// hours under `--interval` must not grow without bound).
 const REPORT_QUEUE_BYTES: usize = 64 << 20;
+
+/// A writer that wrote nothing for this long is stalled.
+const STALL_TIME: Duration = Duration::from_millis(100);
 
 enum Message {
     Text {
@@ -141,10 +144,25 @@ impl Stream {
         if self.sender.send(Message::Flush(ack)).is_err() {
             return self.state.queued.load(Ordering::Relaxed) == 0;
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        // Late but nothing left unwritten (the writer was not scheduled in
-        // time to answer): not a stall.
-        acked.recv_timeout(left).is_ok() || self.state.queued.load(Ordering::Relaxed) == 0
+        let mut queued = self.state.queued.load(Ordering::Relaxed);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if acked.recv_timeout(left.min(STALL_TIME)).is_ok() {
+                return true;
+            }
+            let now_queued = self.state.queued.load(Ordering::Relaxed);
+            // Late but nothing left unwritten (the writer was not scheduled
+            // in time to answer): not a stall.
+            if now_queued == 0 {
+                return true;
+            }
+            // A writer stuck in one write makes no progress: waiting longer
+            // only delays the end of the run.
+            if now_queued == queued || Instant::now() >= deadline {
+                return false;
+            }
+            queued = now_queued;
+        }
     }
 
     pub fn tally(&self) -> Tally {
