@@ -179,24 +179,39 @@ impl Tracing {
     }
 
     /// Waits up to `limit` for latprobe to end without reading its stdout
-    /// (a reader that stalled); returns its status, or None if it still runs
-    /// (then it is killed).
-    pub fn wait_unread(mut self, limit: std::time::Duration) -> (Option<std::process::ExitStatus>, String) {
+    /// (a reader that stalled). Returns its status (None if it still ran:
+    /// then it is killed), its stderr, and when its last stderr line came:
+    /// the end of latprobe's own work, before the kernel has torn down its
+    /// probes (which under emulation takes up to a second more).
+    pub fn wait_unread(
+        self,
+        limit: std::time::Duration,
+    ) -> (Option<std::process::ExitStatus>, String, std::time::Instant) {
+        let Tracing { mut child, mut stderr, said } = self;
+        let lines = std::thread::spawn(move || {
+            let (mut text, mut last) = (String::new(), std::time::Instant::now());
+            let mut line = String::new();
+            while stderr.read_line(&mut line).unwrap_or(0) > 0 {
+                last = std::time::Instant::now();
+                text += &line;
+                line.clear();
+            }
+            (text, last)
+        });
         let until = std::time::Instant::now() + limit;
         let status = loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
+            if let Some(status) = child.try_wait().expect("try_wait") {
                 break Some(status);
             }
             if std::time::Instant::now() > until {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
+                let _ = child.kill();
+                let _ = child.wait();
                 break None;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         };
-        let mut rest = String::new();
-        let _ = self.stderr.read_to_string(&mut rest);
-        (status, self.said + &rest)
+        let (rest, last) = lines.join().expect("stderr reader");
+        (status, said + &rest, last)
     }
 
     /// Waits for latprobe to end and returns what it printed. stdout and
