@@ -218,18 +218,29 @@ impl Tracing {
     /// stderr are read at the same time: a reader that stalls one of them
     /// is a different test.
     pub fn finish(self) -> Run {
-        let Tracing { child, mut stderr, said } = self;
+        self.finish_timed().0
+    }
+
+    /// [`Tracing::finish`], and when the last line of stdout came (its
+    /// final report): the end of latprobe's own work, before the kernel has
+    /// torn down its probes (up to a second more under emulation).
+    pub fn finish_timed(self) -> (Run, std::time::Instant) {
+        let Tracing { mut child, mut stderr, said } = self;
         let rest = std::thread::spawn(move || {
             let mut rest = String::new();
             let _ = stderr.read_to_string(&mut rest);
             rest
         });
-        let output = child.wait_with_output().expect("latprobe ends");
-        Run {
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: said + &rest.join().expect("stderr reader"),
-            output,
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let (mut text, mut last, mut line) = (String::new(), std::time::Instant::now(), String::new());
+        while stdout.read_line(&mut line).unwrap_or(0) > 0 {
+            last = std::time::Instant::now();
+            text += &line;
+            line.clear();
         }
+        let output = child.wait_with_output().expect("latprobe ends");
+        let run = Run { stdout: text, stderr: said + &rest.join().expect("stderr reader"), output };
+        (run, last)
     }
 }
 
