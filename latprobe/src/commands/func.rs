@@ -166,20 +166,22 @@ struct OutlierPrinter<'a> {
 impl OutlierPrinter<'_> {
     fn print(&self, o: &Outlier) -> Result<()> {
         let Some(name) = self.names.get(o.slot as usize) else { return Ok(()) };
-        let stack = &o.stack[..(o.stack_len as usize).min(o.stack.len())];
-        let report = OutlierReport {
-            time: self.clock.format(o.end_ns),
-            function: name,
-            duration_ns: o.duration_ns,
-            cpu: o.cpu,
-            pid: o.tgid,
-            tid: o.tid,
-            comm: text::comm(&o.comm),
-            stack: kallsyms::symbolize_stack(stack, self.symbols),
-        };
-        output::record(match self.format {
-            Format::Text => report.to_text(),
-            Format::Json => format!("{}\n", report.to_json()),
+        output::record(|| {
+            let stack = &o.stack[..(o.stack_len as usize).min(o.stack.len())];
+            let report = OutlierReport {
+                time: self.clock.format(o.end_ns),
+                function: name,
+                duration_ns: o.duration_ns,
+                cpu: o.cpu,
+                pid: o.tgid,
+                tid: o.tid,
+                comm: text::comm(&o.comm),
+                stack: kallsyms::symbolize_stack(stack, self.symbols),
+            };
+            match self.format {
+                Format::Text => report.to_text(),
+                Format::Json => format!("{}\n", report.to_json()),
+            }
         });
         Ok(())
     }

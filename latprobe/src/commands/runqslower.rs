@@ -136,7 +136,7 @@ impl Printer<'_> {
         };
         self.events += 1;
         self.culprits.add(&wait);
-        output::record(match self.format {
+        output::record(|| match self.format {
             Format::Text => wait.to_text(),
             Format::Json => format!("{}\n", wait.to_json()),
         });

@@ -88,8 +88,8 @@ pub fn error(text: &str) {
 
 /// A result that may be dropped (and counted) when stdout cannot keep up:
 /// one outlier, one slow wait.
-pub fn record(text: String) {
-    stdout().record(text);
+pub fn record(make: impl FnOnce() -> String) {
+    stdout().record_with(make);
 }
 
 /// A result that must reach stdout: a histogram, a summary, an SVG.

@@ -53,6 +53,8 @@ struct State {
     /// Drop queued records instead of writing them: the run is ending and
     /// its final report must not wait behind them.
     discard_records: AtomicBool,
+    /// Bytes queued when a wait last found the writer stuck.
+    stuck_at: AtomicUsize,
     /// The reader went away (EPIPE).
     closed: AtomicBool,
     /// A write failed otherwise (EIO, ENOSPC, …).
@@ -103,11 +105,16 @@ impl Stream {
         self.sender.send(Message::Text { text, record }).is_ok()
     }
 
-    /// Queues a record that may be dropped (and counted) when the reader is
-    /// slower than the events.
-    pub fn record(&self, text: String) {
-        if !self.queue(text.into_bytes(), true) {
-            self.state.dropped_records.fetch_add(1, Ordering::Relaxed);
+    /// Queues the record `make` writes, unless the reader is slower than
+    /// the events: then it is counted as dropped without being made, so a
+    /// stalled stdout costs no formatting.
+    pub fn record_with(&self, make: impl FnOnce() -> String) {
+        let state = &self.state;
+        let full = state.closed.load(Ordering::Relaxed)
+            || state.discard_records.load(Ordering::Relaxed)
+            || state.queued.load(Ordering::Relaxed) >= RECORD_QUEUE_BYTES;
+        if full || !self.queue(make().into_bytes(), true) {
+            state.dropped_records.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -145,6 +152,11 @@ impl Stream {
             return self.state.queued.load(Ordering::Relaxed) == 0;
         }
         let mut queued = self.state.queued.load(Ordering::Relaxed);
+        // Stuck at the last wait and not one byte written since: waiting
+        // again only delays the end.
+        if queued != 0 && queued == self.state.stuck_at.load(Ordering::Relaxed) {
+            return false;
+        }
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if acked.recv_timeout(left.min(STALL_TIME)).is_ok() {
@@ -158,7 +170,11 @@ impl Stream {
             }
             // A writer stuck in one write makes no progress: waiting longer
             // only delays the end of the run.
-            if now_queued == queued || Instant::now() >= deadline {
+            if now_queued == queued {
+                self.state.stuck_at.store(now_queued, Ordering::Relaxed);
+                return false;
+            }
+            if Instant::now() >= deadline {
                 return false;
             }
             queued = now_queued;
