@@ -265,12 +265,12 @@ fn the_command_runs_as_the_invoking_user_with_default_signals_and_limits() {
     // at start, which would hide what the command inherited.
     let script = "echo uid=$(id -u) gid=$(id -g); grep -E '^Sig(Ign|Blk):' /proc/self/status; \
                   grep 'Max locked memory' /proc/self/limits";
-    let output = Command::new(latprobe_bin())
-        .args(["runqlat", "--format", "json", "--", "sh", "-c", script])
-        .env("SUDO_UID", "65534")
-        .env("SUDO_GID", "65534")
-        .output()
-        .expect("run latprobe");
+    let output = output_of(
+        Command::new(latprobe_bin())
+            .args(["runqlat", "--format", "json", "--", "sh", "-c", script])
+            .env("SUDO_UID", "65534")
+            .env("SUDO_GID", "65534"),
+    );
     let run = Run::from_output(output);
     run.assert_success();
     // The command's stdout went to stderr: stdout is JSON only.

@@ -61,17 +61,9 @@ fn unprivileged_user_is_told_which_capabilities() {
     if let Some(why) = bpf_unavailable() {
         return skip("unprivileged_user_is_told_which_capabilities", &why);
     }
-    let output = Command::new(latprobe_bin())
-        .args(["fn", "net_rx_action", "--secs", "1"])
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .expect("run latprobe as nobody");
-    let run = Run {
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        output,
-    };
+    let run = Run::from_output(output_of(
+        Command::new(latprobe_bin()).args(["fn", "net_rx_action", "--secs", "1"]).uid(65534).gid(65534),
+    ));
     assert_one_line_error(&run, "CAP_BPF and CAP_PERFMON");
 }
 

@@ -215,7 +215,7 @@ fn net_rx_action_counts_every_net_rx_softirq() {
     let status = Command::new(workload_bin()).args(["udp", "200"]).status().unwrap();
     assert!(status.success());
     let after = net_rx_softirqs();
-    let out = child.wait_with_output().unwrap();
+    let out = wait_output(child);
     let run = Run { stdout: String::from_utf8_lossy(&out.stdout).into_owned(), stderr: said, output: out };
     run.assert_success();
     let h = run.final_histogram("net_rx_action");

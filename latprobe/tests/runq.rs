@@ -273,12 +273,7 @@ fn runqslower_comm_filter() {
 /// Runs `args` with latprobe (and so the workload it starts) pinned to `cpu`.
 fn latprobe_on_cpu(cpu: usize, args: &[&str]) -> Run {
     let mut command = Command::new(latprobe_bin());
-    let output = pinned(cpu, command.args(args)).output().expect("run latprobe");
-    Run {
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        output,
-    }
+    Run::from_output(output_of(pinned(cpu, command.args(args))))
 }
 
 /// `command`, set to start pinned to `cpu` (the workload's `contend` step

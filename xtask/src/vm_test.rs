@@ -44,7 +44,7 @@ pub fn run(kernel: &str, filter: Option<&str>) -> Result<ExitCode> {
     env.push(("LATPROBE_BIN".into(), "/bin/latprobe".into()));
     env.push(("LATPROBE_WORKLOAD".into(), "/bin/workload".into()));
     let command = vec!["sh".to_string(), "-c".to_string(), script];
-    let failed = vm::run_on(&kernels, &adds, &command, &env, Duration::from_secs(1800))?;
+    let failed = vm::run_on(&kernels, &adds, &command, &env, Duration::from_secs(900))?;
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 

@@ -11,6 +11,11 @@ use std::{
 
 use serde_json::Value;
 
+pub mod watchdog;
+use watchdog::{assert_not_hung, Watchdog};
+#[allow(unused_imports, reason = "each test file uses a different subset")]
+pub use watchdog::{output_of, wait_output};
+
 /// latprobe under test: `LATPROBE_BIN` (set inside VMs) or cargo's build.
 pub fn latprobe_bin() -> PathBuf {
     env::var_os("LATPROBE_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_latprobe")))
@@ -85,11 +90,7 @@ impl Run {
 }
 
 pub fn latprobe(args: &[&str]) -> Run {
-    let output = Command::new(latprobe_bin())
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", latprobe_bin().display()));
-    Run::from_output(output)
+    Run::from_output(output_of(Command::new(latprobe_bin()).args(args)))
 }
 
 /// Why BPF tests cannot run here, if they cannot.
@@ -130,6 +131,7 @@ pub struct Tracing {
     pub child: Child,
     stderr: BufReader<ChildStderr>,
     said: String,
+    watchdog: Watchdog,
 }
 
 /// Starts latprobe with `args` and returns once it says it is tracing.
@@ -148,6 +150,7 @@ impl Tracing {
     /// it is tracing.
     pub fn from_child(mut child: Child) -> Tracing {
         let args = "latprobe";
+        let watchdog = Watchdog::arm(child.id());
         let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
         let mut said = String::new();
         // `flame` says "sampling", the others "tracing".
@@ -155,6 +158,7 @@ impl Tracing {
             let mut line = String::new();
             if stderr.read_line(&mut line).unwrap_or(0) == 0 {
                 let out = child.wait_with_output().expect("latprobe ends");
+                assert_not_hung(watchdog, said.as_bytes());
                 panic!(
                     "latprobe {args:?} ended before tracing ({}): {said}{}",
                     out.status,
@@ -163,7 +167,7 @@ impl Tracing {
             }
             said += &line;
         }
-        Tracing { child, stderr, said }
+        Tracing { child, stderr, said, watchdog }
     }
 }
 
@@ -187,7 +191,9 @@ impl Tracing {
         self,
         limit: std::time::Duration,
     ) -> (Option<std::process::ExitStatus>, String, std::time::Instant) {
-        let Tracing { mut child, mut stderr, said } = self;
+        // `limit` is this wait's own watchdog.
+        let Tracing { mut child, mut stderr, said, watchdog } = self;
+        drop(watchdog);
         let lines = std::thread::spawn(move || {
             let (mut text, mut last) = (String::new(), std::time::Instant::now());
             let mut line = String::new();
@@ -225,7 +231,7 @@ impl Tracing {
     /// final report): the end of latprobe's own work, before the kernel has
     /// torn down its probes (up to a second more under emulation).
     pub fn finish_timed(self) -> (Run, std::time::Instant) {
-        let Tracing { mut child, mut stderr, said } = self;
+        let Tracing { mut child, mut stderr, said, watchdog } = self;
         let rest = std::thread::spawn(move || {
             let mut rest = String::new();
             let _ = stderr.read_to_string(&mut rest);
@@ -240,6 +246,7 @@ impl Tracing {
         }
         let output = child.wait_with_output().expect("latprobe ends");
         let run = Run { stdout: text, stderr: said + &rest.join().expect("stderr reader"), output };
+        assert_not_hung(watchdog, run.stderr.as_bytes());
         (run, last)
     }
 }

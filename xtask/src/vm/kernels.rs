@@ -80,6 +80,13 @@ impl Kernel {
         self.dir().join("config")
     }
 
+    /// The kernel's text symbols as it listed them in /proc/kallsyms when
+    /// booted with `nokaslr` (Debian's System.map is a placeholder), for
+    /// naming where a hung guest's CPUs are.
+    pub fn kallsyms(&self) -> PathBuf {
+        self.dir().join("kallsyms")
+    }
+
     /// The package it was extracted from, if cached.
     pub fn cached_package(&self) -> Option<String> {
         if !self.vmlinuz().is_file() {
@@ -221,7 +228,7 @@ fn find_entry(dir: &Path, prefix: &str, suffix: &str) -> Option<PathBuf> {
 }
 
 /// Copies `from` to `to` through a temporary name so `to` is whole or absent.
-fn install(from: &Path, to: &Path) -> Result<()> {
+pub fn install(from: &Path, to: &Path) -> Result<()> {
     let tmp = to.with_extension("new");
     fs::copy(from, &tmp).with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
     fs::rename(&tmp, to).with_context(|| format!("renaming {} to {}", tmp.display(), to.display()))?;

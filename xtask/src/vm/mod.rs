@@ -4,6 +4,7 @@
 
 pub mod initramfs;
 pub mod kernels;
+mod monitor;
 pub mod qemu;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};

@@ -31,9 +31,11 @@ use super::{
 /// instead of a VM that sits until the timeout. The soft-lockup threshold is
 /// raised to 60 s because an emulated CPU starved by a busy host can look
 /// stuck for a while. `printk.devkmsg=on`: /init's markers written to
-/// /dev/kmsg are never rate-limited away.
+/// /dev/kmsg are never rate-limited away. `nokaslr`: kernel addresses are
+/// those recorded at the kernel's first boot, so where a hung guest's CPUs
+/// are can be named.
 const APPEND: &str = "console=ttyS0 quiet loglevel=3 oops=panic softlockup_panic=1 watchdog_thresh=30 \
-                      panic=-1 printk.devkmsg=on rdinit=/init";
+                      panic=-1 printk.devkmsg=on nokaslr rdinit=/init";
 
 /// How one run went.
 pub struct Outcome {
@@ -70,13 +72,21 @@ pub fn boot(
     let vmlinuz = kernel.fetch()?;
     let runs = cache_dir().join("run");
     remove_stale_runs(&runs);
+    if !kernel.kallsyms().is_file() {
+        if let Err(e) = record_kallsyms(kernel, &vmlinuz, &runs) {
+            eprintln!(
+                "xtask: kernel {}: its symbols were not recorded ({e:#}); a hang will be reported unnamed",
+                kernel.name
+            );
+        }
+    }
     let work = runs.join(format!("{}-{}", kernel.name, std::process::id()));
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     // A failed run's logs move to failed/NAME (the error names it), where
     // they stay until that kernel fails again; the run directory goes.
     let failed = cache_dir().join("failed").join(kernel.name);
-    let mut result = boot_in(kernel, &vmlinuz, &work, adds, command, env, timeout, &failed);
+    let mut result = boot_in(kernel, &vmlinuz, &work, adds, command, env, timeout, &failed, true);
     if let Err(e) = &result {
         if let Some(BootPanic { reason, .. }) = e.downcast_ref::<BootPanic>() {
             // Multi-threaded TCG occasionally runs a stale int3 that the kernel
@@ -84,7 +94,7 @@ pub fn boot(
             // stable during boot, and the kernel oopses. The command has not
             // run yet, so booting again is safe.
             eprintln!("xtask: kernel {} panicked while booting ({reason}); booting it again", kernel.name);
-            result = boot_in(kernel, &vmlinuz, &work, adds, command, env, timeout, &failed);
+            result = boot_in(kernel, &vmlinuz, &work, adds, command, env, timeout, &failed, true);
         }
     }
     let _ = fs::remove_file(work.join("initrd.gz"));
@@ -97,6 +107,23 @@ pub fn boot(
     result
 }
 
+/// Boots `kernel` once to list its text symbols into [`Kernel::kallsyms`]:
+/// with `nokaslr` they are where they will be in every later boot.
+fn record_kallsyms(kernel: &Kernel, vmlinuz: &Path, runs: &Path) -> Result<()> {
+    let work = runs.join(format!("{}-kallsyms-{}", kernel.name, std::process::id()));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let command = ["grep".to_string(), " [tT] ".to_string(), "/proc/kallsyms".to_string()];
+    let failed = work.join("failed");
+    let result = boot_in(kernel, vmlinuz, &work, &[], &command, &[], Duration::from_secs(120), &failed, false)
+        .and_then(|o| if o.code == 0 { Ok(()) } else { bail!("grep in /proc/kallsyms exited with {}", o.code) })
+        .and_then(|()| super::kernels::install(&work.join("stdout"), &kernel.kallsyms()));
+    let _ = fs::remove_dir_all(&work);
+    result
+}
+
+/// One boot in `work`; `echo` copies the command's output to ours as it
+/// comes (else it is only kept in `work`).
 #[allow(clippy::too_many_arguments)]
 fn boot_in(
     kernel: &Kernel,
@@ -107,6 +134,7 @@ fn boot_in(
     env: &[(String, String)],
     timeout: Duration,
     failed: &Path,
+    echo: bool,
 ) -> Result<Outcome> {
     let initrd = work.join("initrd.gz");
     let mut env = env.to_vec();
@@ -114,6 +142,7 @@ fn boot_in(
     initramfs::build(&initrd, adds, command, &env)?;
     let (console, out, err, qemu_log) =
         (work.join("console.log"), work.join("stdout"), work.join("stderr"), work.join("qemu.log"));
+    let monitor = work.join("monitor.sock");
     for f in [&console, &out, &err] {
         fs::write(f, b"").with_context(|| format!("creating {}", f.display()))?;
     }
@@ -123,6 +152,7 @@ fn boot_in(
         // Not -nographic: that would put the console on our stdout. No
         // default devices: no NIC, VGA or drives to probe; loopback is enough.
         .args(["-nodefaults", "-display", "none", "-no-reboot"])
+        .args(["-monitor".into(), format!("unix:{},server=on,wait=off", monitor.display())])
         .arg("-kernel")
         .arg(vmlinuz)
         .arg("-initrd")
@@ -143,9 +173,10 @@ fn boot_in(
     let done = Arc::new(AtomicBool::new(false));
     let streams = [(out, false), (err, true)].map(|(path, is_err)| {
         let done = done.clone();
-        thread::spawn(move || follow(&path, is_err, &done))
+        thread::spawn(move || echo.then(|| follow(&path, is_err, &done)))
     });
     let mut boot = None;
+    let mut cpus = String::new();
     let status = loop {
         if let Some(status) = qemu.try_wait().context("waiting for qemu")? {
             break Some(status);
@@ -154,6 +185,7 @@ fn boot_in(
             boot = Some(started.elapsed());
         }
         if started.elapsed() > timeout {
+            cpus = super::monitor::where_cpus_are(&monitor, &kernel.kallsyms());
             let _ = qemu.kill();
             let _ = qemu.wait();
             break None;
@@ -181,7 +213,8 @@ fn boot_in(
         let stage =
             if boot.is_some() { "the command was still running" } else { "the kernel had not finished booting" };
         bail!(
-            "kernel {name}: no result within {} s ({stage}): VM killed, raise --timeout if it needs longer\nlogs in {logs}; the console's end:\n{}",
+            "kernel {name}: no result within {} s ({stage}): VM killed, raise --timeout if it needs longer\n\
+             where its CPUs were:\n{cpus}logs in {logs}; the console's end:\n{}",
             timeout.as_secs(),
             tail(&log)
         );
