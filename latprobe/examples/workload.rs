@@ -11,7 +11,10 @@
 //!                           reads /dev/zero for DUR (slow, in vfs_read), the
 //!                           others stat("/") 50 times (fast, in vfs_statx,
 //!                           and plain to see in an on-CPU graph)
-//!   sleep N DUR             N nanosleep() calls of DUR (e.g. 5ms)
+//!   sleep N DUR             N nanosleep() calls of DUR (e.g. 5ms); each
+//!                           prints `workload: slept NS ns` on stderr
+//!   together N DUR          N threads each make one nanosleep() of DUR, all
+//!                           at once (N calls in flight together)
 //!   recurse N DEPTH DUR     N calls of a function recursing DEPTH deep, the
 //!                           innermost sleeping DUR (a uprobe target)
 //!   stdin                   wait for a line on stdin (a start gate for tests)
@@ -261,8 +264,26 @@ fn main() {
             ("sleep", [n, d, tail @ ..]) => {
                 let d = duration(d);
                 for _ in 0..number(n) {
+                    // Each sleep as this process saw it: under emulation a
+                    // short sleep can take milliseconds, and tests judge
+                    // latprobe against this clock, not against `d`.
+                    let started = Instant::now();
                     sleep(d);
+                    eprintln!("workload: slept {} ns", started.elapsed().as_nanos());
                 }
+                tail
+            }
+            ("together", [n, d, tail @ ..]) => {
+                let (n, d) = (number(n) as usize, duration(d));
+                let gate = std::sync::Barrier::new(n);
+                std::thread::scope(|s| {
+                    for _ in 0..n {
+                        s.spawn(|| {
+                            gate.wait();
+                            sleep(d);
+                        });
+                    }
+                });
                 tail
             }
             ("recurse", [n, depth, d, tail @ ..]) => {

@@ -11,6 +11,7 @@
 use std::{
     fmt,
     num::NonZeroU32,
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
@@ -25,6 +26,7 @@ use latprobe_common::func::programs;
 use crate::{
     bpf,
     kallsyms::{self, KernelSymbols},
+    kretprobe::{self, ReturnProbe},
     output,
 };
 
@@ -145,6 +147,9 @@ pub struct Attacher<'a> {
     pub btf: Option<Btf>,
     pub mode: AttachMode,
     pub pid: Option<u32>,
+    /// The return probes made in tracefs, by slot: they live as long as the
+    /// run, and say what the kernel missed.
+    pub returns: Vec<(usize, ReturnProbe)>,
 }
 
 impl Attacher<'_> {
@@ -222,11 +227,27 @@ impl Attacher<'_> {
         if !kprobes_available() {
             return Err(Refusal::plain("kprobes are not available (CONFIG_KPROBES is not set)"));
         }
-        for prog_name in [programs::KRETPROBE[slot], programs::KPROBE[slot]] {
-            let prog: &mut KProbe = program(self.ebpf, prog_name).map_err(Refusal::plain)?;
-            prog.load().map_err(|e| Refusal::of(&e))?;
-            prog.attach(name, 0).map_err(|e| Refusal::of(&e))?;
+        let ret: &mut KProbe = program(self.ebpf, programs::KRETPROBE[slot]).map_err(Refusal::plain)?;
+        ret.load().map_err(|e| Refusal::of(&e))?;
+        match kretprobe::tracefs() {
+            Some(tracefs) => {
+                let fd = ret.fd().map_err(|e| Refusal::of(&e))?.as_fd();
+                let probe =
+                    ReturnProbe::attach(&tracefs, name, slot, fd).map_err(|e| Refusal::plain(format!("{e:#}")))?;
+                self.returns.push((slot, probe));
+            }
+            None => {
+                ret.attach(name, 0).map_err(|e| Refusal::of(&e))?;
+                output::say(&format!(
+                    "{name}: tracefs is not mounted, so its return probe has the kernel's default room for calls \
+                     in flight (10 or 2 per CPU): returns beyond it go uncounted. To count every call: \
+                     mount -t tracefs tracefs /sys/kernel/tracing"
+                ));
+            }
         }
+        let entry: &mut KProbe = program(self.ebpf, programs::KPROBE[slot]).map_err(Refusal::plain)?;
+        entry.load().map_err(|e| Refusal::of(&e))?;
+        entry.attach(name, 0).map_err(|e| Refusal::of(&e))?;
         Ok(())
     }
 

@@ -11,6 +11,7 @@ mod folded;
 mod histogram;
 mod kallsyms;
 mod kernel_hist;
+mod kretprobe;
 mod output;
 mod report;
 mod run;

@@ -119,14 +119,18 @@ pub async fn run(args: FlameArgs) -> Result<()> {
             .map_max_entries(maps::STACKS, MAX_STACKS);
     })?;
     let mut gate = String::new();
+    // The gate's return probe, if made in tracefs: kept until the end.
+    let mut _gate_returns = Vec::new();
     if let Some(target) = &during {
-        let mechanism = Attacher {
+        let mut attacher = Attacher {
             ebpf: &mut ebpf,
             btf: Btf::from_sys_fs().ok(),
             mode: args.attach,
             pid: (tgid != 0).then_some(tgid),
-        }
-        .attach(0, target)?;
+            returns: Vec::new(),
+        };
+        let mechanism = attacher.attach(0, target)?;
+        _gate_returns = attacher.returns;
         gate = format!(
             ", during {} calls over {} ({mechanism})",
             text::printable(&target.name()),

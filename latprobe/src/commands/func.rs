@@ -18,6 +18,7 @@ use crate::{
     histogram::Latencies,
     kallsyms::{self, KernelSymbols},
     kernel_hist::{HistMaps, Totals},
+    kretprobe::ReturnProbe,
     output::{self, text},
     report::{Format, FunctionReport, OutlierReport},
     run::{Ring, Run, Step, BATCH, SETTLE_TIME},
@@ -29,6 +30,16 @@ struct Traced {
     mechanism: Mechanism,
     /// The previous interval's cumulative counts, for per-interval reports.
     previous: Latencies,
+    /// Its return probe, when made in tracefs (kprobe mode).
+    returns: Option<ReturnProbe>,
+}
+
+impl Traced {
+    /// Calls not timed: deeper than tracked or without task storage (the
+    /// kernel side counts those), or whose return the kernel dropped.
+    fn missed(&self, totals: &Totals) -> u64 {
+        totals.missed + self.returns.as_ref().map_or(0, ReturnProbe::missed)
+    }
 }
 
 /// Ring buffer bytes with `--slower`: room for bursts of outliers.
@@ -66,14 +77,17 @@ pub async fn run(args: FnArgs) -> Result<()> {
             btf: Btf::from_sys_fs().ok(),
             mode: args.attach,
             pid: (tgid != 0).then_some(tgid),
+            returns: Vec::new(),
         };
         for (slot, target) in targets.iter().enumerate() {
             let mechanism = attacher.attach(slot, target)?;
             output::verbose(&format!("{} attached with {mechanism}", text::printable(&target.name())));
+            let returns = attacher.returns.iter().position(|(s, _)| *s == slot).map(|i| attacher.returns.remove(i).1);
             traced.push(Traced {
                 name: text::printable(&target.name()).into_owned(),
                 mechanism,
                 previous: Latencies::new(),
+                returns,
             });
         }
     }
@@ -145,7 +159,7 @@ fn render(t: &Traced, period: &Period, latencies: &Latencies, totals: &Totals, f
         period: period.name,
         seconds: period.elapsed.as_secs_f64(),
         latencies,
-        missed: totals.missed,
+        missed: t.missed(totals),
         outliers_lost: totals.outliers_lost,
         outliers_unprinted: period.unprinted,
     };
