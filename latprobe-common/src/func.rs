@@ -109,8 +109,10 @@ pub mod globals {
     pub const STACKS: &str = "FN_STACKS";
     /// Slot fed by the softirq tracepoints.
     pub const SOFTIRQ_SLOT: &str = "FN_SOFTIRQ_SLOT";
+    /// Non-zero to keep start times in `FRAMES_HASH` instead of task storage.
+    pub const USE_HASH: &str = "FN_USE_HASH";
 
-    pub const ALL: [&str; 5] = [TARGET_TGID, TARGET_CPU, SLOWER_NS, STACKS, SOFTIRQ_SLOT];
+    pub const ALL: [&str; 6] = [TARGET_TGID, TARGET_CPU, SLOWER_NS, STACKS, SOFTIRQ_SLOT, USE_HASH];
 }
 
 /// Names of the `fn` maps.
@@ -123,8 +125,13 @@ pub mod maps {
     pub const BUCKETS: &str = "FN_BUCKETS";
     /// Ring buffer of `Outlier`s.
     pub const OUTLIERS: &str = "FN_OUTLIERS";
+    /// Preallocated hash of `TaskFrames` by thread, where task storage
+    /// cannot be created safely wherever a traced function runs.
+    pub const FRAMES_HASH: &str = "FN_FRAMES_HASH";
+    /// One zeroed `TaskFrames`: the first value of a `FRAMES_HASH` entry.
+    pub const EMPTY_FRAMES: &str = "FN_EMPTY_FRAMES";
 
-    pub const ALL: [&str; 4] = [FRAMES, STATS, BUCKETS, OUTLIERS];
+    pub const ALL: [&str; 6] = [FRAMES, STATS, BUCKETS, OUTLIERS, FRAMES_HASH, EMPTY_FRAMES];
 }
 
 /// Names of the `fn` programs: one of each kind per slot.
@@ -155,7 +162,13 @@ pub mod programs {
     /// `irq:softirq_entry`/`softirq_exit`, timing NET_RX where nothing else works.
     pub const SOFTIRQ_ENTRY: &str = "fn_softirq_entry";
     pub const SOFTIRQ_EXIT: &str = "fn_softirq_exit";
+    /// `sched:sched_process_exit`: drops the exiting thread's `FRAMES_HASH` entry.
+    pub const TASK_EXIT: &str = "fn_task_exit";
 }
+
+/// `FRAMES_HASH` key of the idle task of CPU `cpu`: every idle task is tid
+/// 0, and interrupts on idle CPUs run on top of them. Above any tid.
+pub const IDLE_FRAMES_KEY: u32 = 1 << 31;
 
 #[cfg(feature = "user")]
 mod pod {

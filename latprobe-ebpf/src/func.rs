@@ -13,7 +13,8 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    btf_maps::{PerCpuArray, RingBuf},
+    bindings::BPF_NOEXIST,
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         generated::bpf_get_stack,
@@ -23,7 +24,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use latprobe_common::func::{
-    BucketGroup, FuncStats, Outlier, TaskFrames, MAX_DEPTH, MAX_FUNCS, MAX_STACK, NET_RX_SOFTIRQ,
+    BucketGroup, FuncStats, Outlier, TaskFrames, IDLE_FRAMES_KEY, MAX_DEPTH, MAX_FUNCS, MAX_STACK, NET_RX_SOFTIRQ,
 };
 
 use crate::{
@@ -43,9 +44,54 @@ static FN_SLOWER_NS: u64 = u64::MAX;
 static FN_STACKS: u32 = 0;
 #[unsafe(no_mangle)]
 static FN_SOFTIRQ_SLOT: u32 = 0;
+#[unsafe(no_mangle)]
+static FN_USE_HASH: u32 = 0;
 
 #[btf_map]
 static FN_FRAMES: TaskStorage<TaskFrames> = TaskStorage::new();
+
+/// Start times by thread where creating task storage is not safe in every
+/// context a traced function runs in (before Linux 6.4 it is a kmalloc,
+/// perhaps under the run-queue lock; see `btf_offsets` in userspace).
+/// Preallocated, so nothing allocates; bounded; `fn_task_exit` removes each
+/// thread's entry. Sized by userspace when used.
+#[btf_map]
+static FN_FRAMES_HASH: HashMap<u32, TaskFrames, 1> = HashMap::new();
+
+/// Zeroes: the first value of a `FN_FRAMES_HASH` entry, too big for the stack.
+#[btf_map]
+static FN_EMPTY_FRAMES: Array<TaskFrames, 1> = Array::new();
+
+/// The current thread's frames, created empty when `create` is set.
+#[inline(always)]
+fn frames(create: bool) -> Option<&'static mut TaskFrames> {
+    if global(&FN_USE_HASH) == 0 {
+        return FN_FRAMES.current(create);
+    }
+    let key = frames_key();
+    if let Some(p) = FN_FRAMES_HASH.get_ptr_mut(key) {
+        // SAFETY: a live value of our map, valid for this program run.
+        return unsafe { p.as_mut() };
+    }
+    if !create {
+        return None;
+    }
+    FN_FRAMES_HASH.insert(key, FN_EMPTY_FRAMES.get(0)?, BPF_NOEXIST as u64).ok()?;
+    // SAFETY: as above.
+    FN_FRAMES_HASH.get_ptr_mut(key).and_then(|p| unsafe { p.as_mut() })
+}
+
+/// The current thread's `FN_FRAMES_HASH` key: its tid, or for an idle task
+/// (tid 0 on every CPU) its CPU's own key.
+#[inline(always)]
+fn frames_key() -> u32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if tid != 0 {
+        return tid;
+    }
+    // SAFETY: a helper without arguments.
+    IDLE_FRAMES_KEY | unsafe { bpf_get_smp_processor_id() }
+}
 
 #[btf_map]
 static FN_STATS: PerCpuArray<FuncStats, MAX_FUNCS> = PerCpuArray::new();
@@ -72,7 +118,7 @@ fn enter(slot: usize) {
         return;
     }
     let slot = masked(slot, MAX_FUNCS);
-    let Some(frames) = FN_FRAMES.current(true) else {
+    let Some(frames) = frames(true) else {
         if let Some(s) = stats(slot) {
             add(&mut s.missed, 1);
         }
@@ -103,7 +149,7 @@ fn exit<C: EbpfContext>(ctx: &C, slot: usize) {
     let now = unsafe { bpf_ktime_get_ns() };
     let slot = masked(slot, MAX_FUNCS);
     // Calls that entered before we attached have no frame: skip them.
-    let Some(frames) = FN_FRAMES.current(false) else {
+    let Some(frames) = frames(false) else {
         return;
     };
     // SAFETY: `slot` is masked to MAX_FUNCS.
@@ -243,6 +289,20 @@ pub fn fn_softirq_exit(ctx: RawTracePointContext) -> i32 {
     let slot = global(&FN_SOFTIRQ_SLOT) as usize;
     if slot < MAX_FUNCS && is_net_rx(&ctx) {
         exit(&ctx, slot);
+    }
+    0
+}
+
+/// A thread exits: its frames go with it. Task storage is freed by the
+/// kernel; a hash entry stays until removed, and a reused tid would inherit
+/// it. The lookup is lockless: only an entry found takes the bucket lock.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn fn_task_exit(_ctx: RawTracePointContext) -> i32 {
+    if global(&FN_USE_HASH) != 0 {
+        let tid = bpf_get_current_pid_tgid() as u32;
+        if tid != 0 && FN_FRAMES_HASH.get_ptr(tid).is_some() {
+            let _ = FN_FRAMES_HASH.remove(tid);
+        }
     }
     0
 }

@@ -18,13 +18,13 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     programs::{uprobe::UProbeScope, FEntry, FExit, KProbe, ProgramError, RawTracePoint, UProbe},
-    Btf, Ebpf,
+    Btf, Ebpf, EbpfLoader,
 };
 
-use latprobe_common::func::programs;
+use latprobe_common::func::{globals, maps, programs};
 
 use crate::{
-    bpf,
+    bpf, btf_offsets,
     kallsyms::{self, KernelSymbols},
     kretprobe::{self, ReturnProbe},
     output,
@@ -138,6 +138,61 @@ impl Refusal {
 
     fn plain(text: impl Into<String>) -> Self {
         Self { text: text.into(), denied: false }
+    }
+}
+
+/// Where the `fn` programs keep the start times of calls in flight.
+///
+/// Task storage when creating it is safe wherever a traced function runs;
+/// before Linux 6.4 creating it is a kmalloc, which inside the scheduler
+/// (`fn enqueue_task_fair`) can deadlock on the run-queue lock and on
+/// PREEMPT_RT sleeps in atomic context. There, a preallocated hash by thread:
+/// nothing allocates, at the price of a lookup per call and an exit program
+/// that removes each thread's entry. The rule is the scheduler commands' own.
+#[derive(Clone, Copy, Debug)]
+pub struct FrameStore {
+    /// The `USE_HASH` global: 1 for the hash.
+    use_hash: u32,
+}
+
+/// Threads with calls in flight at once, in the hash (about 1 KiB each).
+const HASHED_THREADS: u32 = 8192;
+
+impl FrameStore {
+    pub fn choose() -> FrameStore {
+        let safe = btf_offsets::Btf::from_sys_fs().is_ok_and(|btf| btf_offsets::task_storage_safe_in_scheduler(&btf));
+        FrameStore { use_hash: u32::from(!safe) }
+    }
+
+    /// Sets the programs' globals and sizes the hash before load.
+    pub fn configure<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
+        loader.override_global(globals::USE_HASH, &self.use_hash, true);
+        if self.hashed() {
+            loader.map_max_entries(maps::FRAMES_HASH, HASHED_THREADS);
+        }
+    }
+
+    /// After load: attaches the exit program that keeps the hash clean.
+    pub fn attach_cleanup(&self, ebpf: &mut Ebpf) -> Result<()> {
+        if !self.hashed() {
+            return Ok(());
+        }
+        let prog: &mut RawTracePoint = program(ebpf, programs::TASK_EXIT).map_err(|e| anyhow!(e))?;
+        prog.load().map_err(|e| anyhow!("loading {}: {}", programs::TASK_EXIT, bpf::describe(&e)))?;
+        prog.attach("sched_process_exit").context("attaching to raw tracepoint sched:sched_process_exit")?;
+        Ok(())
+    }
+
+    fn hashed(&self) -> bool {
+        self.use_hash != 0
+    }
+
+    pub fn describe(&self) -> &'static str {
+        if self.hashed() {
+            "call start times in a preallocated hash by thread (task storage would allocate in the traced context)"
+        } else {
+            "call start times in task storage"
+        }
     }
 }
 

@@ -6,7 +6,8 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Read},
+    os::unix::fs::OpenOptionsExt,
     process::{Command, Stdio},
     thread::sleep,
     time::Duration,
@@ -96,6 +97,56 @@ fn return_probe_definitions() -> String {
 fn assert_no_return_probe_definitions(after: &str) {
     let left = return_probe_definitions();
     assert!(!left.contains("latprobe/"), "definitions left after {after}:\n{left}");
+}
+
+/// Timing the scheduler's own functions runs latprobe's programs under the
+/// run-queue lock, where creating task storage on kernels before 6.4 means a
+/// kmalloc (and on PREEMPT_RT a sleeping lock). Every wakeup is counted and
+/// the kernel log stays free of warnings.
+#[test]
+fn scheduler_functions_are_timed_without_kernel_warnings() {
+    if let Some(why) = kernel_probes_unavailable() {
+        return skip("scheduler_functions_are_timed_without_kernel_warnings", &why);
+    }
+    let before = kernel_warnings();
+    let t = start_tracing(&["fn", "enqueue_task_fair", "try_to_wake_up", "--format", "json"]);
+    let status = Command::new(workload_bin()).args(["sleep", "100", "1ms"]).stderr(Stdio::null()).status().unwrap();
+    assert!(status.success());
+    t.signal(libc::SIGINT);
+    let run = t.finish();
+    run.assert_success();
+    for function in ["enqueue_task_fair", "try_to_wake_up"] {
+        let h = run.final_histogram(function);
+        assert!(u64_of(&h, "count") >= 100, "each of the workload's 100 sleeps ends in a wakeup: {h}");
+        assert_eq!(u64_of(&h, "lost"), 0, "{h}");
+    }
+    let after = kernel_warnings();
+    assert_eq!(after[before.len().min(after.len())..], [] as [String; 0], "the kernel warned while latprobe traced");
+}
+
+/// Kernel log lines that report a locking or atomic-context bug.
+fn kernel_warnings() -> Vec<String> {
+    const SIGNS: [&str; 6] = [
+        "BUG:",
+        "WARNING:",
+        "sleeping function called from invalid context",
+        "possible circular locking",
+        "inconsistent lock state",
+        "scheduling while atomic",
+    ];
+    let Ok(log) = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open("/dev/kmsg") else {
+        return Vec::new();
+    };
+    // /dev/kmsg gives one record per read, and EAGAIN at the end.
+    let mut lines = Vec::new();
+    let mut buf = vec![0u8; 8192];
+    while let Ok(n @ 1..) = (&log).read(&mut buf) {
+        let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if SIGNS.iter().any(|s| line.contains(s)) {
+            lines.push(line);
+        }
+    }
+    lines
 }
 
 #[test]

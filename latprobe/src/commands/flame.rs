@@ -28,7 +28,7 @@ use latprobe_common::{
 };
 
 use crate::{
-    attach::{Attacher, Target, NET_RX_FUNCTION},
+    attach::{Attacher, FrameStore, Target, NET_RX_FUNCTION},
     bpf, btf_offsets,
     cli::FlameArgs,
     duration::format_ns,
@@ -102,7 +102,14 @@ pub async fn run(args: FlameArgs) -> Result<()> {
         output::verbose(&format!("off-CPU start times in {store}"));
     }
     let hash_entries = if use_hash == 1 { OFF_CPU_TASKS } else { 1 };
+    // --during times calls with `fn`'s programs, which keep start times
+    // where `fn` does.
+    let store = FrameStore::choose();
+    if during.is_some() {
+        output::verbose(store.describe());
+    }
     let mut ebpf = bpf::load(|loader| {
+        store.configure(loader);
         loader
             .override_global(globals::USE_HASH, &use_hash, true)
             .override_global(globals::TASK_PID_OFF, &pid_offset, true)
@@ -122,6 +129,7 @@ pub async fn run(args: FlameArgs) -> Result<()> {
     // The gate's return probe, if made in tracefs: kept until the end.
     let mut _gate_returns = Vec::new();
     if let Some(target) = &during {
+        store.attach_cleanup(&mut ebpf)?;
         let mut attacher = Attacher {
             ebpf: &mut ebpf,
             btf: Btf::from_sys_fs().ok(),

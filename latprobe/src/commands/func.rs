@@ -11,7 +11,7 @@ use aya::Btf;
 use latprobe_common::func::{globals, maps, Outlier, GROUPS_PER_FUNC, MAX_FUNCS};
 
 use crate::{
-    attach::{self, Attacher, Mechanism, Target, NET_RX_FUNCTION},
+    attach::{self, Attacher, FrameStore, Mechanism, Target, NET_RX_FUNCTION},
     bpf,
     cli::FnArgs,
     clock::WallClock,
@@ -59,7 +59,10 @@ pub async fn run(args: FnArgs) -> Result<()> {
     let buckets_len = (targets.len() * GROUPS_PER_FUNC) as u32;
     // One page when no outlier is asked for.
     let ring_bytes = if args.slower.is_some() { OUTLIER_RING_BYTES } else { bpf::page_size() };
+    let store = FrameStore::choose();
+    output::verbose(store.describe());
     let mut ebpf = bpf::load(|loader| {
+        store.configure(loader);
         loader
             .override_global(globals::TARGET_TGID, &tgid, true)
             .override_global(globals::TARGET_CPU, &cpu, true)
@@ -70,6 +73,7 @@ pub async fn run(args: FnArgs) -> Result<()> {
             .map_max_entries(maps::OUTLIERS, ring_bytes);
     })?;
 
+    store.attach_cleanup(&mut ebpf)?;
     let mut traced = Vec::new();
     {
         let mut attacher = Attacher {
