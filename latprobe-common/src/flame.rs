@@ -37,6 +37,9 @@ pub struct Drops {
     /// Off-CPU with the hash by tid (no task storage): a block not timed
     /// because the hash was full.
     pub tasks_full: u64,
+    /// New keys userspace was not told of (its ring full): their processes'
+    /// mappings are read only at the end, if they still live.
+    pub notices_lost: u64,
 }
 
 /// `--during`: stacks held per task while a call of FUNC is in flight,
@@ -110,8 +113,12 @@ pub mod maps {
     pub const PENDING: &str = "FL_PENDING";
     /// Off-CPU starts by tid, where task storage cannot be used.
     pub const OFF_HASH: &str = "FL_OFF_HASH";
+    /// Ring buffer of each `StackKey` when first counted, with user stacks:
+    /// how userspace learns of a process while it lives, to read its
+    /// mappings, without walking the counts map.
+    pub const NEW_KEYS: &str = "FL_NEW_KEYS";
 
-    pub const ALL: [&str; 6] = [COUNTS, STACKS, DROPS, OFF_START, PENDING, OFF_HASH];
+    pub const ALL: [&str; 7] = [COUNTS, STACKS, DROPS, OFF_START, PENDING, OFF_HASH, NEW_KEYS];
 }
 
 /// Names of the flame programs.
@@ -137,4 +144,4 @@ mod pod {
 }
 
 const _: () = assert!(core::mem::size_of::<StackKey>() == 32);
-const _: () = assert!(core::mem::size_of::<Drops>() == 8 * 6);
+const _: () = assert!(core::mem::size_of::<Drops>() == 8 * 7);

@@ -16,7 +16,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    btf_maps::{HashMap, PerCpuArray, StackTrace},
+    btf_maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_map, btf_tracepoint, perf_event},
     programs::{tracing::StackIdContext, BtfTracePointContext, PerfEventContext},
@@ -71,6 +71,11 @@ static FL_PENDING: TaskStorage<Pending> = TaskStorage::new();
 /// Off-CPU starts by tid where `FL_USE_HASH` is set; sized before load.
 #[btf_map]
 static FL_OFF_HASH: HashMap<u32, OffCpuStart, 1> = HashMap::new();
+
+/// Each key when first counted, with user stacks: userspace reads a new
+/// process's mappings while it lives. One record per new key, not per sample.
+#[btf_map]
+static FL_NEW_KEYS: RingBuf<StackKey, 4096> = RingBuf::new();
 
 /// Whether `--during` gates the counts.
 #[inline(always)]
@@ -210,6 +215,12 @@ fn count(key: &StackKey, n: u64) {
             add(unsafe { &mut *total }, n);
         } else if let Some(d) = drops() {
             add(&mut d.keys_full, 1);
+        }
+        return;
+    }
+    if global(&FL_USER) != 0 && FL_NEW_KEYS.output(key, 0).is_err() {
+        if let Some(d) = drops() {
+            add(&mut d.notices_lost, 1);
         }
     }
 }

@@ -390,7 +390,15 @@ impl UserSymbols {
         // No executable mapping means gone, exiting, a zombie or mid-exec
         // (or a kernel thread): keep what we had, and let `remember` retry.
         if let Some(mappings) = read_maps(tgid).filter(|m| !m.is_empty()) {
-            self.processes.insert(tgid, Process::new(mappings));
+            let mut process = Process::new(mappings);
+            // The files are opened now, through /proc/PID/map_files: when
+            // the samples are symbolized the process may be gone, and its
+            // map_files with it (parsed files are cached, so this is cheap
+            // for libraries already seen).
+            for (mapping, state) in &mut process.mappings {
+                *state = self.files.load(tgid, mapping).map_or(FileState::Unusable, FileState::Cached);
+            }
+            self.processes.insert(tgid, process);
         }
     }
 

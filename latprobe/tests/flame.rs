@@ -67,6 +67,43 @@ fn on_cpu_time_in_a_known_kernel_path_dominates() {
     renders_in_chromium(&dir.join("out.svg"));
 }
 
+/// User frames are named from the process's own files, opened while it
+/// lives: here the process has exited by the time the samples are folded.
+#[test]
+fn user_frames_of_an_exited_process_are_named() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("user_frames_of_an_exited_process_are_named", &why);
+    }
+    let dir = out_dir("user");
+    let f = dir.join("out.folded");
+    let w = workload();
+    let run = latprobe(&[
+        "flame",
+        "--user",
+        "--freq",
+        "499",
+        "--folded",
+        f.to_str().unwrap(),
+        "--",
+        &w,
+        "rare",
+        "3000",
+        "1000000",
+        "0us",
+    ]);
+    run.assert_success();
+    let lines = folded(&f);
+    let total: u64 = lines.iter().map(|l| l.1).sum();
+    // A frame the file could not name would read "[workload]". How deep the
+    // stacks go depends on frame pointers (a static musl libc has none), so
+    // only the innermost frame is judged.
+    let unnamed: Vec<_> = lines.iter().filter(|l| l.0.split(';').any(|f| f == "[workload]")).collect();
+    assert!(unnamed.is_empty(), "frames left unnamed: {unnamed:?}");
+    let named: u64 =
+        lines.iter().filter(|l| !l.0.rsplit(';').next().unwrap_or("[").starts_with('[')).map(|l| l.1).sum();
+    assert!(total >= 10 && named * 2 >= total, "{named} of {total} samples end in a named frame:\n{lines:?}");
+}
+
 /// Renders the SVG in headless Chromium and checks the screenshot shows
 /// flames. The screenshot is kept under target/tmp as a test artifact.
 fn renders_in_chromium(svg: &std::path::Path) {

@@ -7,10 +7,8 @@
 //! into stacks and renders them with inferno.
 
 use std::{
-    collections::HashSet,
     io::IsTerminal,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
@@ -35,12 +33,15 @@ use crate::{
     folded::{self, Stack},
     kallsyms::{self, KernelSymbols},
     output::{self, files::OutputFile, text},
-    run::{Run, Step},
+    run::{Ring, Run, Step, BATCH},
     usyms::UserSymbols,
 };
 
 /// Tasks tracked at once off-CPU where task storage cannot be used.
 const OFF_CPU_TASKS: u32 = 16384;
+
+/// Ring buffer for new keys with user stacks: 8k keys between two reads.
+const NEW_KEYS_BYTES: u32 = 256 << 10;
 
 /// Where the results go, opened before anything is attached.
 struct Outputs {
@@ -102,6 +103,7 @@ pub async fn run(args: FlameArgs) -> Result<()> {
         output::verbose(&format!("off-CPU start times in {store}"));
     }
     let hash_entries = if use_hash == 1 { OFF_CPU_TASKS } else { 1 };
+    let new_keys_bytes = if user { NEW_KEYS_BYTES } else { bpf::page_size() };
     // --during times calls with `fn`'s programs, which keep start times
     // where `fn` does.
     let store = FrameStore::choose();
@@ -123,6 +125,7 @@ pub async fn run(args: FlameArgs) -> Result<()> {
             .override_global(globals::USER, &u, true)
             .override_global(globals::MIN_BLOCK_NS, &min_block, true)
             .map_max_entries(maps::COUNTS, MAX_KEYS)
+            .map_max_entries(maps::NEW_KEYS, new_keys_bytes)
             .map_max_entries(maps::STACKS, MAX_STACKS);
     })?;
     let mut gate = String::new();
@@ -162,15 +165,19 @@ pub async fn run(args: FlameArgs) -> Result<()> {
 
     let counts: HashMap<MapData, StackKey, u64> =
         HashMap::try_from(ebpf.take_map(maps::COUNTS).context("map FL_COUNTS missing")?)?;
+    let mut new_keys: Ring<StackKey> = Ring::take(&mut ebpf, maps::NEW_KEYS)?;
     let mut processes = Processes::default();
-    // Often enough to read the mappings of short-lived processes.
-    run.poll_every(Duration::from_millis(100));
     run.activate()?;
     let end = loop {
-        match run.next_tick().await? {
+        match run.next(Some(&mut new_keys)).await? {
             Step::Ended(end) => break end,
-            Step::Poll => processes.remember(&counts, user),
-            Step::Interval | Step::Records => {}
+            Step::Records => {
+                new_keys.drain(BATCH, |k| {
+                    processes.seen(&k);
+                    Ok(())
+                })?;
+            }
+            Step::Interval | Step::Poll => {}
         }
     };
     run.end(&end);
@@ -178,7 +185,12 @@ pub async fn run(args: FlameArgs) -> Result<()> {
     drop_programs(&mut ebpf);
     crate::attach::detach_entries(&mut ebpf);
     let elapsed = run.elapsed();
-    processes.remember(&counts, user);
+    // Processes whose notice was lost, if they still live.
+    if user {
+        for key in counts.keys().filter_map(Result::ok) {
+            processes.seen(&key);
+        }
+    }
 
     let stacks = StackTraceMap::try_from(ebpf.take_map(maps::STACKS).context("map FL_STACKS missing")?)?;
     let drops: PerCpuArray<MapData, Drops> =
@@ -312,18 +324,15 @@ struct Processes {
 }
 
 impl Processes {
-    fn remember(&mut self, counts: &HashMap<MapData, StackKey, u64>, user: bool) {
-        if !user {
-            return;
-        }
-        // Threads have names of their own: only the main thread's says exec.
-        let seen: HashSet<(u32, Option<[u8; latprobe_common::COMM_LEN]>)> =
-            counts.keys().filter_map(Result::ok).map(|k| (k.tgid, (k.pid == k.tgid).then_some(k.comm))).collect();
-        for (tgid, comm) in seen {
-            match comm.and_then(|c| self.names.insert(tgid, c).filter(|before| *before != c)) {
-                Some(_) => self.usyms.refresh(tgid),
-                None => self.usyms.remember(tgid),
-            }
+    /// A key was counted: read its process's mappings if they are new to
+    /// us, again if its main thread has a new name (threads have names of
+    /// their own: only the main thread's says exec).
+    fn seen(&mut self, key: &StackKey) {
+        let renamed = key.pid == key.tgid && self.names.insert(key.tgid, key.comm).is_some_and(|c| c != key.comm);
+        if renamed {
+            self.usyms.refresh(key.tgid);
+        } else {
+            self.usyms.remember(key.tgid);
         }
     }
 }
