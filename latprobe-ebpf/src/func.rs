@@ -124,8 +124,8 @@ fn enter(slot: usize) {
         }
         return;
     };
-    // SAFETY (all indexing below): `slot` and the depth index are masked
-    // to their power-of-two array lengths.
+    // SAFETY: `slot` is masked to its power-of-two array length (as is the
+    // depth index below).
     let (depth, stack) = unsafe { (frames.depth.get_unchecked_mut(slot), frames.frames.get_unchecked_mut(slot)) };
     let d = *depth as usize;
     if d < MAX_DEPTH {

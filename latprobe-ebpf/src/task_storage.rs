@@ -35,6 +35,10 @@ impl<T> TaskStorage<T> {
     /// `None` when the kernel refuses (out of memory, or a BPF program
     /// already holds this CPU's task-storage lock).
     #[inline(always)]
+    #[expect(
+        clippy::mut_from_ref,
+        reason = "the value lives in the kernel's map, not in self (as aya's map accessors)"
+    )]
     pub fn current(&self, create: bool) -> Option<&mut T> {
         // SAFETY: a helper without arguments; it returns the trusted
         // pointer to the current task.
@@ -49,6 +53,10 @@ impl<T> TaskStorage<T> {
     /// `task` must be a pointer the verifier trusts as a `task_struct`: the
     /// current task, or a task argument of a tp_btf/fentry program.
     #[inline(always)]
+    #[expect(
+        clippy::mut_from_ref,
+        reason = "the value lives in the kernel's map, not in self (as aya's map accessors)"
+    )]
     pub unsafe fn get(&self, task: *mut core::ffi::c_void, create: bool) -> Option<&mut T> {
         let flags = if create { aya_ebpf::bindings::BPF_LOCAL_STORAGE_GET_F_CREATE as u64 } else { 0 };
         // SAFETY: the helper takes this map and a trusted task pointer; it
