@@ -135,13 +135,21 @@ pub struct Tracing {
 }
 
 /// Starts latprobe with `args` and returns once it says it is tracing.
+/// SIGHUP is reset to its default first, as in a terminal session: a test
+/// suite started under `nohup` would otherwise hand latprobe an ignored
+/// SIGHUP, which latprobe rightly keeps ignored.
 pub fn start_tracing(args: &[&str]) -> Tracing {
-    let child = Command::new(latprobe_bin())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", latprobe_bin().display()));
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(latprobe_bin());
+    command.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // SAFETY: only signal(), async-signal-safe, between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let child = command.spawn().unwrap_or_else(|e| panic!("cannot run {}: {e}", latprobe_bin().display()));
     Tracing::from_child(child)
 }
 
