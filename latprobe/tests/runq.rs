@@ -529,7 +529,10 @@ fn runqlat_agrees_with_libbpf_tools_runqlat() {
         "runqlat comparison on {}: latprobe {count} waits, p50 {p50} ns; libbpf-tools {peer_count} waits, median in {low_us}..={high_us} us",
         kernel_name()
     );
-    assert!(count >= 400, "400 sleeps end in 400 wakeups: {h}");
+    // 400 sleeps end in 400 wakeups; a wakeup that reaches the task before
+    // it has left the CPU (preempted between going to sleep and switching
+    // out) ends no wait, as the task never waited: a handful at most.
+    assert!(count >= 395, "400 sleeps end in about 400 waits: {h}");
     // Counts: both tools see the same wakeups of the same process. They may
     // differ by waits that begin with a preemption: libbpf-tools counts a
     // switched-out task only when its state is TASK_RUNNING, latprobe also
