@@ -9,7 +9,7 @@
 use crate::{func::MAX_STACK, COMM_LEN};
 
 /// The most processes `runqlat --per-pid` gives a histogram of their own.
-/// Each costs `hdr::GROUPS` 8 KiB groups per CPU, so the cap bounds memory
+/// Each costs `hdr::GROUPS` 1 KiB groups per CPU, so the cap bounds memory
 /// however many processes come and go; later ones share the "other" row.
 pub const MAX_PID_SLOTS: usize = 64;
 /// Entries of the tid-keyed hash map that holds wakeup times when task-local

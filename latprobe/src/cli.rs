@@ -204,10 +204,10 @@ pub struct RunqslowerArgs {
 
 const RUNQLAT_EXAMPLES: &str = "\
 Every wait for a CPU (from wakeup or preemption to switch-in) is counted in
-the kernel, per CPU, in HDR buckets (3 significant digits); nothing per
+the kernel, per CPU, in HDR buckets (within 1%); nothing per
 context switch leaves the kernel. --per-pid gives the first --max-pids
 processes seen a histogram each and counts the rest as \"other\", so memory
-stays bounded: (max-pids + 1) x 216 KiB per CPU.
+stays bounded: (max-pids + 1) x 30 KiB per CPU.
 
 Examples:
   latprobe runqlat --secs 10

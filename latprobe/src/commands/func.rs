@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use aya::Btf;
-use latprobe_common::func::{globals, maps, Outlier, GROUPS_PER_FUNC, MAX_FUNCS};
+use latprobe_common::{
+    func::{globals, maps, Outlier, GROUPS_PER_FUNC, MAX_FUNCS},
+    hdr,
+};
 
 use crate::{
     attach::{self, Attacher, FrameStore, Mechanism, Target, NET_RX_FUNCTION},
@@ -95,6 +98,7 @@ pub async fn run(args: FnArgs) -> Result<()> {
             });
         }
     }
+    output::verbose(&histogram_memory(targets.len()));
     let maps = HistMaps::take(&mut ebpf, maps::STATS, maps::BUCKETS)?;
     let mut ring: Ring<Outlier> = Ring::take(&mut ebpf, maps::OUTLIERS)?;
     // Kernel symbols are only needed to print stacks; they take megabytes.
@@ -143,6 +147,18 @@ pub async fn run(args: FnArgs) -> Result<()> {
         output::report(render(t, &period, &totals.latencies, &totals, args.format));
     }
     Ok(())
+}
+
+/// What the kernel holds for `functions` histograms: per-CPU maps take
+/// room on every possible CPU.
+fn histogram_memory(functions: usize) -> String {
+    let cpus = aya::util::nr_cpus().unwrap_or(1);
+    let bytes = functions * hdr::HISTOGRAM_BYTES * cpus;
+    format!(
+        "histograms hold {} KiB of kernel memory ({} KiB per function per CPU, {cpus} possible CPUs)",
+        bytes >> 10,
+        hdr::HISTOGRAM_BYTES >> 10
+    )
 }
 
 /// What one report covers.
