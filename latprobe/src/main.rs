@@ -6,6 +6,7 @@ mod btf_offsets;
 mod cli;
 mod clock;
 mod commands;
+mod cost;
 mod duration;
 mod folded;
 mod histogram;

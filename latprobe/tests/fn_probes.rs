@@ -207,12 +207,35 @@ fn interval_reports_add_up_to_the_final_one() {
     // 6 calls of ~400 ms with 1 s reports: interval reports while it runs.
     let run = latprobe(&["fn", &func, "--interval", "1s", "--format", "json", "--", &w, "recurse", "6", "1", "400ms"]);
     run.assert_success();
-    let intervals: Vec<_> = run.records().into_iter().filter(|r| r["period"] == "interval").collect();
+    let intervals: Vec<_> =
+        run.records().into_iter().filter(|r| r["type"] == "histogram" && r["period"] == "interval").collect();
     assert!(!intervals.is_empty(), "at least one interval report in ~2.4 s:\n{}", run.stdout);
     let in_intervals: u64 = intervals.iter().map(|r| u64_of(r, "count")).sum();
     let total = u64_of(&run.final_histogram(&func), "count");
     assert_eq!(total, 6);
     assert!(in_intervals <= total, "intervals count {in_intervals} of {total}");
+}
+
+/// Each call runs the entry and the return program once; the kernel's own
+/// accounting of them is what latprobe reports as its cost.
+#[test]
+fn the_programs_own_cost_is_reported() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("the_programs_own_cost_is_reported", &why);
+    }
+    let w = workload();
+    let func = format!("{w}:latprobe_workload_recurse");
+    let run = latprobe(&["fn", &func, "--format", "json", "--", &w, "recurse", "1000", "1", "0us"]);
+    run.assert_success();
+    assert_eq!(u64_of(&run.final_histogram(&func), "count"), 1000);
+    let cost = run
+        .records()
+        .into_iter()
+        .find(|r| r["type"] == "cost" && r["period"] == "final")
+        .unwrap_or_else(|| panic!("no final cost record:\n{}\n{}", run.stdout, run.stderr));
+    assert_eq!(u64_of(&cost, "runs"), 2000, "1000 entries and 1000 returns: {cost}");
+    assert!(u64_of(&cost, "ns_per_run") > 0, "{cost}");
+    assert!(cost["cpu_percent"].as_f64().is_some_and(|p| p > 0.0 && p < 100.0), "{cost}");
 }
 
 #[test]

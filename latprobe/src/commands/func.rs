@@ -18,6 +18,7 @@ use crate::{
     bpf,
     cli::FnArgs,
     clock::WallClock,
+    cost::SelfCost,
     histogram::Latencies,
     kallsyms::{self, KernelSymbols},
     kernel_hist::{HistMaps, Totals},
@@ -62,6 +63,8 @@ pub async fn run(args: FnArgs) -> Result<()> {
     let buckets_len = (targets.len() * GROUPS_PER_FUNC) as u32;
     // One page when no outlier is asked for.
     let ring_bytes = if args.slower.is_some() { OUTLIER_RING_BYTES } else { bpf::page_size() };
+    let mut cost =
+        SelfCost::start().map_err(|why| output::verbose(&format!("latprobe's own cost is not measured: {why}"))).ok();
     let store = FrameStore::choose();
     output::verbose(store.describe());
     let mut ebpf = bpf::load(|loader| {
@@ -127,6 +130,9 @@ pub async fn run(args: FnArgs) -> Result<()> {
                     output::report(render(t, &period, &delta, &totals, args.format));
                     t.previous = totals.latencies;
                 }
+                if let Some(cost) = cost.as_mut() {
+                    output::report(cost.since_last(&ebpf).render("interval", args.format));
+                }
                 last_report = now;
             }
             Step::Poll => {}
@@ -134,6 +140,8 @@ pub async fn run(args: FnArgs) -> Result<()> {
     };
 
     run.end(&end);
+    // Before detaching: a detached program's counts go with it.
+    let final_cost = cost.as_ref().map(|c| c.whole_run(&ebpf));
     // Stop new calls from being timed, then collect what is in flight.
     attach::detach_entries(&mut ebpf);
     let discarded = ring.drain_until(run.drain_deadline(), |o| printer.print(&o))?;
@@ -145,6 +153,9 @@ pub async fn run(args: FnArgs) -> Result<()> {
     for (slot, t) in traced.iter().enumerate() {
         let totals = maps.totals(slot)?;
         output::report(render(t, &period, &totals.latencies, &totals, args.format));
+    }
+    if let Some(cost) = final_cost {
+        output::report(cost.render("final", args.format));
     }
     Ok(())
 }
