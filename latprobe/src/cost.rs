@@ -16,7 +16,12 @@ use std::{
 use aya::{sys::Stats, Ebpf};
 use serde_json::json;
 
-use crate::{duration::format_ns, report::Format};
+use crate::{duration::format_ns, output, report::Format};
+
+/// [`SelfCost::start`], or None after saying (with -v) why not.
+pub fn start_or_explain() -> Option<SelfCost> {
+    SelfCost::start().map_err(|why| output::verbose(&format!("latprobe's own cost is not measured: {why}"))).ok()
+}
 
 /// Counting is on while this lives.
 pub struct SelfCost {

@@ -233,7 +233,10 @@ fn the_programs_own_cost_is_reported() {
         .into_iter()
         .find(|r| r["type"] == "cost" && r["period"] == "final")
         .unwrap_or_else(|| panic!("no final cost record:\n{}\n{}", run.stdout, run.stderr));
-    assert_eq!(u64_of(&cost, "runs"), 2000, "1000 entries and 1000 returns: {cost}");
+    // Where start times live in a hash, an exit program also runs once per
+    // thread that exits meanwhile (the workload's own, at least).
+    let runs = u64_of(&cost, "runs");
+    assert!((2000..=2010).contains(&runs), "1000 entries and 1000 returns: {cost}");
     assert!(u64_of(&cost, "ns_per_run") > 0, "{cost}");
     assert!(cost["cpu_percent"].as_f64().is_some_and(|p| p > 0.0 && p < 100.0), "{cost}");
 }

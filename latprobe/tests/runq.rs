@@ -174,7 +174,8 @@ fn runqslower_text_ends_with_culprit_table() {
         .unwrap_or_else(|| panic!("no line for the wakee:\n{}", run.stdout));
     assert!(row.contains("spinner") && row.contains(&c.spinner.to_string()), "{row}");
     assert!(run.stdout.contains("by the task that held the CPU before (culprit)"), "{}", run.stdout);
-    let last = run.stdout.lines().last().unwrap_or_default();
+    // After the summary comes only latprobe's own cost.
+    let last = run.stdout.lines().rfind(|l| !l.starts_with("latprobe's programs")).unwrap_or_default();
     assert!(last.starts_with("runqslower [tp_btf]") && last.contains("waits over 50.0ms"), "{last}");
 }
 
@@ -354,7 +355,8 @@ fn runqlat_per_cpu_keys_each_cpu() {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let run = latprobe_on_cpu(cpus - 1, &["runqlat", "--per-cpu", "--format", "json", "--", &w, "contend", SPIN]);
     run.assert_success();
-    let rows: Vec<Value> = run.records().into_iter().filter(|r| r["period"] == "final").collect();
+    let rows: Vec<Value> =
+        run.records().into_iter().filter(|r| r["type"] == "histogram" && r["period"] == "final").collect();
     assert!(!rows.is_empty(), "{}", run.stdout);
     let key = format!("cpu={}", cpus - 1);
     for r in &rows {
@@ -389,7 +391,8 @@ fn runqlat_per_pid_is_capped() {
         "10ms",
     ]);
     run.assert_success();
-    let rows: Vec<Value> = run.records().into_iter().filter(|r| r["period"] == "final").collect();
+    let rows: Vec<Value> =
+        run.records().into_iter().filter(|r| r["type"] == "histogram" && r["period"] == "final").collect();
     let pids: Vec<&Value> = rows.iter().filter(|r| r["key"].as_str().is_some_and(|k| k.starts_with("pid="))).collect();
     assert_eq!(pids.len(), 1, "--max-pids 1: one process row:\n{}", run.stdout);
     assert!(pids[0]["comm"].is_string(), "{}", pids[0]);
@@ -407,7 +410,8 @@ fn runqlat_per_pid_other_row_takes_the_rest() {
     let run = latprobe(&["runqlat", "--per-pid", "--max-pids", "1", "--format", "json", "--secs", "2"]);
     noise.wait().expect("workload ends");
     run.assert_success();
-    let rows: Vec<Value> = run.records().into_iter().filter(|r| r["period"] == "final").collect();
+    let rows: Vec<Value> =
+        run.records().into_iter().filter(|r| r["type"] == "histogram" && r["period"] == "final").collect();
     let pids = rows.iter().filter(|r| r["key"].as_str().is_some_and(|k| k.starts_with("pid="))).count();
     assert!(pids <= 1, "at most --max-pids process rows:\n{}", run.stdout);
     let other = rows.iter().find(|r| r["key"] == "other").unwrap_or_else(|| panic!("no other row:\n{}", run.stdout));

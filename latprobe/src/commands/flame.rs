@@ -29,10 +29,12 @@ use crate::{
     attach::{Attacher, FrameStore, Target, NET_RX_FUNCTION},
     bpf, btf_offsets,
     cli::FlameArgs,
+    cost,
     duration::format_ns,
     folded::{self, Stack},
     kallsyms::{self, KernelSymbols},
     output::{self, files::OutputFile, text},
+    report::Format,
     run::{Ring, Run, Step, BATCH},
     usyms::UserSymbols,
 };
@@ -79,6 +81,7 @@ pub async fn run(args: FlameArgs) -> Result<()> {
     let during = args.during.as_deref().map(Target::parse).transpose()?;
     let outputs = Outputs::open(&args)?;
     let mut run = Run::prepare(&args.run, args.cpu, None)?;
+    let cost = cost::start_or_explain();
     let cpus = aya::util::online_cpus().map_err(|(_, e)| e).context("listing online CPUs")?;
     let tgid = run.tgid();
     let (k, u, min_block) = (u32::from(kernel), u32::from(user), args.min_block.unwrap_or(0));
@@ -181,6 +184,9 @@ pub async fn run(args: FlameArgs) -> Result<()> {
         }
     };
     run.end(&end);
+    if let Some(cost) = cost.as_ref().map(|c| c.whole_run(&ebpf)) {
+        output::say(cost.render("final", Format::Text).trim_end());
+    }
     // Stop counting before reading, so the picture is one instant's.
     drop_programs(&mut ebpf);
     crate::attach::detach_entries(&mut ebpf);

@@ -18,7 +18,7 @@ use crate::{
     bpf,
     cli::FnArgs,
     clock::WallClock,
-    cost::SelfCost,
+    cost,
     histogram::Latencies,
     kallsyms::{self, KernelSymbols},
     kernel_hist::{HistMaps, Totals},
@@ -63,8 +63,7 @@ pub async fn run(args: FnArgs) -> Result<()> {
     let buckets_len = (targets.len() * GROUPS_PER_FUNC) as u32;
     // One page when no outlier is asked for.
     let ring_bytes = if args.slower.is_some() { OUTLIER_RING_BYTES } else { bpf::page_size() };
-    let mut cost =
-        SelfCost::start().map_err(|why| output::verbose(&format!("latprobe's own cost is not measured: {why}"))).ok();
+    let mut cost = cost::start_or_explain();
     let store = FrameStore::choose();
     output::verbose(store.describe());
     let mut ebpf = bpf::load(|loader| {

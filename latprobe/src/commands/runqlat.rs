@@ -21,6 +21,7 @@ use latprobe_common::sched::{hist, maps};
 
 use crate::{
     cli::RunqlatArgs,
+    cost,
     histogram::Latencies,
     kernel_hist::{HistMaps, Totals},
     output::{self, text},
@@ -145,6 +146,7 @@ pub async fn run(args: RunqlatArgs) -> Result<()> {
         ring_bytes: 0,
         mode: args.attach,
     };
+    let mut cost = cost::start_or_explain();
     let mut probes = sched_probes::start(&config)?;
     let maps = HistMaps::take(&mut probes.ebpf, maps::STATS, maps::BUCKETS)?;
     let pid_slots = if grouping == Grouping::PerPid {
@@ -179,6 +181,9 @@ pub async fn run(args: RunqlatArgs) -> Result<()> {
                     out += &render(&row, &delta, &attach, "interval", now - last_report, args.format);
                     previous.insert(row.key, row.totals.latencies);
                 }
+                if let Some(cost) = cost.as_mut() {
+                    out += &cost.since_last(&probes.ebpf).render("interval", args.format);
+                }
                 output::report(out);
                 last_report = now;
             }
@@ -187,6 +192,7 @@ pub async fn run(args: RunqlatArgs) -> Result<()> {
     };
 
     run.end(&end);
+    let final_cost = cost.as_ref().map(|c| c.whole_run(&probes.ebpf));
     probes.stop();
     let elapsed = run.elapsed();
     let mut out = String::new();
@@ -196,6 +202,9 @@ pub async fn run(args: RunqlatArgs) -> Result<()> {
     }
     for row in &rows {
         out += &render(row, &row.totals.latencies, &attach, "final", elapsed, args.format);
+    }
+    if let Some(cost) = final_cost {
+        out += &cost.render("final", args.format);
     }
     output::report(out);
     Ok(())

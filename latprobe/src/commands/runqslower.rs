@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::{
     cli::RunqslowerArgs,
     clock::WallClock,
+    cost,
     duration::format_ns,
     kallsyms::{self, KernelSymbols},
     output::{self, text},
@@ -45,6 +46,7 @@ pub async fn run(args: RunqslowerArgs) -> Result<()> {
         ring_bytes: EVENTS_RING_BYTES,
         mode: args.attach,
     };
+    let cost = cost::start_or_explain();
     let mut probes = sched_probes::start(&config)?;
     let symbols = if args.stacks { kallsyms::for_stacks() } else { None };
     let mut ring: Ring<RunqEvent> = Ring::take(&mut probes.ebpf, maps::EVENTS)?;
@@ -76,6 +78,7 @@ pub async fn run(args: RunqslowerArgs) -> Result<()> {
     };
 
     run.end(&end);
+    let final_cost = cost.as_ref().map(|c| c.whole_run(&probes.ebpf));
     // Detach, then print whatever is left in the ring. Waits still under
     // way are not over the threshold yet, or not known to be.
     probes.stop();
@@ -92,8 +95,8 @@ pub async fn run(args: RunqslowerArgs) -> Result<()> {
         unprinted: discarded + output::settle_records(run.drain_deadline() + SETTLE_TIME),
     };
     let rows = printer.culprits.rows();
-    match args.format {
-        Format::Text => output::report(summary_text(&summary, &rows)),
+    let mut out = match args.format {
+        Format::Text => summary_text(&summary, &rows),
         Format::Json => {
             let mut out = String::new();
             for r in &rows {
@@ -102,9 +105,13 @@ pub async fn run(args: RunqslowerArgs) -> Result<()> {
             }
             out += &summary.to_json();
             out.push('\n');
-            output::report(out);
+            out
         }
+    };
+    if let Some(cost) = final_cost {
+        out += &cost.render("final", args.format);
     }
+    output::report(out);
     Ok(())
 }
 
