@@ -20,6 +20,7 @@ use aya::{
     programs::{uprobe::UProbeScope, FEntry, FExit, KProbe, ProgramError, RawTracePoint, UProbe},
     Btf, Ebpf, EbpfLoader,
 };
+use aya_obj::btf::BtfKind;
 
 use latprobe_common::func::{globals, maps, programs};
 
@@ -219,7 +220,11 @@ impl Attacher<'_> {
     }
 
     fn attach_kernel(&mut self, slot: usize, name: &str) -> Result<Mechanism> {
-        if kallsyms::kernel_has_function(name) == Some(false) {
+        // A function in BTF exists; only one missing there is looked for in
+        // /proc/kallsyms, whose reading takes tens of ms (static functions
+        // can lack BTF and still take a kprobe).
+        let in_btf = self.btf.as_ref().is_some_and(|b| b.id_by_type_name_kind(name, BtfKind::Func).is_ok());
+        if !in_btf && kallsyms::kernel_has_function(name) == Some(false) {
             if let Ok(symbols) = KernelSymbols::load() {
                 let close = symbols.suggest(name, 5);
                 let hint = if close.is_empty() {
