@@ -51,6 +51,11 @@ impl ReturnProbe {
     /// Defines a kretprobe on kernel `function` for `slot` and attaches
     /// `program` (a loaded kprobe program) to it.
     pub fn attach(tracefs: &Path, function: &str, slot: usize, program: BorrowedFd<'_>) -> Result<ReturnProbe> {
+        // The name goes into a command line of kprobe_events: a space or a
+        // newline in it would define or delete other probes.
+        if !is_symbol(function) {
+            bail!("{function:?} is not a kernel symbol name");
+        }
         remove_stale(tracefs);
         let event = format!("latprobe_{}_{slot}", std::process::id());
         define(tracefs, &format!("r{MAXACTIVE}:{GROUP}/{event} {function}"))
@@ -87,6 +92,11 @@ impl Drop for ReturnProbe {
         drop(self.perf.take());
         let _ = define(&self.tracefs, &format!("-:{GROUP}/{}", self.event));
     }
+}
+
+/// Letters, digits, `_` and `.` (as in `foo.isra.0`): all a kernel symbol has.
+fn is_symbol(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 128 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
 }
 
 /// Appends one line to `kprobe_events`. Never truncate: that would delete
@@ -187,6 +197,14 @@ mod tests {
         assert_eq!(stale_event("r:kprobes/latprobe_12_0 f", dead), None);
         assert_eq!(stale_event("p:latprobe/other f", dead), None);
         assert_eq!(stale_event("garbage", dead), None);
+    }
+
+    #[test]
+    fn only_symbol_names_reach_kprobe_events() {
+        assert!(is_symbol("tcp_v4_rcv") && is_symbol("tcp_collapse.isra.0"));
+        for hostile in ["", "a b", "f\n-:kprobes/other", "f:1", "../x", &"a".repeat(200)] {
+            assert!(!is_symbol(hostile), "{hostile:?}");
+        }
     }
 
     #[test]
