@@ -197,6 +197,21 @@ impl FrameStore {
     }
 }
 
+/// The kernel's BTF for attaching fentry programs, parsed on its own thread
+/// from the start of a run: aya's loader parses its own copy meanwhile, and
+/// each parse takes tens of milliseconds.
+pub struct BtfLater(std::thread::JoinHandle<Option<Btf>>);
+
+impl BtfLater {
+    pub fn start() -> BtfLater {
+        BtfLater(std::thread::spawn(|| Btf::from_sys_fs().ok()))
+    }
+
+    pub fn get(self) -> Option<Btf> {
+        self.0.join().ok().flatten()
+    }
+}
+
 /// Everything needed to attach programs, gathered once.
 pub struct Attacher<'a> {
     pub ebpf: &'a mut Ebpf,

@@ -26,7 +26,7 @@ use latprobe_common::{
 };
 
 use crate::{
-    attach::{Attacher, FrameStore, Target, NET_RX_FUNCTION},
+    attach::{Attacher, BtfLater, FrameStore, Target, NET_RX_FUNCTION},
     bpf, btf_offsets,
     cli::FlameArgs,
     cost,
@@ -81,6 +81,7 @@ pub async fn run(args: FlameArgs) -> Result<()> {
     let during = args.during.as_deref().map(Target::parse).transpose()?;
     let outputs = Outputs::open(&args)?;
     let mut run = Run::prepare(&args.run, args.cpu, None)?;
+    let btf = during.is_some().then(BtfLater::start);
     let cost = cost::start_or_explain();
     let cpus = aya::util::online_cpus().map_err(|(_, e)| e).context("listing online CPUs")?;
     let tgid = run.tgid();
@@ -138,7 +139,7 @@ pub async fn run(args: FlameArgs) -> Result<()> {
         store.attach_cleanup(&mut ebpf)?;
         let mut attacher = Attacher {
             ebpf: &mut ebpf,
-            btf: Btf::from_sys_fs().ok(),
+            btf: btf.and_then(BtfLater::get),
             mode: args.attach,
             pid: (tgid != 0).then_some(tgid),
             returns: Vec::new(),

@@ -7,14 +7,13 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use aya::Btf;
 use latprobe_common::{
     func::{globals, maps, Outlier, GROUPS_PER_FUNC, MAX_FUNCS},
     hdr,
 };
 
 use crate::{
-    attach::{self, Attacher, FrameStore, Mechanism, Target, NET_RX_FUNCTION},
+    attach::{self, Attacher, BtfLater, FrameStore, Mechanism, Target, NET_RX_FUNCTION},
     bpf,
     cli::FnArgs,
     clock::WallClock,
@@ -55,6 +54,7 @@ pub async fn run(args: FnArgs) -> Result<()> {
     }
     let targets = args.functions.iter().map(|f| Target::parse(f)).collect::<Result<Vec<_>>>()?;
     let mut run = Run::prepare(&args.run, args.cpu, None)?;
+    let btf = BtfLater::start();
 
     let tgid = run.tgid();
     let softirq_slot =
@@ -83,7 +83,7 @@ pub async fn run(args: FnArgs) -> Result<()> {
     {
         let mut attacher = Attacher {
             ebpf: &mut ebpf,
-            btf: Btf::from_sys_fs().ok(),
+            btf: btf.get(),
             mode: args.attach,
             pid: (tgid != 0).then_some(tgid),
             returns: Vec::new(),

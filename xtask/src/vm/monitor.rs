@@ -21,15 +21,16 @@ const SAMPLES: usize = 3;
 /// A report of where each CPU was, over a few samples; never fails (it says
 /// what it could not do instead).
 pub fn where_cpus_are(socket: &Path, kallsyms: &Path) -> String {
-    let symbols = match Symbols::load(kallsyms) {
-        Ok(s) => s,
-        Err(why) => return format!("(CPUs not sampled: {why})"),
+    // Without symbols, raw addresses still say a lot.
+    let (symbols, note) = match Symbols::load(kallsyms) {
+        Ok(s) => (s, String::new()),
+        Err(why) => (Symbols { text: Vec::new() }, format!("(addresses not named: {why})\n")),
     };
     let mut monitor = match Monitor::connect(socket) {
         Ok(m) => m,
         Err(why) => return format!("(CPUs not sampled: QEMU monitor at {}: {why})", socket.display()),
     };
-    let mut out = String::new();
+    let mut out = note;
     for sample in 0..SAMPLES {
         let Some(cpus) = monitor.cpu_count() else { break };
         for cpu in 0..cpus {
@@ -37,11 +38,14 @@ pub fn where_cpus_are(socket: &Path, kallsyms: &Path) -> String {
             let regs = monitor.command("info registers").unwrap_or_default();
             let (Some(rip), Some(rsp)) = (register(&regs, "RIP"), register(&regs, "RSP")) else { continue };
             let words = monitor.command(&format!("x/{STACK_WORDS}gx {rsp:#x}")).unwrap_or_default();
-            let frames: Vec<String> = stack_words(&words).filter_map(|w| symbols.name(w)).take(FRAMES_SHOWN).collect();
+            let frames: Vec<String> = stack_words(&words)
+                .filter_map(|w| symbols.name(w).or_else(|| symbols.text.is_empty().then(|| kernel_hex(w)).flatten()))
+                .take(FRAMES_SHOWN)
+                .collect();
             let _ = writeln!(
                 out,
                 "sample {sample}, CPU {cpu}: at {}; on its stack: {}",
-                symbols.name(rip).unwrap_or_else(|| format!("{rip:#x} (user space, or not kernel text)")),
+                symbols.name(rip).unwrap_or_else(|| format!("{rip:#x}")),
                 if frames.is_empty() { "-".to_string() } else { frames.join(" < ") }
             );
         }
@@ -63,6 +67,11 @@ fn stack_words(dump: &str) -> impl Iterator<Item = u64> + '_ {
         .filter_map(|l| l.split_once(": ").map(|(_, words)| words))
         .flat_map(str::split_whitespace)
         .filter_map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok())
+}
+
+/// An address in the kernel's text mapping (x86-64: the top 2 GiB), in hex.
+fn kernel_hex(word: u64) -> Option<String> {
+    (word >= 0xffff_ffff_8000_0000).then(|| format!("{word:#x}"))
 }
 
 /// Kernel text symbols, sorted by address.
