@@ -53,7 +53,10 @@ struct State {
     /// Drop queued records instead of writing them: the run is ending and
     /// its final report must not wait behind them.
     discard_records: AtomicBool,
-    /// Bytes queued when a wait last found the writer stuck.
+    /// Messages the writer has finished with (written or dropped): its
+    /// progress, whatever gets queued meanwhile.
+    done: AtomicUsize,
+    /// `done` + 1 when a wait last found the writer stuck (0: never).
     stuck_at: AtomicUsize,
     /// The reader went away (EPIPE).
     closed: AtomicBool,
@@ -151,10 +154,10 @@ impl Stream {
         if self.sender.send(Message::Flush(ack)).is_err() {
             return self.state.queued.load(Ordering::Relaxed) == 0;
         }
-        let mut queued = self.state.queued.load(Ordering::Relaxed);
-        // Stuck at the last wait and not one byte written since: waiting
-        // again only delays the end.
-        if queued != 0 && queued == self.state.stuck_at.load(Ordering::Relaxed) {
+        let mut done = self.state.done.load(Ordering::Relaxed);
+        // Stuck at the last wait and not one message finished since (more
+        // may have been queued): waiting again only delays the end.
+        if self.state.queued.load(Ordering::Relaxed) != 0 && self.state.stuck_at.load(Ordering::Relaxed) == done + 1 {
             return false;
         }
         loop {
@@ -170,14 +173,15 @@ impl Stream {
             }
             // A writer stuck in one write makes no progress: waiting longer
             // only delays the end of the run.
-            if now_queued == queued {
-                self.state.stuck_at.store(now_queued, Ordering::Relaxed);
+            let now_done = self.state.done.load(Ordering::Relaxed);
+            if now_done == done {
+                self.state.stuck_at.store(done + 1, Ordering::Relaxed);
                 return false;
             }
             if Instant::now() >= deadline {
                 return false;
             }
-            queued = now_queued;
+            done = now_done;
         }
     }
 
@@ -211,6 +215,7 @@ fn write_loop(fd: i32, receiver: &Receiver<Message>, state: &State) {
                     }
                 }
                 state.queued.fetch_sub(len, Ordering::Relaxed);
+                state.done.fetch_add(1, Ordering::Relaxed);
                 if record {
                     // Written or not, it is no longer pending: a record not
                     // written is counted as dropped.
