@@ -17,7 +17,7 @@ use std::{
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         mpsc::{self, Receiver, Sender},
-        Arc, Mutex,
+        Arc, LazyLock, Mutex,
     },
     thread,
     time::{Duration, Instant},
@@ -30,8 +30,17 @@ const RECORD_QUEUE_BYTES: usize = 1 << 20;
 /// hours under `--interval` must not grow without bound).
 const REPORT_QUEUE_BYTES: usize = 64 << 20;
 
-/// A writer that wrote nothing for this long is stalled.
+/// A writer blocked this long in one write is stalled. A writer that is
+/// merely not scheduled (a busy or emulated machine) is not: it is waited
+/// for until the deadline.
 const STALL_TIME: Duration = Duration::from_millis(100);
+
+/// Nanoseconds since the first call: a clock two threads can share
+/// through an atomic.
+fn since_epoch_ns() -> u64 {
+    static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+    u64::try_from(EPOCH.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
 
 enum Message {
     Text {
@@ -58,6 +67,8 @@ struct State {
     done: AtomicUsize,
     /// `done` + 1 when a wait last found the writer stuck (0: never).
     stuck_at: AtomicUsize,
+    /// When the write under way began, as `since_epoch_ns` + 1 (0: none).
+    writing_since: AtomicU64,
     /// The reader went away (EPIPE).
     closed: AtomicBool,
     /// A write failed otherwise (EIO, ENOSPC, …).
@@ -154,7 +165,7 @@ impl Stream {
         if self.sender.send(Message::Flush(ack)).is_err() {
             return self.state.queued.load(Ordering::Relaxed) == 0;
         }
-        let mut done = self.state.done.load(Ordering::Relaxed);
+        let done = self.state.done.load(Ordering::Relaxed);
         // Stuck at the last wait and not one message finished since (more
         // may have been queued): waiting again only delays the end.
         if self.state.queued.load(Ordering::Relaxed) != 0 && self.state.stuck_at.load(Ordering::Relaxed) == done + 1 {
@@ -165,24 +176,23 @@ impl Stream {
             if acked.recv_timeout(left.min(STALL_TIME)).is_ok() {
                 return true;
             }
-            let now_queued = self.state.queued.load(Ordering::Relaxed);
             // Late but nothing left unwritten (the writer was not scheduled
             // in time to answer): not a stall.
-            if now_queued == 0 {
+            if self.state.queued.load(Ordering::Relaxed) == 0 {
                 return true;
             }
-            // A writer stuck in one write makes no progress: waiting longer
-            // only delays the end of the run.
-            let now_done = self.state.done.load(Ordering::Relaxed);
-            if now_done == done {
-                self.state.stuck_at.store(done + 1, Ordering::Relaxed);
+            if self.blocked_in_write() || Instant::now() >= deadline {
+                self.state.stuck_at.store(self.state.done.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
                 return false;
             }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            done = now_done;
         }
+    }
+
+    /// Whether the writer has been inside one write for `STALL_TIME`: its
+    /// reader is not reading, and waiting longer only delays the end.
+    fn blocked_in_write(&self) -> bool {
+        let since = self.state.writing_since.load(Ordering::Relaxed);
+        since != 0 && since_epoch_ns().saturating_sub(since - 1) >= STALL_TIME.as_nanos() as u64
     }
 
     pub fn tally(&self) -> Tally {
@@ -204,7 +214,10 @@ fn write_loop(fd: i32, receiver: &Receiver<Message>, state: &State) {
                 let len = text.len();
                 let discard = record && state.discard_records.load(Ordering::Relaxed);
                 if !broken && !discard {
-                    if let Err(e) = out.write_all(&text) {
+                    state.writing_since.store(since_epoch_ns() + 1, Ordering::Relaxed);
+                    let written = out.write_all(&text);
+                    state.writing_since.store(0, Ordering::Relaxed);
+                    if let Err(e) = written {
                         broken = true;
                         if e.kind() == io::ErrorKind::BrokenPipe {
                             state.closed.store(true, Ordering::Relaxed);
