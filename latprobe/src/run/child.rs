@@ -11,8 +11,9 @@
 //! - the invoking user's uid, gid and groups when latprobe runs through sudo
 //!   (SUDO_UID/SUDO_GID): a benchmark must not run as root because its
 //!   tracer does;
-//! - default signal dispositions (Rust ignores SIGPIPE; a SIGHUP ignored by
-//!   nohup stays ignored), an empty signal mask, and the RLIMIT_MEMLOCK
+//! - default signal dispositions but those ignored when latprobe started
+//!   (nohup's SIGHUP, a background job's SIGINT), SIGPIPE default though Rust
+//!   ignores it, an empty signal mask, and the RLIMIT_MEMLOCK
 //!   latprobe started with;
 //! - latprobe's stderr as its stdout, so latprobe's stdout (JSON lines, an
 //!   SVG) stays parseable;
@@ -48,7 +49,7 @@ pub fn invoking_user() -> Option<(u32, u32)> {
 }
 
 /// What the gate restores before it execs the command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Restore {
     /// (uid, gid) to become, or None to stay.
     user: Option<(u32, u32)>,
@@ -56,22 +57,34 @@ struct Restore {
     /// latprobe's pid: the gate ends if latprobe is gone before it can
     /// ask to be told of latprobe's death.
     parent: u32,
+    /// Signals latprobe catches that were ignored when it started: the
+    /// command ignores them too.
+    ignored: Vec<i32>,
 }
 
 impl Restore {
-    fn to_args(self) -> Vec<String> {
+    /// How many arguments `to_args` makes.
+    const ARGS: usize = 6;
+
+    fn to_args(&self) -> Vec<String> {
         let (uid, gid) = self.user.map_or(("-".into(), "-".into()), |(u, g)| (u.to_string(), g.to_string()));
-        vec![uid, gid, self.memlock.0.to_string(), self.memlock.1.to_string(), self.parent.to_string()]
+        let ignored: Vec<String> = self.ignored.iter().map(ToString::to_string).collect();
+        let ignored = if ignored.is_empty() { "-".to_string() } else { ignored.join(",") };
+        vec![uid, gid, self.memlock.0.to_string(), self.memlock.1.to_string(), self.parent.to_string(), ignored]
     }
 
     fn from_args(args: &[OsString]) -> Option<Self> {
         let text: Vec<&str> = args.iter().map(|a| a.to_str()).collect::<Option<_>>()?;
-        let [uid, gid, cur, max, parent] = text[..] else { return None };
+        let [uid, gid, cur, max, parent, ignored] = text[..] else { return None };
+        let ignored = match ignored {
+            "-" => Vec::new(),
+            list => list.split(',').map(str::parse).collect::<Result<_, _>>().ok()?,
+        };
         let user = match (uid, gid) {
             ("-", "-") => None,
             (u, g) => Some((u.parse().ok()?, g.parse().ok()?)),
         };
-        Some(Self { user, memlock: (cur.parse().ok()?, max.parse().ok()?), parent: parent.parse().ok()? })
+        Some(Self { user, memlock: (cur.parse().ok()?, max.parse().ok()?), parent: parent.parse().ok()?, ignored })
     }
 }
 
@@ -97,8 +110,12 @@ impl GatedChild {
         // SAFETY: pipe2 just returned these two fds, owned by nobody else.
         let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         let read_fd = read_end.as_raw_fd();
-        let restore =
-            Restore { user: invoking_user(), memlock: crate::bpf::original_memlock(), parent: std::process::id() };
+        let restore = Restore {
+            user: invoking_user(),
+            memlock: crate::bpf::original_memlock(),
+            parent: std::process::id(),
+            ignored: super::signals::ignored_at_start(),
+        };
         let stdout = io::stderr().as_fd().try_clone_to_owned().context("duplicating stderr for the command")?;
         let mut command = Command::new("/proc/self/exe");
         command.arg(GATE_FLAG).arg(read_fd.to_string()).args(restore.to_args()).arg("--").args(argv).stdout(stdout);
@@ -155,8 +172,9 @@ pub fn run_gate_if_asked() {
         return;
     }
     let fd: RawFd = args.get(2).and_then(|a| a.to_str()?.parse().ok()).unwrap_or(-1);
-    let restore = args.get(3..8).and_then(Restore::from_args);
-    let argv = args.get(9..).unwrap_or_default();
+    let restore = args.get(3..3 + Restore::ARGS).and_then(Restore::from_args);
+    // After the restore arguments, "--", then COMMAND.
+    let argv = args.get(4 + Restore::ARGS..).unwrap_or_default();
     let (Some(restore), false) = (restore, argv.is_empty()) else {
         gate_fail("malformed gate arguments", 125);
     };
@@ -211,6 +229,9 @@ fn restore_process(restore: Restore) -> io::Result<()> {
         check(libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()), "sigprocmask")?;
         // Rust's runtime ignores SIGPIPE; `cmd | head` needs the default.
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        for &signo in &restore.ignored {
+            libc::signal(signo, libc::SIG_IGN);
+        }
         let limit = libc::rlimit { rlim_cur: restore.memlock.0, rlim_max: restore.memlock.1 };
         check(libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit), "restoring RLIMIT_MEMLOCK")?;
         if let Some((uid, gid)) = restore.user {
@@ -252,13 +273,13 @@ mod tests {
     #[test]
     fn restore_round_trips_through_arguments() {
         for r in [
-            Restore { user: Some((1000, 1000)), memlock: (8 << 20, u64::MAX), parent: 42 },
-            Restore { user: None, memlock: (0, 0), parent: 1 },
+            Restore { user: Some((1000, 1000)), memlock: (8 << 20, u64::MAX), parent: 42, ignored: vec![2, 15] },
+            Restore { user: None, memlock: (0, 0), parent: 1, ignored: vec![] },
         ] {
             let args: Vec<OsString> = r.to_args().into_iter().map(OsString::from).collect();
-            assert_eq!(Restore::from_args(&args), Some(r));
+            assert_eq!(Restore::from_args(&args).as_ref(), Some(&r));
         }
-        let bad: Vec<OsString> = ["x", "1", "2", "3", "4"].into_iter().map(OsString::from).collect();
+        let bad: Vec<OsString> = ["x", "1", "2", "3", "4", "-"].into_iter().map(OsString::from).collect();
         assert_eq!(Restore::from_args(&bad), None);
     }
 }

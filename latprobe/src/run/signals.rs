@@ -2,6 +2,13 @@
 //! SSH session dropped) — unless SIGHUP was ignored when latprobe started
 //! (`nohup latprobe … &`), in which case it stays ignored: a handler would
 //! replace nohup's SIG_IGN and end the run at logout.
+//!
+//! SIGINT is caught even when ignored at start (a background job of a
+//! script), but that it was ignored is remembered so that `-- COMMAND`
+//! inherits it, as it would have without latprobe in between. (SIGTERM is
+//! not passed on ignored: it is how latprobe ends its command.)
+
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -22,10 +29,23 @@ fn ignored(signo: libc::c_int) -> bool {
     }
 }
 
+/// The signals latprobe catches that were ignored when it started.
+static IGNORED_AT_START: OnceLock<Vec<libc::c_int>> = OnceLock::new();
+
+/// Which of the signals latprobe catches were ignored before it caught them.
+pub fn ignored_at_start() -> Vec<libc::c_int> {
+    IGNORED_AT_START.get_or_init(caught_and_ignored).clone()
+}
+
+fn caught_and_ignored() -> Vec<libc::c_int> {
+    [libc::SIGINT].into_iter().filter(|&s| ignored(s)).collect()
+}
+
 impl Signals {
     /// Starts listening. Call before loading anything, so a Ctrl-C during
     /// set-up is not lost.
     pub fn listen() -> Result<Self> {
+        IGNORED_AT_START.get_or_init(caught_and_ignored);
         let listen = |kind: SignalKind| signal(kind).context("installing signal handlers");
         let hangup = if ignored(libc::SIGHUP) { None } else { Some(listen(SignalKind::hangup())?) };
         Ok(Self { interrupt: listen(SignalKind::interrupt())?, terminate: listen(SignalKind::terminate())?, hangup })
