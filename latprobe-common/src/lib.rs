@@ -8,6 +8,7 @@ pub mod flame;
 pub mod func;
 pub mod hdr;
 pub mod sched;
+pub mod tcp;
 
 /// `TASK_COMM_LEN` in the kernel.
 pub const COMM_LEN: usize = 16;

@@ -18,7 +18,7 @@
 //! Rust eBPF has no CO-RE, so every `task_struct` field is read at an offset
 //! userspace found in the running kernel's BTF and set as a load-time global.
 
-use core::{ffi::c_void, ptr::read_volatile};
+use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -295,41 +295,10 @@ fn end_wait<const BTF: bool, C: EbpfContext>(ctx: &C, next: *mut c_void, now: u6
     }
 }
 
-/// The histogram slot of process `tgid`: its own while fewer than
-/// `RQ_PID_SLOTS_N` processes have one, else 0 ("other"). Only the first
-/// wait of each new process touches shared state.
+/// The histogram slot of process `tgid` (see `helpers::key_slot`).
 #[inline(always)]
 fn pid_slot(tgid: u32) -> usize {
-    if let Some(p) = RQ_PID_SLOTS.get_ptr(tgid) {
-        // SAFETY: a live value of our map.
-        return unsafe { *p } as usize;
-    }
-    let limit = u64::from(global(&RQ_PID_SLOTS_N));
-    let Some(next) = RQ_NEXT_SLOT.get_ptr_mut(0) else { return 0 };
-    // SAFETY: `next` points to our array's only value.
-    if unsafe { read_volatile(next) } >= limit {
-        return 0;
-    }
-    let mut mine = 1u64;
-    // SAFETY: an atomic fetch-and-add on that aligned u64.
-    unsafe {
-        core::arch::asm!(
-            "{v} = atomic_fetch_add((u64 *)({p} + 0), {v})",
-            v = inout(reg) mine,
-            p = in(reg) next,
-        );
-    }
-    mine += 1;
-    if mine > limit {
-        return 0;
-    }
-    if RQ_PID_SLOTS.insert(tgid, mine as u32, BPF_NOEXIST as u64).is_ok() {
-        return mine as usize;
-    }
-    // Another CPU gave this process a slot first: use that one (ours stays
-    // unused and userspace skips it).
-    // SAFETY: a live value of our map.
-    RQ_PID_SLOTS.get_ptr(tgid).map_or(0, |p| unsafe { *p } as usize)
+    helpers::key_slot(&RQ_PID_SLOTS, &RQ_NEXT_SLOT, global(&RQ_PID_SLOTS_N), tgid)
 }
 
 /// Sends one slow wait to userspace, with the culprit: the current task.

@@ -21,6 +21,17 @@
 //!   udp N                   N UDP datagrams over loopback (NET_RX softirqs)
 //!   tcp N                   N TCP connections over loopback, each accepted
 //!                           and sent one byte (N inet_csk_accept calls)
+//!   accept-queue PORT N DUR N clients connect to 127.0.0.1:PORT at once;
+//!                           the server accepts one every DUR (the Kth
+//!                           accepted waited about K x DUR in the queue)
+//!   rx-delay PORT N DUR     one connection to 127.0.0.1:PORT; N times the
+//!                           client sends a message and the server sleeps
+//!                           DUR before reading it (each waits about DUR in
+//!                           the receive queue), then answers; prints
+//!                           `workload: queued NS ns` per message, the time
+//!                           from sending it to the server's read
+//!   refused PORT N          N connects to 127.0.0.1:PORT, where nothing
+//!                           listens (N resets sent and received)
 //!   spin DUR                burn CPU for DUR
 //!   pin CPU                 run the following steps on CPU only
 //!   report                  print `elapsed_ns=N` since the workload started,
@@ -228,6 +239,70 @@ fn read_zero_for(d: Duration) {
     }
 }
 
+fn port_number(s: &str) -> u16 {
+    s.parse().unwrap_or_else(|_| usage(&format!("bad port {s}")))
+}
+
+/// A listener on 127.0.0.1:`port` with room for `backlog` waiting connections.
+fn listen(port: u16, backlog: i32) -> TcpListener {
+    // std's listen() asks for a backlog of 128; ask for what the step needs.
+    // SAFETY: plain socket calls on a descriptor this function owns until
+    // it hands it to TcpListener.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be() },
+            sin_zero: [0; 8],
+        };
+        let bound = libc::bind(fd, (&raw const addr).cast(), size_of::<libc::sockaddr_in>() as libc::socklen_t);
+        assert!(bound == 0, "bind 127.0.0.1:{port}: {}", std::io::Error::last_os_error());
+        assert!(libc::listen(fd, backlog) == 0, "listen: {}", std::io::Error::last_os_error());
+        std::os::fd::FromRawFd::from_raw_fd(fd)
+    }
+}
+
+fn accept_queue(port: u16, n: usize, every: Duration) {
+    let listener = listen(port, n as i32 + 8);
+    // Every client is connected (its handshake done, its connection in the
+    // accept queue) before the first accept.
+    let clients: Vec<TcpStream> = (0..n).map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect")).collect();
+    for _ in 0..n {
+        sleep(every);
+        let (server, _) = listener.accept().expect("accept");
+        drop(server);
+    }
+    drop(clients);
+}
+
+fn rx_delay(port: u16, n: u64, delay: Duration) {
+    let listener = listen(port, 8);
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let (mut server, _) = listener.accept().expect("accept");
+    client.set_nodelay(true).expect("TCP_NODELAY");
+    server.set_nodelay(true).expect("TCP_NODELAY");
+    let mut byte = [0u8; 1];
+    for _ in 0..n {
+        let sent = Instant::now();
+        client.write_all(b"m").expect("send");
+        sleep(delay);
+        server.read_exact(&mut byte).expect("server read");
+        eprintln!("workload: queued {} ns", sent.elapsed().as_nanos());
+        server.write_all(b"a").expect("answer");
+        client.read_exact(&mut byte).expect("client read");
+    }
+}
+
 fn main() {
     let started = Instant::now();
     let args: Vec<String> = env::args().skip(1).collect();
@@ -317,6 +392,22 @@ fn main() {
                     let (mut server, _) = listener.accept().expect("accept");
                     client.write_all(b"x").expect("send");
                     server.read_exact(&mut byte).expect("receive");
+                }
+                tail
+            }
+            ("accept-queue", [port, n, d, tail @ ..]) => {
+                accept_queue(port_number(port), number(n) as usize, duration(d));
+                tail
+            }
+            ("rx-delay", [port, n, d, tail @ ..]) => {
+                rx_delay(port_number(port), number(n), duration(d));
+                tail
+            }
+            ("refused", [port, n, tail @ ..]) => {
+                let port = port_number(port);
+                for _ in 0..number(n) {
+                    let refused = TcpStream::connect(("127.0.0.1", port));
+                    assert!(refused.is_err(), "something listens on port {port}");
                 }
                 tail
             }

@@ -7,8 +7,10 @@ use std::{fs, sync::OnceLock};
 use anyhow::{bail, Context, Result};
 use aya::{programs::ProgramError, Ebpf, EbpfLoader};
 
-/// latprobe-ebpf, built by build.rs.
+/// latprobe-ebpf's programs for fn, runqlat, runqslower and flame, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latprobe"));
+/// latprobe-ebpf's programs for tcp.
+static TCP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latprobe-tcp"));
 
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
@@ -99,6 +101,13 @@ pub fn load<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
     loader.load(OBJECT).context("loading latprobe's BPF maps failed (task-local storage needs Linux 5.11 or newer)")
 }
 
+/// Loads the tcp object's maps with `configure` applied.
+pub fn load_tcp<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    configure(&mut loader);
+    loader.load(TCP_OBJECT).context("loading latprobe's BPF maps for tcp failed")
+}
+
 /// An error and its causes on one line, like anyhow's `{:#}`.
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
@@ -174,5 +183,23 @@ mod tests {
         names.extend(flame::programs::ALL);
         let missing: Vec<&&str> = names.iter().filter(|n| !symbols.contains(**n)).collect();
         assert!(missing.is_empty(), "names missing from the kernel object: {missing:?}");
+    }
+
+    #[test]
+    fn every_tcp_name_userspace_uses_is_in_the_tcp_object() {
+        use latprobe_common::tcp;
+        let file = object::File::parse(super::TCP_OBJECT).expect("the embedded tcp object is ELF");
+        let symbols: std::collections::HashSet<&str> = file.symbols().filter_map(|s| s.name().ok()).collect();
+        let mut names: Vec<&str> = Vec::new();
+        names.extend(tcp::maps::ALL);
+        names.extend(tcp::globals::ALL);
+        let programs = tcp::programs::SOFTIRQ
+            .iter()
+            .chain(&tcp::programs::RXQUEUE)
+            .chain(&tcp::programs::LOSSES)
+            .chain([&tcp::programs::STATE, &tcp::programs::ACCEPT]);
+        names.extend(programs.map(|(p, _)| *p));
+        let missing: Vec<&&str> = names.iter().filter(|n| !symbols.contains(**n)).collect();
+        assert!(missing.is_empty(), "names missing from the tcp kernel object: {missing:?}");
     }
 }

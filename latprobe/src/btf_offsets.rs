@@ -69,6 +69,8 @@ struct Type {
     /// For arrays: (element type, element count).
     array: Option<(u32, u32)>,
     members: Vec<(u32, u32, u32)>,
+    /// Members, enumerators or parameters.
+    vlen: usize,
 }
 
 /// The types of one BTF blob, indexed by id (id 0 is `void`).
@@ -112,7 +114,7 @@ impl Btf {
         let type_data = section(type_off, type_len, "type")?;
         let strings = section(str_off, str_len, "string")?.to_vec();
 
-        let mut types = vec![Type { kind: 0, name_off: 0, size_or_type: 0, array: None, members: Vec::new() }];
+        let mut types = vec![Type { kind: 0, name_off: 0, size_or_type: 0, array: None, members: Vec::new(), vlen: 0 }];
         let mut at = 0;
         while at < type_data.len() {
             let name_off = u32_at(type_data, at)?;
@@ -122,7 +124,7 @@ impl Btf {
             let vlen = (info & 0xffff) as usize;
             let kind = (info >> 24) & 0x1f;
             let kind_flag = info >> 31 != 0;
-            let mut t = Type { kind, name_off, size_or_type, array: None, members: Vec::new() };
+            let mut t = Type { kind, name_off, size_or_type, array: None, members: Vec::new(), vlen };
             at += match kind {
                 INT | VAR | DECL_TAG => 4,
                 PTR | FWD | TYPEDEF | VOLATILE | CONST | RESTRICT | FUNC | FLOAT | TYPE_TAG => 0,
@@ -206,6 +208,13 @@ impl Btf {
         self.find_member(id, member, 0, 0)
     }
 
+    /// How many parameters kernel function `name` takes.
+    pub fn function_params(&self, name: &str) -> Option<usize> {
+        let func = self.types.iter().find(|t| t.kind == FUNC && self.name(t.name_off) == name)?;
+        let proto = self.get(func.size_or_type)?;
+        (proto.kind == FUNC_PROTO).then_some(proto.vlen)
+    }
+
     fn find_member(&self, id: u32, member: &str, base_bits: u32, depth: u32) -> Option<Member> {
         let t = self.get(id)?;
         if depth > 8 {
@@ -260,6 +269,49 @@ impl TaskOffsets {
             None => field("state", 8)?,
         };
         Ok(Self { pid: field("pid", 4)?, tgid: field("tgid", 4)?, comm: field("comm", 16)?, state })
+    }
+}
+
+/// The `sock` and `sk_buff` fields the `tcp_` programs read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockOffsets {
+    pub family: u32,
+    /// `skc_num`: the local port, host order.
+    pub num: u32,
+    /// `skc_dport`: the remote port, network order.
+    pub dport: u32,
+    pub rcv_saddr: u32,
+    pub daddr: u32,
+    pub v6_rcv_saddr: u32,
+    pub v6_daddr: u32,
+    pub state: u32,
+    pub protocol: u32,
+    /// `sk_buff.cb`, where TCP keeps its `tcp_skb_cb` (seq, end_seq first).
+    pub skb_cb: u32,
+}
+
+impl SockOffsets {
+    pub fn from_btf(btf: &Btf) -> Result<Self> {
+        let field = |strukt: &str, name: &str, size: u32| -> Result<u32> {
+            let m = btf.member(strukt, name).with_context(|| format!("{strukt}.{name} is not in the kernel's BTF"))?;
+            anyhow::ensure!(m.size == size, "{strukt}.{name} is {} bytes, expected {size}", m.size);
+            Ok(m.offset)
+        };
+        let common = |name: &str, size: u32| field("sock_common", name, size);
+        Ok(Self {
+            family: common("skc_family", 2)?,
+            num: common("skc_num", 2)?,
+            dport: common("skc_dport", 2)?,
+            rcv_saddr: common("skc_rcv_saddr", 4)?,
+            daddr: common("skc_daddr", 4)?,
+            v6_rcv_saddr: common("skc_v6_rcv_saddr", 16)?,
+            v6_daddr: common("skc_v6_daddr", 16)?,
+            state: common("skc_state", 1)?,
+            // `struct sock` opens with its `sock_common`: offsets in one are
+            // offsets in the other.
+            protocol: field("sock", "sk_protocol", 2)?,
+            skb_cb: field("sk_buff", "cb", 48)?,
+        })
     }
 }
 

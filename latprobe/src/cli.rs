@@ -12,7 +12,8 @@ Examples:
   latprobe fn /usr/sbin/nginx:ngx_process_events_and_timers --pid 4242
   latprobe fn do_nanosleep -- ./my-benchmark   trace only the command's process
   latprobe runqslower 50ms --secs 60           which task held the CPU while others waited
-  latprobe runqlat --per-cpu --secs 10         run-queue latency percentiles per CPU";
+  latprobe runqlat --per-cpu --secs 10         run-queue latency percentiles per CPU
+  latprobe tcp --port 443 --secs 30            where connections wait, and where packets are lost";
 
 /// Longest run `--secs` accepts: 100 days.
 pub const MAX_SECS: u64 = 100 * 24 * 3600;
@@ -64,6 +65,63 @@ pub enum Command {
     /// Flame graph of where CPUs spent their time (on-CPU) or tasks waited (--offcpu)
     #[command(after_help = FLAME_EXAMPLES)]
     Flame(FlameArgs),
+    /// Where connections wait (softirq, handshake, accept queue, receive queue) and packets are lost
+    #[command(after_help = TCP_EXAMPLES)]
+    Tcp(TcpArgs),
+}
+
+const TCP_EXAMPLES: &str = "\
+Stages, each an HDR histogram per port (or per process with --by pid):
+  softirq    NET_RX raised on a CPU -> the softirq starts running there
+  handshake  SYN sent -> established (connections this machine makes)
+  accept     established -> returned by accept() (time in the accept queue)
+  rxqueue    data received -> first copied to the process (time in the receive queue)
+Losses per port: SYN and SYN-ACK retransmits, retransmits, resets sent and
+received. A stage the kernel cannot show (accept needs fexit) is listed as
+unavailable, with the reason; the others still run.
+
+Examples:
+  latprobe tcp --secs 30
+  latprobe tcp --port 80 --port 443 --interval 10s
+  latprobe tcp --by pid --port 8080 --secs 60       which worker accepted how many, how late
+  latprobe tcp --slower 50ms --losses --format json  every wait over 50 ms, and every loss
+  latprobe tcp -- ./load-test";
+
+/// How `latprobe tcp` keys its histograms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcpBy {
+    /// The local port (the remote port for connections this machine makes)
+    Port,
+    /// The process that accepted, read or connected
+    Pid,
+}
+
+#[derive(Args, Debug)]
+pub struct TcpArgs {
+    /// Only connections with this local or remote port; up to 8
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Vec<u16>,
+    /// What each histogram is of
+    #[arg(long, value_enum, default_value_t = TcpBy::Port)]
+    pub by: TcpBy,
+    /// Ports or processes that get their own histograms, the rest as "other"
+    #[arg(long, value_name = "N", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=latprobe_common::tcp::MAX_KEY_SLOTS as i64))]
+    pub max_keys: u32,
+    /// Print every wait slower than DUR (e.g. 50ms) as it ends, with its connection
+    #[arg(long, value_name = "DUR", value_parser = duration::parse_arg)]
+    pub slower: Option<u64>,
+    /// Print every loss (retransmit, reset) as it happens, with its connection
+    #[arg(long)]
+    pub losses: bool,
+    /// Also print a report of each interval, e.g. 10s
+    #[arg(long, value_name = "DUR", value_parser = duration::parse_interval)]
+    pub interval: Option<u64>,
+    /// text for people, json for one JSON object per line
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 const FLAME_EXAMPLES: &str = "\

@@ -17,6 +17,7 @@ mod output;
 mod report;
 mod run;
 mod sched_probes;
+mod tcp_probes;
 mod usyms;
 
 use std::{
@@ -45,6 +46,7 @@ fn main() -> ExitCode {
             cli::Command::Runqslower(args) => commands::runqslower::run(args).await,
             cli::Command::Runqlat(args) => commands::runqlat::run(args).await,
             cli::Command::Flame(args) => commands::flame::run(args).await,
+            cli::Command::Tcp(args) => commands::tcp::run(args).await,
         }
     });
     // Probes are detached by now; what is left is writing out. A stalled

@@ -4,3 +4,4 @@ pub mod flame;
 pub mod func;
 pub mod runqlat;
 pub mod runqslower;
+pub mod tcp;

@@ -10,8 +10,6 @@
 
 use std::{
     collections::HashMap,
-    fs,
-    io::Read,
     time::{Duration, Instant},
 };
 
@@ -75,7 +73,7 @@ impl Source {
     }
 
     fn comm(&mut self, tgid: u32) -> String {
-        self.comms.entry(tgid).or_insert_with(|| read_comm(tgid)).clone()
+        self.comms.entry(tgid).or_insert_with(|| text::read_comm(tgid)).clone()
     }
 
     fn rows(&mut self, probes: &Probes) -> Result<Vec<Row>> {
@@ -112,16 +110,6 @@ impl Source {
             }
         }
         Ok(rows)
-    }
-}
-
-/// A process's name as printable text, `?` once it is gone. Bounded: a
-/// comm is at most 16 bytes, and /proc files can be anything.
-fn read_comm(tgid: u32) -> String {
-    let mut raw = Vec::new();
-    match fs::File::open(format!("/proc/{tgid}/comm")).and_then(|f| f.take(64).read_to_end(&mut raw)) {
-        Ok(_) => text::comm(raw.strip_suffix(b"\n").unwrap_or(&raw)),
-        Err(_) => "?".into(),
     }
 }
 

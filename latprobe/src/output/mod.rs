@@ -81,6 +81,11 @@ pub fn verbose(text: &str) {
     }
 }
 
+/// Something the user must know that does not stop the run.
+pub fn warn(text: &str) {
+    stderr().report(format!("latprobe: warning: {text}\n"));
+}
+
 /// An error line, as the run ends.
 pub fn error(text: &str) {
     stderr().report(format!("latprobe: error: {text}\n"));

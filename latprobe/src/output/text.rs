@@ -49,6 +49,17 @@ pub fn folded_frame(name: &str) -> Cow<'_, str> {
     escape(name, true)
 }
 
+/// A process's name as printable text, `?` once it is gone. Bounded: a
+/// comm is at most 16 bytes, and /proc files can be anything.
+pub fn read_comm(tgid: u32) -> String {
+    use std::io::Read;
+    let mut raw = Vec::new();
+    match std::fs::File::open(format!("/proc/{tgid}/comm")).and_then(|f| f.take(64).read_to_end(&mut raw)) {
+        Ok(_) => comm(raw.strip_suffix(b"\n").unwrap_or(&raw)),
+        Err(_) => "?".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

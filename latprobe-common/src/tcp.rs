@@ -1,0 +1,291 @@
+//! `latprobe tcp`: where a connection's time goes between the wire and the
+//! application, and where packets are lost.
+//!
+//! Each stage's waits go into in-kernel per-CPU HDR histograms (the layout of
+//! `fn`), one per stage and key (a local port, a remote port for outgoing
+//! handshakes, or a process); only waits over `--slower` and loss events
+//! leave the kernel one by one. The programs live in an object of their own
+//! (`latprobe-tcp`), so no other command loads their maps.
+
+use crate::COMM_LEN;
+
+/// The stages, in the order they are printed.
+pub mod stage {
+    /// NET_RX raised on a CPU → `net_rx_action` starts there.
+    pub const SOFTIRQ: u32 = 0;
+    /// SYN sent → established (outgoing connections).
+    pub const HANDSHAKE: u32 = 1;
+    /// Established → returned by `accept()`: time in the accept queue.
+    pub const ACCEPT: u32 = 2;
+    /// Data received on an established socket → copied to the process.
+    pub const RXQUEUE: u32 = 3;
+    pub const COUNT: u32 = 4;
+    pub const NAMES: [&str; COUNT as usize] = ["softirq", "handshake", "accept", "rxqueue"];
+}
+
+/// The histogram of `stage` for key slot `slot` (0 is "other"), with
+/// `key_slots` slots handed out at most. softirq has one histogram (it
+/// belongs to no connection); every other stage one per key slot.
+#[inline(always)]
+pub fn histogram_index(stage: u32, slot: usize, key_slots: usize) -> usize {
+    if stage == stage::SOFTIRQ {
+        0
+    } else {
+        1 + (stage as usize - 1) * (key_slots + 1) + slot
+    }
+}
+
+/// How many histograms `histogram_index` needs.
+pub fn histograms(key_slots: usize) -> usize {
+    1 + (stage::COUNT as usize - 1) * (key_slots + 1)
+}
+
+/// Loss and retransmit events, counted per key slot.
+pub mod loss {
+    /// A SYN retransmitted by a connecting socket.
+    pub const SYN_RETRANS: u32 = 0;
+    /// A SYN-ACK retransmitted by a listener (the client's ACK did not come).
+    pub const SYNACK_RETRANS: u32 = 1;
+    /// A data (or FIN) segment retransmitted.
+    pub const RETRANS: u32 = 2;
+    /// A reset sent.
+    pub const RESET_SENT: u32 = 3;
+    /// A reset received.
+    pub const RESET_RECEIVED: u32 = 4;
+    pub const COUNT: u32 = 5;
+    pub const NAMES: [&str; COUNT as usize] =
+        ["syn_retransmits", "synack_retransmits", "retransmits", "resets_sent", "resets_received"];
+}
+
+/// How waits are keyed (`globals::BY`).
+pub mod by {
+    /// By local port (remote port for outgoing handshakes).
+    pub const PORT: u32 = 0;
+    /// By process (tgid).
+    pub const PID: u32 = 1;
+}
+
+/// The most keys (ports or processes) with histograms of their own; later
+/// ones share slot 0, "other". Each key costs 3 histograms (one per stage
+/// but softirq) of `hdr::GROUPS` 1 KiB groups per CPU.
+pub const MAX_KEY_SLOTS: usize = 32;
+/// Ports `--port` can name.
+pub const MAX_PORTS: usize = 8;
+/// Key bit of a remote port (outgoing handshakes), next to local ports.
+pub const REMOTE_PORT: u32 = 1 << 16;
+/// Sockets whose start (SYN sent, established awaiting accept) can be held
+/// at once. Beyond it, waits are counted as untimed, never mistimed.
+pub const SOCK_ENTRIES: u32 = 16_384;
+/// Received segments whose arrival time can be held at once. The table is
+/// least-recently-used: a segment never copied (merged into another, pruned,
+/// or its socket closed) makes room for newer ones.
+pub const SKB_ENTRIES: u32 = 65_536;
+/// Bytes of the event ring buffer.
+pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+
+/// The TCP states the programs look at (include/net/tcp_states.h).
+pub mod state {
+    pub const ESTABLISHED: i32 = 1;
+    pub const SYN_SENT: i32 = 2;
+    pub const SYN_RECV: i32 = 3;
+    pub const CLOSE: i32 = 7;
+}
+
+/// What is waiting on a socket.
+pub mod start {
+    /// SYN sent: the handshake is under way.
+    pub const CONNECT: u32 = 1;
+    /// Established on the server side, not yet accepted.
+    pub const ACCEPT: u32 = 2;
+}
+
+/// A socket's pending start, keyed by its address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockStart {
+    pub ts_ns: u64,
+    /// One of `start::*`.
+    pub kind: u32,
+    /// The connecting process (CONNECT only).
+    pub tgid: u32,
+}
+
+/// A received segment's arrival, keyed by its `sk_buff` address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SkbStart {
+    pub ts_ns: u64,
+    /// Its socket, alive until the copy that ends the wait.
+    pub sk: u64,
+    /// The key of its connection's port (see `REMOTE_PORT`).
+    pub port: u32,
+    pub _pad: u32,
+}
+
+/// Per-CPU counts of what could not be measured.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Lost {
+    /// A socket start not stored: `SOCK_ENTRIES` sockets were waiting.
+    pub sock_table_full: u64,
+    /// Events that did not fit in the ring buffer.
+    pub events: u64,
+}
+
+/// Per-CPU loss counts of one key slot, indexed by `loss::*`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LossCounts {
+    pub counts: [u64; 8],
+}
+
+/// What an event is (`TcpEvent::kind`).
+pub mod event {
+    /// A stage wait over `--slower`; `detail` is the stage.
+    pub const SLOW: u32 = 1;
+    /// A loss; `detail` is one of `loss::*`.
+    pub const LOSS: u32 = 2;
+}
+
+/// One slow wait or one loss, with its connection.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TcpEvent {
+    /// CLOCK_MONOTONIC time of the event.
+    pub ts_ns: u64,
+    pub duration_ns: u64,
+    pub kind: u32,
+    pub detail: u32,
+    pub tgid: u32,
+    pub cpu: u32,
+    /// `AF_INET` or `AF_INET6`; 0 when the connection is unknown.
+    pub family: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// TCP state of the socket at the event.
+    pub state: u16,
+    /// IPv4 addresses in the first 4 bytes, network order.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Names of the load-time globals of the `tcp_` programs.
+pub mod globals {
+    /// Only waits of this process (the accepting, reading or connecting one), 0 for all.
+    pub const TARGET_TGID: &str = "TCP_TARGET_TGID";
+    /// Local ports to keep (`[u32; MAX_PORTS]`)…
+    pub const PORTS: &str = "TCP_PORTS";
+    /// …of which this many count; 0 for all.
+    pub const PORTS_N: &str = "TCP_PORTS_N";
+    /// One of `by::*`.
+    pub const BY: &str = "TCP_BY";
+    /// Key slots handed out (at most `MAX_KEY_SLOTS`).
+    pub const KEY_SLOTS: &str = "TCP_KEY_SLOTS_N";
+    /// Waits at least this long go through the ring buffer; `u64::MAX` for none.
+    pub const THRESHOLD_NS: &str = "TCP_THRESHOLD_NS";
+    /// Non-zero: send every loss through the ring buffer too.
+    pub const LOSS_EVENTS: &str = "TCP_LOSS_EVENTS";
+    /// Argument index of `inet_csk_accept`'s return value for fexit (its
+    /// parameter count, which differs between kernels).
+    pub const ACCEPT_RET_ARG: &str = "TCP_ACCEPT_RET_ARG";
+    /// `net.ipv4.ip_local_port_range`: a connection from a port in it to a
+    /// port outside it is known by its remote port.
+    pub const EPHEMERAL_LO: &str = "TCP_EPHEMERAL_LO";
+    pub const EPHEMERAL_HI: &str = "TCP_EPHEMERAL_HI";
+    /// Offsets in `struct sock` and `struct sk_buff`, read from the running
+    /// kernel's BTF.
+    pub const SK_FAMILY_OFF: &str = "TCP_SK_FAMILY_OFF";
+    pub const SK_NUM_OFF: &str = "TCP_SK_NUM_OFF";
+    pub const SK_DPORT_OFF: &str = "TCP_SK_DPORT_OFF";
+    pub const SK_RCV_SADDR_OFF: &str = "TCP_SK_RCV_SADDR_OFF";
+    pub const SK_DADDR_OFF: &str = "TCP_SK_DADDR_OFF";
+    pub const SK_V6_RCV_SADDR_OFF: &str = "TCP_SK_V6_RCV_SADDR_OFF";
+    pub const SK_V6_DADDR_OFF: &str = "TCP_SK_V6_DADDR_OFF";
+    pub const SK_STATE_OFF: &str = "TCP_SK_STATE_OFF";
+    pub const SK_PROTOCOL_OFF: &str = "TCP_SK_PROTOCOL_OFF";
+    pub const SKB_CB_OFF: &str = "TCP_SKB_CB_OFF";
+
+    pub const ALL: [&str; 20] = [
+        TARGET_TGID,
+        PORTS,
+        PORTS_N,
+        BY,
+        KEY_SLOTS,
+        THRESHOLD_NS,
+        LOSS_EVENTS,
+        ACCEPT_RET_ARG,
+        EPHEMERAL_LO,
+        EPHEMERAL_HI,
+        SK_FAMILY_OFF,
+        SK_NUM_OFF,
+        SK_DPORT_OFF,
+        SK_RCV_SADDR_OFF,
+        SK_DADDR_OFF,
+        SK_V6_RCV_SADDR_OFF,
+        SK_V6_DADDR_OFF,
+        SK_STATE_OFF,
+        SK_PROTOCOL_OFF,
+        SKB_CB_OFF,
+    ];
+}
+
+/// Names of the `tcp_` maps.
+pub mod maps {
+    pub const STATS: &str = "TCP_STATS";
+    pub const BUCKETS: &str = "TCP_BUCKETS";
+    /// Key (port, `REMOTE_PORT | port`, or tgid) → slot.
+    pub const KEY_SLOTS: &str = "TCP_KEY_SLOTS";
+    pub const NEXT_SLOT: &str = "TCP_NEXT_SLOT";
+    pub const LOSSES: &str = "TCP_LOSSES";
+    pub const LOST: &str = "TCP_LOST";
+    pub const SOCKS: &str = "TCP_SOCKS";
+    pub const SKBS: &str = "TCP_SKBS";
+    /// When NET_RX was first raised on this CPU since it last ran.
+    pub const RAISED: &str = "TCP_RAISED";
+    pub const EVENTS: &str = "TCP_EVENTS";
+
+    pub const ALL: [&str; 10] = [STATS, BUCKETS, KEY_SLOTS, NEXT_SLOT, LOSSES, LOST, SOCKS, SKBS, RAISED, EVENTS];
+}
+
+/// The `tcp_` programs, as (program, tracepoint or function), by the stage
+/// they serve.
+pub mod programs {
+    pub const SOFTIRQ: [(&str, &str); 2] =
+        [("tcp_softirq_raise", "softirq_raise"), ("tcp_softirq_entry", "softirq_entry")];
+    /// Socket state changes: handshakes start and end, accepts start,
+    /// closed sockets are forgotten.
+    pub const STATE: (&str, &str) = ("tcp_state", "inet_sock_set_state");
+    /// fexit on the function that hands an established connection to `accept()`.
+    pub const ACCEPT: (&str, &str) = ("tcp_accept", "inet_csk_accept");
+    pub const RXQUEUE: [(&str, &str); 2] = [("tcp_rcv", "tcp_probe"), ("tcp_copy", "skb_copy_datagram_iovec")];
+    pub const LOSSES: [(&str, &str); 4] = [
+        ("tcp_retransmit", "tcp_retransmit_skb"),
+        ("tcp_retransmit_synack", "tcp_retransmit_synack"),
+        ("tcp_send_reset", "tcp_send_reset"),
+        ("tcp_receive_reset", "tcp_receive_reset"),
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain `#[repr(C)]` integers with explicit padding; any bit
+    // pattern is valid.
+    unsafe impl aya::Pod for SockStart {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SkbStart {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lost {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LossCounts {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TcpEvent {}
+}
+
+const _: () = assert!(core::mem::size_of::<SockStart>() == 16);
+const _: () = assert!(core::mem::size_of::<SkbStart>() == 24);
+const _: () = assert!(core::mem::size_of::<Lost>() == 16);
+const _: () = assert!(core::mem::size_of::<LossCounts>() == 64);
+const _: () = assert!(core::mem::size_of::<TcpEvent>() == 8 * 2 + 4 * 4 + 2 * 4 + 16 * 2 + COMM_LEN);
+const _: () = assert!(loss::COUNT as usize <= 8);

@@ -1,0 +1,515 @@
+//! `latprobe tcp`: the waits of a connection's stages, and its losses.
+//!
+//! - softirq: per CPU, the first `softirq_raise` of NET_RX since it last ran
+//!   is remembered; `softirq_entry` of NET_RX ends the wait. No shared state.
+//! - handshake: `inet_sock_set_state` to SYN_SENT stores the socket's start,
+//!   SYN_SENT → ESTABLISHED ends it.
+//! - accept: SYN_RECV → ESTABLISHED (the server's new socket, now in the
+//!   accept queue) stores the start, fexit of `inet_csk_accept` ends it.
+//! - rxqueue: `tcp_probe` (every segment an established socket receives)
+//!   stores a data segment's arrival by `sk_buff` address, the first
+//!   `skb_copy_datagram_iovec` of that segment ends it.
+//! - losses: the `tcp_retransmit_*` and reset tracepoints count per port and
+//!   send the connection through the ring buffer.
+//!
+//! Socket starts live in a preallocated hash map (per-bucket locks, no global
+//! lock, no allocation on the packet path), removed when the wait ends or the
+//! socket closes; segment arrivals in a per-CPU-list LRU map, as a segment
+//! merged into another or pruned is never copied under its own address.
+//! Rust eBPF has no CO-RE: every `sock` and `sk_buff` field is read at an
+//! offset userspace found in the running kernel's BTF.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_F_NO_COMMON_LRU},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
+    },
+    macros::{btf_map, btf_tracepoint, fexit, raw_tracepoint},
+    programs::{BtfTracePointContext, FExitContext, RawTracePointContext},
+};
+use latprobe_common::{
+    func::{BucketGroup, FuncStats},
+    tcp::{
+        by, event, histogram_index, loss, stage, start, state, LossCounts, Lost, SkbStart, SockStart, TcpEvent,
+        MAX_PORTS, REMOTE_PORT,
+    },
+    COMM_LEN,
+};
+
+use crate::helpers::{self, add, global, masked};
+
+// Load-time globals (see `latprobe_common::tcp::globals`).
+#[unsafe(no_mangle)]
+static TCP_TARGET_TGID: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_PORTS: [u32; MAX_PORTS] = [0; MAX_PORTS];
+#[unsafe(no_mangle)]
+static TCP_PORTS_N: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_BY: u32 = by::PORT;
+#[unsafe(no_mangle)]
+static TCP_KEY_SLOTS_N: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_THRESHOLD_NS: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static TCP_LOSS_EVENTS: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_ACCEPT_RET_ARG: u32 = 4;
+#[unsafe(no_mangle)]
+static TCP_EPHEMERAL_LO: u32 = 32768;
+#[unsafe(no_mangle)]
+static TCP_EPHEMERAL_HI: u32 = 60999;
+#[unsafe(no_mangle)]
+static TCP_SK_FAMILY_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SK_NUM_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SK_DPORT_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SK_RCV_SADDR_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SK_DADDR_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SK_V6_RCV_SADDR_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SK_V6_DADDR_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SK_STATE_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SK_PROTOCOL_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SKB_CB_OFF: u32 = 0;
+
+/// Running totals per stage and key slot.
+#[btf_map]
+static TCP_STATS: PerCpuArray<FuncStats, 1> = PerCpuArray::new();
+
+/// Keyed by `histogram * hdr::GROUPS + group`, as `fn`'s BUCKETS.
+#[btf_map]
+static TCP_BUCKETS: PerCpuArray<BucketGroup, 1> = PerCpuArray::new();
+
+/// Key → slot (1..=N); slot 0 is "other".
+#[btf_map]
+static TCP_KEY_SLOTS: HashMap<u32, u32, 1> = HashMap::new();
+
+#[btf_map]
+static TCP_NEXT_SLOT: Array<u64, 1> = Array::new();
+
+/// Loss counts per key slot.
+#[btf_map]
+static TCP_LOSSES: PerCpuArray<LossCounts, 1> = PerCpuArray::new();
+
+#[btf_map]
+static TCP_LOST: PerCpuArray<Lost, 1> = PerCpuArray::new();
+
+/// Socket address → its pending start.
+#[btf_map]
+static TCP_SOCKS: HashMap<u64, SockStart, 1> = HashMap::new();
+
+/// `sk_buff` address → the arrival of its data.
+#[btf_map]
+static TCP_SKBS: LruHashMap<u64, SkbStart, 1, { BPF_F_NO_COMMON_LRU as usize }> = LruHashMap::new();
+
+#[btf_map]
+static TCP_RAISED: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+#[btf_map]
+static TCP_EVENTS: RingBuf<TcpEvent, 4096> = RingBuf::new();
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u16 = 6;
+const NET_RX_SOFTIRQ: u32 = 3;
+/// Key bit of a process, next to ports.
+const PID_KEY: u32 = 1 << 30;
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// A field of a kernel object at the offset in global `off`.
+#[inline(always)]
+fn field<T>(object: *const c_void, off: &u32) -> Option<T> {
+    let at = object.cast::<u8>().wrapping_add(global(off) as usize);
+    // SAFETY: the helper reads kernel memory and fails cleanly on a bad
+    // address; `object` is a pointer a tracepoint handed us.
+    unsafe { bpf_probe_read_kernel(at.cast::<T>()).ok() }
+}
+
+#[inline(always)]
+fn lost() -> Option<&'static mut Lost> {
+    // SAFETY: per-CPU array slots are valid for the program's lifetime.
+    TCP_LOST.get_ptr_mut(0).and_then(|p| unsafe { p.as_mut() })
+}
+
+/// A socket's ports, local and remote, in host order.
+#[inline(always)]
+fn ports(sk: *const c_void) -> (u32, u32) {
+    let local = field::<u16>(sk, &TCP_SK_NUM_OFF).unwrap_or(0);
+    let remote = u16::from_be(field::<u16>(sk, &TCP_SK_DPORT_OFF).unwrap_or(0));
+    (u32::from(local), u32::from(remote))
+}
+
+#[inline(always)]
+fn ephemeral(port: u32) -> bool {
+    port >= global(&TCP_EPHEMERAL_LO) && port <= global(&TCP_EPHEMERAL_HI)
+}
+
+/// The port a connection is known by: the local one for a server's
+/// connections, the remote one (with `REMOTE_PORT`) for a connection this
+/// machine made from an ephemeral port to a service port.
+#[inline(always)]
+fn service_key(local: u32, remote: u32) -> u32 {
+    if ephemeral(local) && !ephemeral(remote) && remote != 0 {
+        REMOTE_PORT | remote
+    } else {
+        local
+    }
+}
+
+/// Whether `--port` keeps a connection with these ports.
+#[inline(always)]
+fn port_wanted(local: u32, remote: u32) -> bool {
+    let n = global(&TCP_PORTS_N) as usize;
+    if n == 0 {
+        return true;
+    }
+    let wanted = global(&TCP_PORTS);
+    let mut i = 0;
+    while i < MAX_PORTS {
+        if i < n && (wanted[i] == local || wanted[i] == remote) {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+#[inline(always)]
+fn tgid_wanted(tgid: u32) -> bool {
+    let want = global(&TCP_TARGET_TGID);
+    want == 0 || want == tgid
+}
+
+#[inline(always)]
+fn is_tcp(sk: *const c_void) -> bool {
+    field::<u16>(sk, &TCP_SK_PROTOCOL_OFF) == Some(IPPROTO_TCP)
+}
+
+#[inline(always)]
+fn slot_of(key: u32) -> usize {
+    helpers::key_slot(&TCP_KEY_SLOTS, &TCP_NEXT_SLOT, global(&TCP_KEY_SLOTS_N), key)
+}
+
+/// The histogram slot of a wait of process `tgid` on a connection known by
+/// `port_key`, as `--by` asks.
+#[inline(always)]
+fn wait_slot(port_key: u32, tgid: u32) -> usize {
+    if global(&TCP_BY) == by::PID {
+        slot_of(PID_KEY | tgid)
+    } else {
+        slot_of(port_key)
+    }
+}
+
+/// Adds a wait of `duration` to `stage`'s histogram of key slot `slot`.
+#[inline(always)]
+fn record(stage: u32, slot: usize, duration: u64) {
+    let histogram = histogram_index(stage, slot, global(&TCP_KEY_SLOTS_N) as usize);
+    // SAFETY: per-CPU array slots are valid for the program's lifetime.
+    if let Some(s) = TCP_STATS.get_ptr_mut(histogram as u32).and_then(|p| unsafe { p.as_mut() }) {
+        helpers::record(s, &TCP_BUCKETS, histogram, duration);
+    }
+}
+
+/// Sends one event, with the connection of `sk` when there is one.
+#[inline(always)]
+fn send(sk: *const c_void, kind: u32, detail: u32, duration: u64, tgid: u32) {
+    let Some(mut entry) = TCP_EVENTS.reserve(0) else {
+        if let Some(l) = lost() {
+            add(&mut l.events, 1);
+        }
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points to a reserved ring-buffer record of our size; every
+    // field is written before submit.
+    unsafe {
+        (*e).ts_ns = now();
+        (*e).duration_ns = duration;
+        (*e).kind = kind;
+        (*e).detail = detail;
+        (*e).tgid = tgid;
+        (*e).cpu = bpf_get_smp_processor_id();
+        (*e).comm = if tgid != 0 { bpf_get_current_comm().unwrap_or([0; COMM_LEN]) } else { [0; COMM_LEN] };
+        (*e).family = 0;
+        (*e).local_port = 0;
+        (*e).remote_port = 0;
+        (*e).state = 0;
+        (*e).local_addr = [0; 16];
+        (*e).remote_addr = [0; 16];
+        if !sk.is_null() {
+            let family = field::<u16>(sk, &TCP_SK_FAMILY_OFF).unwrap_or(0);
+            let (local, remote) = ports(sk);
+            (*e).family = family;
+            (*e).local_port = local as u16;
+            (*e).remote_port = remote as u16;
+            (*e).state = u16::from(field::<u8>(sk, &TCP_SK_STATE_OFF).unwrap_or(0));
+            if family == AF_INET6 {
+                (*e).local_addr = field::<[u8; 16]>(sk, &TCP_SK_V6_RCV_SADDR_OFF).unwrap_or([0; 16]);
+                (*e).remote_addr = field::<[u8; 16]>(sk, &TCP_SK_V6_DADDR_OFF).unwrap_or([0; 16]);
+            } else if family == AF_INET {
+                let l = field::<[u8; 4]>(sk, &TCP_SK_RCV_SADDR_OFF).unwrap_or([0; 4]);
+                let r = field::<[u8; 4]>(sk, &TCP_SK_DADDR_OFF).unwrap_or([0; 4]);
+                (*e).local_addr = [l[0], l[1], l[2], l[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                (*e).remote_addr = [r[0], r[1], r[2], r[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            }
+        }
+    }
+    entry.submit(0);
+}
+
+/// Ends a stage's wait that began at `start_ns` on connection `sk`.
+#[inline(always)]
+fn end_wait(stage: u32, sk: *const c_void, start_ns: u64, port_key: u32, tgid: u32) {
+    let duration = now().saturating_sub(start_ns);
+    record(stage, wait_slot(port_key, tgid), duration);
+    if duration >= global(&TCP_THRESHOLD_NS) {
+        send(sk, event::SLOW, stage, duration, tgid);
+    }
+}
+
+// softirq: raw_tp `softirq_raise(unsigned int vec_nr)`, `softirq_entry(unsigned int vec_nr)`.
+
+#[raw_tracepoint(tracepoint = "softirq_raise")]
+pub fn tcp_softirq_raise(ctx: RawTracePointContext) -> i32 {
+    let vec: u64 = ctx.arg(0);
+    if vec as u32 != NET_RX_SOFTIRQ {
+        return 0;
+    }
+    // SAFETY: per-CPU array slots are valid for the program's lifetime.
+    if let Some(raised) = TCP_RAISED.get_ptr_mut(0).and_then(|p| unsafe { p.as_mut() }) {
+        // The first raise since the softirq last ran starts the wait; more
+        // raises before it runs join the same wait.
+        if *raised == 0 {
+            *raised = now();
+        }
+    }
+    0
+}
+
+#[raw_tracepoint(tracepoint = "softirq_entry")]
+pub fn tcp_softirq_entry(ctx: RawTracePointContext) -> i32 {
+    let vec: u64 = ctx.arg(0);
+    if vec as u32 != NET_RX_SOFTIRQ {
+        return 0;
+    }
+    // SAFETY: per-CPU array slots are valid for the program's lifetime.
+    let Some(raised) = TCP_RAISED.get_ptr_mut(0).and_then(|p| unsafe { p.as_mut() }) else { return 0 };
+    let start_ns = *raised;
+    *raised = 0;
+    if start_ns != 0 {
+        let duration = now().saturating_sub(start_ns);
+        record(stage::SOFTIRQ, 0, duration);
+        if duration >= global(&TCP_THRESHOLD_NS) {
+            send(core::ptr::null(), event::SLOW, stage::SOFTIRQ, duration, 0);
+        }
+    }
+    0
+}
+
+// tp_btf `inet_sock_set_state(const struct sock *sk, const int oldstate, const int newstate)`.
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn tcp_state(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const c_void = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    if sk.is_null() || !is_tcp(sk) {
+        return 0;
+    }
+    let key = sk as u64;
+    if new == state::SYN_SENT {
+        // The connecting process is current: connect() sends the SYN.
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        if tgid_wanted(tgid) {
+            store_start(key, start::CONNECT, tgid);
+        }
+    } else if new == state::ESTABLISHED && old == state::SYN_RECV {
+        // A server's new connection, queued for accept(). Softirq context:
+        // the process that will accept it is not known yet.
+        store_start(key, start::ACCEPT, 0);
+    } else if new == state::ESTABLISHED && old == state::SYN_SENT {
+        if let Some(s) = take_start(key) {
+            if s.kind == start::CONNECT {
+                let (local, remote) = ports(sk);
+                if port_wanted(local, remote) {
+                    end_wait(stage::HANDSHAKE, sk, s.ts_ns, REMOTE_PORT | remote, s.tgid);
+                }
+            }
+        }
+    } else if new == state::CLOSE {
+        // A handshake that failed, a connection closed before accept().
+        let _ = take_start(key);
+    }
+    0
+}
+
+#[inline(always)]
+fn store_start(key: u64, kind: u32, tgid: u32) {
+    let value = SockStart { ts_ns: now(), kind, tgid };
+    if TCP_SOCKS.insert(key, value, u64::from(BPF_ANY)).is_err() {
+        if let Some(l) = lost() {
+            add(&mut l.sock_table_full, 1);
+        }
+    }
+}
+
+/// Removes and returns a socket's start. The lookup is lockless: only a
+/// socket that has one takes the bucket lock.
+#[inline(always)]
+fn take_start(key: u64) -> Option<SockStart> {
+    // SAFETY: a live value of our map, copied out before removal.
+    let start = unsafe { *TCP_SOCKS.get_ptr(key)? };
+    let _ = TCP_SOCKS.remove(key);
+    Some(start)
+}
+
+// fexit `inet_csk_accept`: 6.1 `(struct sock *sk, int flags, int *err, bool
+// kern)`, 6.12 `(struct sock *sk, struct proto_accept_arg *arg)`; the return
+// value follows the arguments.
+
+#[fexit(function = "inet_csk_accept")]
+pub fn tcp_accept(ctx: FExitContext) -> i32 {
+    let sk: *const c_void = match global(&TCP_ACCEPT_RET_ARG) {
+        2 => ctx.arg(2),
+        3 => ctx.arg(3),
+        5 => ctx.arg(5),
+        _ => ctx.arg(4),
+    };
+    if sk.is_null() {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !tgid_wanted(tgid) {
+        return 0;
+    }
+    let Some(s) = take_start(sk as u64) else { return 0 };
+    if s.kind != start::ACCEPT {
+        return 0;
+    }
+    let (local, remote) = ports(sk);
+    if port_wanted(local, remote) {
+        end_wait(stage::ACCEPT, sk, s.ts_ns, local, tgid);
+    }
+    0
+}
+
+// tp_btf `tcp_probe(struct sock *sk, struct sk_buff *skb)`: every segment
+// `tcp_rcv_established` processes, pure ACKs included.
+
+#[btf_tracepoint(function = "tcp_probe")]
+pub fn tcp_rcv(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const c_void = ctx.arg(0);
+    let skb: *const c_void = ctx.arg(1);
+    // `struct tcp_skb_cb` opens with seq and end_seq: data makes them differ
+    // (a SYN or FIN by one, never on an established socket's data path).
+    let Some([seq, end_seq]) = field::<[u32; 2]>(skb, &TCP_SKB_CB_OFF) else { return 0 };
+    if seq == end_seq {
+        return 0;
+    }
+    let (local, remote) = ports(sk);
+    if !port_wanted(local, remote) {
+        return 0;
+    }
+    let value = SkbStart { ts_ns: now(), sk: sk as u64, port: service_key(local, remote), _pad: 0 };
+    let _ = TCP_SKBS.insert(skb as u64, value, u64::from(BPF_ANY));
+    0
+}
+
+// tp_btf `skb_copy_datagram_iovec(const struct sk_buff *skb, int len)`: in
+// the reading process, for each copy out of a segment.
+
+#[btf_tracepoint(function = "skb_copy_datagram_iovec")]
+pub fn tcp_copy(ctx: BtfTracePointContext) -> i32 {
+    let skb: *const c_void = ctx.arg(0);
+    let key = skb as u64;
+    // SAFETY: a live value of our map, copied out before removal.
+    let Some(start) = TCP_SKBS.get_ptr(key).map(|p| unsafe { *p }) else { return 0 };
+    // The first copy ends the wait; later copies of the rest of the segment
+    // find nothing.
+    let _ = TCP_SKBS.remove(key);
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if tgid_wanted(tgid) {
+        let sk = start.sk as *const c_void;
+        let duration = now().saturating_sub(start.ts_ns);
+        record(stage::RXQUEUE, wait_slot(start.port, tgid), duration);
+        if duration >= global(&TCP_THRESHOLD_NS) {
+            send(sk, event::SLOW, stage::RXQUEUE, duration, tgid);
+        }
+    }
+    0
+}
+
+/// Counts a loss on connection `sk` (or on no known one) and sends it.
+#[inline(always)]
+fn count_loss(sk: *const c_void, what: u32) {
+    let key = if sk.is_null() {
+        0
+    } else {
+        let (local, remote) = ports(sk);
+        if !port_wanted(local, remote) {
+            return;
+        }
+        service_key(local, remote)
+    };
+    let slot = if key == 0 { 0 } else { slot_of(key) };
+    // SAFETY: per-CPU array slots are valid for the program's lifetime.
+    if let Some(c) = TCP_LOSSES.get_ptr_mut(slot as u32).and_then(|p| unsafe { p.as_mut() }) {
+        // SAFETY: masked to the array's length.
+        add(unsafe { c.counts.get_unchecked_mut(masked(what as usize, 8)) }, 1);
+    }
+    if global(&TCP_LOSS_EVENTS) != 0 {
+        send(sk, event::LOSS, what, 0, 0);
+    }
+}
+
+// tp_btf `tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb)`.
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const c_void = ctx.arg(0);
+    let syn = field::<u8>(sk, &TCP_SK_STATE_OFF) == Some(state::SYN_SENT as u8);
+    count_loss(sk, if syn { loss::SYN_RETRANS } else { loss::RETRANS });
+    0
+}
+
+// tp_btf `tcp_retransmit_synack(const struct sock *sk, const struct
+// request_sock *req)`: `req` opens with a `sock_common`, so the connection's
+// addresses are read from it at the same offsets.
+#[btf_tracepoint(function = "tcp_retransmit_synack")]
+pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
+    let req: *const c_void = ctx.arg(1);
+    count_loss(req, loss::SYNACK_RETRANS);
+    0
+}
+
+// tp_btf `tcp_send_reset(const struct sock *sk, const struct sk_buff *skb, …)`:
+// `sk` is NULL for a reset to a segment no socket wanted.
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
+    count_loss(ctx.arg(0), loss::RESET_SENT);
+    0
+}
+
+// tp_btf `tcp_receive_reset(struct sock *sk)`.
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
+    count_loss(ctx.arg(0), loss::RESET_RECEIVED);
+    0
+}

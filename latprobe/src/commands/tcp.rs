@@ -1,0 +1,633 @@
+//! `latprobe tcp`: where this machine's connections wait (softirq,
+//! handshake, accept queue, receive queue) and where packets are lost, per
+//! port or per process.
+//!
+//! The `tcp_` programs (see `tcp_probes`) aggregate every wait into per-CPU
+//! HDR histograms in the kernel and count losses per port; only waits over
+//! `--slower` and individual losses come through the ring buffer.
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
+use latprobe_common::{
+    hdr,
+    tcp::{
+        by, event, histogram_index, loss, maps, stage, LossCounts, Lost, TcpEvent, MAX_PORTS, REMOTE_PORT, SOCK_ENTRIES,
+    },
+};
+use serde::Serialize;
+
+use crate::{
+    cli::{TcpArgs, TcpBy},
+    clock::WallClock,
+    cost,
+    duration::format_ns,
+    histogram::{Latencies, QUANTILES},
+    kernel_hist::HistMaps,
+    output::{self, text},
+    report::{Format, FunctionReport},
+    run::{Ring, Run, Step, BATCH, SETTLE_TIME},
+    tcp_probes::{self, Availability, Config, Probes},
+};
+
+/// Key bit of a process (see the kernel side).
+const PID_KEY: u32 = 1 << 30;
+
+/// What a key slot stands for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Key {
+    /// Connections to this local port.
+    Port(u16),
+    /// Connections made to this remote port.
+    RemotePort(u16),
+    Process(u32),
+    /// Keys past `--max-keys`, and waits of no known connection.
+    Other,
+    /// softirq: the whole machine.
+    All,
+}
+
+impl Key {
+    fn from_raw(raw: u32) -> Self {
+        if raw & PID_KEY != 0 {
+            Key::Process(raw & !PID_KEY)
+        } else if raw & REMOTE_PORT != 0 {
+            Key::RemotePort(raw as u16)
+        } else {
+            Key::Port(raw as u16)
+        }
+    }
+
+    fn label(&self) -> String {
+        match self {
+            Key::Port(p) => format!("port={p}"),
+            Key::RemotePort(p) => format!("to_port={p}"),
+            Key::Process(pid) => format!("pid={pid}"),
+            Key::Other => "other".into(),
+            Key::All => "all".into(),
+        }
+    }
+}
+
+/// The maps a report is read from.
+struct Source {
+    hist: HistMaps,
+    key_slots: BpfHashMap<MapData, u32, u32>,
+    losses: PerCpuArray<MapData, LossCounts>,
+    lost: PerCpuArray<MapData, Lost>,
+    max_keys: usize,
+    /// Names of processes seen, kept after they exit.
+    comms: HashMap<u32, String>,
+}
+
+/// One stage's histogram for one key.
+struct StageRow {
+    stage: u32,
+    key: Key,
+    latencies: Latencies,
+}
+
+/// Loss counts of one key.
+struct LossRow {
+    key: Key,
+    counts: [u64; loss::COUNT as usize],
+}
+
+/// Everything counted since tracing began.
+struct Snapshot {
+    stages: Vec<StageRow>,
+    losses: Vec<LossRow>,
+    lost: Lost,
+}
+
+impl Source {
+    fn take(probes: &mut Probes, max_keys: usize) -> Result<Self> {
+        let ebpf = &mut probes.ebpf;
+        let map = |ebpf: &mut aya::Ebpf, name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing"));
+        let hist = HistMaps::take(ebpf, maps::STATS, maps::BUCKETS)?;
+        let key_slots = BpfHashMap::try_from(map(ebpf, maps::KEY_SLOTS)?).context("map TCP_KEY_SLOTS")?;
+        let losses = PerCpuArray::try_from(map(ebpf, maps::LOSSES)?).context("map TCP_LOSSES")?;
+        let lost = PerCpuArray::try_from(map(ebpf, maps::LOST)?).context("map TCP_LOST")?;
+        Ok(Self { hist, key_slots, losses, lost, max_keys, comms: HashMap::new() })
+    }
+
+    /// (key, slot) of every key handed a slot, "other" first.
+    fn keys(&self) -> Result<Vec<(Key, usize)>> {
+        let mut keys = vec![(Key::Other, 0)];
+        for entry in self.key_slots.iter() {
+            let (raw, slot) = entry.context("reading TCP_KEY_SLOTS")?;
+            if (slot as usize) <= self.max_keys {
+                keys.push((Key::from_raw(raw), slot as usize));
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Notes the name of every process with a slot while it still runs.
+    fn remember_comms(&mut self) -> Result<()> {
+        for (key, _) in self.keys()? {
+            if let Key::Process(pid) = key {
+                self.comms.entry(pid).or_insert_with(|| text::read_comm(pid));
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Result<Snapshot> {
+        let keys = self.keys()?;
+        let mut stages = Vec::new();
+        stages.push(StageRow {
+            stage: stage::SOFTIRQ,
+            key: Key::All,
+            latencies: self.hist.totals(histogram_index(stage::SOFTIRQ, 0, self.max_keys))?.latencies,
+        });
+        for s in [stage::HANDSHAKE, stage::ACCEPT, stage::RXQUEUE] {
+            for (key, slot) in &keys {
+                let latencies = self.hist.totals(histogram_index(s, *slot, self.max_keys))?.latencies;
+                stages.push(StageRow { stage: s, key: key.clone(), latencies });
+            }
+        }
+        let mut losses = Vec::new();
+        for (key, slot) in &keys {
+            let values: PerCpuValues<LossCounts> = self.losses.get(&(*slot as u32), 0).context("reading TCP_LOSSES")?;
+            let mut counts = [0u64; loss::COUNT as usize];
+            for cpu in values.iter() {
+                for (sum, n) in counts.iter_mut().zip(cpu.counts) {
+                    *sum += n;
+                }
+            }
+            losses.push(LossRow { key: key.clone(), counts });
+        }
+        let lost_values: PerCpuValues<Lost> = self.lost.get(&0, 0).context("reading TCP_LOST")?;
+        let lost = lost_values.iter().fold(Lost::default(), |a, l| Lost {
+            sock_table_full: a.sock_table_full + l.sock_table_full,
+            events: a.events + l.events,
+        });
+        Ok(Snapshot { stages, losses, lost })
+    }
+
+    fn comm_of(&self, key: &Key) -> Option<&str> {
+        match key {
+            Key::Process(pid) => self.comms.get(pid).map(String::as_str),
+            _ => None,
+        }
+    }
+}
+
+impl Snapshot {
+    /// What happened between `earlier` and this one.
+    fn since(&self, earlier: &Snapshot) -> Result<Snapshot> {
+        let mut stages = Vec::new();
+        for row in &self.stages {
+            let before = earlier.stages.iter().find(|r| r.stage == row.stage && r.key == row.key);
+            let latencies = match before {
+                Some(b) => row.latencies.since(&b.latencies)?,
+                None => row.latencies.clone(),
+            };
+            stages.push(StageRow { stage: row.stage, key: row.key.clone(), latencies });
+        }
+        let losses = self
+            .losses
+            .iter()
+            .map(|row| {
+                let before = earlier.losses.iter().find(|r| r.key == row.key);
+                let mut counts = row.counts;
+                if let Some(b) = before {
+                    for (c, was) in counts.iter_mut().zip(b.counts) {
+                        *c = c.saturating_sub(was);
+                    }
+                }
+                LossRow { key: row.key.clone(), counts }
+            })
+            .collect();
+        let lost = Lost {
+            sock_table_full: self.lost.sock_table_full.saturating_sub(earlier.lost.sock_table_full),
+            events: self.lost.events.saturating_sub(earlier.lost.events),
+        };
+        Ok(Snapshot { stages, losses, lost })
+    }
+
+    fn empty() -> Snapshot {
+        Snapshot { stages: Vec::new(), losses: Vec::new(), lost: Lost::default() }
+    }
+}
+
+pub async fn run(args: TcpArgs) -> Result<()> {
+    if args.port.len() > MAX_PORTS {
+        bail!("at most {MAX_PORTS} --port values ({} given)", args.port.len());
+    }
+    let mut run = Run::prepare(&args.run, None, None)?;
+    let config = Config {
+        tgid: run.tgid(),
+        ports: args.port.clone(),
+        by: match args.by {
+            TcpBy::Port => by::PORT,
+            TcpBy::Pid => by::PID,
+        },
+        key_slots: args.max_keys,
+        threshold_ns: args.slower,
+        loss_events: args.losses,
+    };
+    let mut cost = cost::start_or_explain();
+    let mut probes = tcp_probes::start(&config)?;
+    output::verbose(&histogram_memory(args.max_keys as usize));
+    let mut source = Source::take(&mut probes, args.max_keys as usize)?;
+    let mut ring: Ring<TcpEvent> = Ring::take(&mut probes.ebpf, maps::EVENTS)?;
+    let printer = EventPrinter { clock: WallClock::new(), format: args.format };
+
+    let attached: Vec<String> = (0..stage::COUNT)
+        .map(|s| match &probes.stages[s as usize] {
+            Availability::Attached(how) => format!("{} ({how})", stage::NAMES[s as usize]),
+            Availability::Unavailable(_) => format!("{} (unavailable)", stage::NAMES[s as usize]),
+        })
+        .collect();
+    for (s, a) in probes.stages.iter().enumerate() {
+        if let Availability::Unavailable(why) = a {
+            output::warn(&format!("tcp: stage {} is not measured: {why}", stage::NAMES[s]));
+        }
+    }
+    if let Availability::Unavailable(why) = &probes.losses {
+        output::warn(&format!("tcp: losses are not counted: {why}"));
+    }
+    output::say(&format!("tracing tcp: {}; Ctrl-C to end", attached.join(", ")));
+    run.report_every(args.interval);
+    if args.by == TcpBy::Pid {
+        run.poll_every(Duration::from_millis(500));
+    }
+    run.activate()?;
+    let mut last_report = Instant::now();
+    let mut previous = Snapshot::empty();
+    let end = loop {
+        match run.next(Some(&mut ring)).await? {
+            Step::Ended(end) => break end,
+            Step::Records => {
+                ring.drain(BATCH, |e| printer.print(&e))?;
+            }
+            Step::Poll => source.remember_comms()?,
+            Step::Interval => {
+                let now = Instant::now();
+                source.remember_comms()?;
+                let snapshot = source.snapshot()?;
+                let delta = snapshot.since(&previous)?;
+                let period = Period { name: "interval", elapsed: now - last_report, unprinted: 0 };
+                output::report(render(&delta, &source, &probes, &period, args.format));
+                if let Some(cost) = cost.as_mut() {
+                    output::report(cost.since_last(&probes.ebpf).render("interval", args.format));
+                }
+                previous = snapshot;
+                last_report = now;
+            }
+        }
+    };
+
+    run.end(&end);
+    let final_cost = cost.as_ref().map(|c| c.whole_run(&probes.ebpf));
+    tcp_probes::unload_all(&mut probes.ebpf);
+    let discarded = ring.drain_until(run.drain_deadline(), |e| printer.print(&e))?;
+    let period = Period {
+        name: "final",
+        elapsed: run.elapsed(),
+        unprinted: discarded + output::settle_records(run.drain_deadline() + SETTLE_TIME),
+    };
+    source.remember_comms()?;
+    let snapshot = source.snapshot()?;
+    output::report(render(&snapshot, &source, &probes, &period, args.format));
+    if let Some(cost) = final_cost {
+        output::report(cost.render("final", args.format));
+    }
+    Ok(())
+}
+
+/// What the kernel holds for the histograms: per-CPU maps take room on
+/// every possible CPU.
+fn histogram_memory(max_keys: usize) -> String {
+    let cpus = aya::util::nr_cpus().unwrap_or(1);
+    let histograms = latprobe_common::tcp::histograms(max_keys);
+    let bytes = histograms * hdr::HISTOGRAM_BYTES * cpus;
+    format!(
+        "{histograms} histograms hold {} KiB of kernel memory ({} KiB each per CPU, {cpus} possible CPUs)",
+        bytes >> 10,
+        hdr::HISTOGRAM_BYTES >> 10
+    )
+}
+
+/// What one report covers.
+struct Period {
+    name: &'static str,
+    elapsed: Duration,
+    /// Events measured but not printed (stdout too slow, or the run ended).
+    unprinted: u64,
+}
+
+#[derive(Serialize)]
+struct LossJson<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    period: &'a str,
+    key: &'a str,
+    syn_retransmits: u64,
+    synack_retransmits: u64,
+    retransmits: u64,
+    resets_sent: u64,
+    resets_received: u64,
+}
+
+#[derive(Serialize)]
+struct SummaryJson<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    period: &'a str,
+    seconds: f64,
+    /// Stage → how it is measured, or why it is not.
+    stages: Vec<StageJson<'a>>,
+    untimed_sockets: u64,
+    events_lost: u64,
+    events_unprinted: u64,
+}
+
+#[derive(Serialize)]
+struct StageJson<'a> {
+    stage: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attach: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unavailable: Option<&'a str>,
+}
+
+/// One report: a line per stage and key that saw a wait, the losses per
+/// key, and what could not be measured.
+fn render(snapshot: &Snapshot, source: &Source, probes: &Probes, period: &Period, format: Format) -> String {
+    let mut rows: Vec<&StageRow> =
+        snapshot.stages.iter().filter(|r| r.latencies.count() > 0 || r.key == Key::All).collect();
+    // By stage, then busiest key first.
+    rows.sort_by_key(|r| (r.stage, std::cmp::Reverse(r.latencies.count())));
+    let losses: Vec<&LossRow> = snapshot.losses.iter().filter(|r| r.counts.iter().any(|&c| c > 0)).collect();
+    match format {
+        Format::Json => render_json(&rows, &losses, snapshot, source, probes, period),
+        Format::Text => render_text(&rows, &losses, snapshot, source, probes, period),
+    }
+}
+
+fn render_json(
+    rows: &[&StageRow],
+    losses: &[&LossRow],
+    snapshot: &Snapshot,
+    source: &Source,
+    probes: &Probes,
+    period: &Period,
+) -> String {
+    let mut out = String::new();
+    for row in rows {
+        let name = format!("tcp:{}", stage::NAMES[row.stage as usize]);
+        let Availability::Attached(attach) = &probes.stages[row.stage as usize] else { continue };
+        let key = row.key.label();
+        let report = FunctionReport {
+            function: &name,
+            key: Some(&key),
+            comm: source.comm_of(&row.key),
+            noun: "waits",
+            attach,
+            period: period.name,
+            seconds: period.elapsed.as_secs_f64(),
+            latencies: &row.latencies,
+            missed: 0,
+            outliers_lost: 0,
+            outliers_unprinted: 0,
+        };
+        out += &report.to_json();
+        out.push('\n');
+    }
+    for row in losses {
+        let key = row.key.label();
+        let c = &row.counts;
+        let json = LossJson {
+            kind: "tcp_losses",
+            period: period.name,
+            key: &key,
+            syn_retransmits: c[loss::SYN_RETRANS as usize],
+            synack_retransmits: c[loss::SYNACK_RETRANS as usize],
+            retransmits: c[loss::RETRANS as usize],
+            resets_sent: c[loss::RESET_SENT as usize],
+            resets_received: c[loss::RESET_RECEIVED as usize],
+        };
+        out += &serde_json::to_string(&json).expect("losses serialize");
+        out.push('\n');
+    }
+    let stages = probes
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(s, a)| StageJson {
+            stage: stage::NAMES[s],
+            attach: match a {
+                Availability::Attached(how) => Some(how),
+                Availability::Unavailable(_) => None,
+            },
+            unavailable: match a {
+                Availability::Attached(_) => None,
+                Availability::Unavailable(why) => Some(why),
+            },
+        })
+        .collect();
+    let summary = SummaryJson {
+        kind: "tcp_summary",
+        period: period.name,
+        seconds: (period.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+        stages,
+        untimed_sockets: snapshot.lost.sock_table_full,
+        events_lost: snapshot.lost.events,
+        events_unprinted: period.unprinted,
+    };
+    out += &serde_json::to_string(&summary).expect("summary serializes");
+    out.push('\n');
+    out
+}
+
+fn render_text(
+    rows: &[&StageRow],
+    losses: &[&LossRow],
+    snapshot: &Snapshot,
+    source: &Source,
+    probes: &Probes,
+    period: &Period,
+) -> String {
+    let mut out = format!("tcp {} {:.1}s\n", period.name, period.elapsed.as_secs_f64());
+    let _ = writeln!(
+        out,
+        "  {:<9} {:<24} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "stage", "key", "count", "p50", "p90", "p99", "p99.9", "max"
+    );
+    for s in 0..stage::COUNT {
+        let name = stage::NAMES[s as usize];
+        if let Availability::Unavailable(why) = &probes.stages[s as usize] {
+            let _ = writeln!(out, "  {name:<9} unavailable: {why}");
+            continue;
+        }
+        let mut any = false;
+        for row in rows.iter().filter(|r| r.stage == s) {
+            any = true;
+            let l = &row.latencies;
+            let mut key = row.key.label();
+            if let Some(comm) = source.comm_of(&row.key) {
+                key += &format!(" ({comm})");
+            }
+            let q = |i: usize| if l.count() == 0 { "-".into() } else { format_ns(l.quantile_ns(QUANTILES[i].0)) };
+            let max = if l.count() == 0 { "-".into() } else { format_ns(l.max_ns()) };
+            let _ = writeln!(
+                out,
+                "  {name:<9} {key:<24} {:>8} {:>9} {:>9} {:>9} {:>9} {max:>9}",
+                l.count(),
+                q(0),
+                q(1),
+                q(2),
+                q(3)
+            );
+        }
+        if !any {
+            let _ = writeln!(out, "  {name:<9} {:<24} {:>8}", "-", 0);
+        }
+    }
+    if !losses.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {:<24} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "losses", "syn_rtx", "synack_rtx", "rtx", "rst_sent", "rst_recv"
+        );
+        for row in losses {
+            let c = &row.counts;
+            let _ = writeln!(
+                out,
+                "  {:<24} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                row.key.label(),
+                c[loss::SYN_RETRANS as usize],
+                c[loss::SYNACK_RETRANS as usize],
+                c[loss::RETRANS as usize],
+                c[loss::RESET_SENT as usize],
+                c[loss::RESET_RECEIVED as usize]
+            );
+        }
+    }
+    if snapshot.lost.sock_table_full > 0 {
+        let _ = writeln!(
+            out,
+            "  LOST: {} handshakes or accepts untimed ({SOCK_ENTRIES} sockets were already waiting)",
+            snapshot.lost.sock_table_full
+        );
+    }
+    if snapshot.lost.events > 0 || period.unprinted > 0 {
+        let _ = writeln!(
+            out,
+            "  events: {} lost (ring buffer full), {} not printed (stdout too slow, or still queued at the end)",
+            snapshot.lost.events, period.unprinted
+        );
+    }
+    out.push('\n');
+    out
+}
+
+/// Prints slow waits and losses from the ring buffer.
+struct EventPrinter {
+    clock: WallClock,
+    format: Format,
+}
+
+#[derive(Serialize)]
+struct EventJson<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    time: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stage: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loss: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    local: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remote: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<&'a str>,
+    cpu: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    comm: Option<String>,
+}
+
+/// `include/net/tcp_states.h`.
+const STATES: [&str; 13] = [
+    "?",
+    "ESTABLISHED",
+    "SYN_SENT",
+    "SYN_RECV",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "TIME_WAIT",
+    "CLOSE",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "LISTEN",
+    "CLOSING",
+    "NEW_SYN_RECV",
+];
+
+/// An endpoint as `addr:port`, `[addr]:port` for IPv6.
+fn endpoint(family: u16, addr: &[u8; 16], port: u16) -> Option<String> {
+    match family {
+        2 => Some(format!("{}:{port}", Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))),
+        10 => Some(format!("[{}]:{port}", Ipv6Addr::from(*addr))),
+        _ => None,
+    }
+}
+
+impl EventPrinter {
+    fn print(&self, e: &TcpEvent) -> Result<()> {
+        output::record(|| {
+            let time = self.clock.format(e.ts_ns);
+            let slow = e.kind == event::SLOW;
+            let what = if slow { stage::NAMES.get(e.detail as usize) } else { loss::NAMES.get(e.detail as usize) };
+            let what = what.copied().unwrap_or("?");
+            let json = EventJson {
+                kind: if slow { "tcp_slow" } else { "tcp_loss" },
+                time: &time,
+                stage: slow.then_some(what),
+                loss: (!slow).then_some(what),
+                duration_ns: slow.then_some(e.duration_ns),
+                local: endpoint(e.family, &e.local_addr, e.local_port),
+                remote: endpoint(e.family, &e.remote_addr, e.remote_port),
+                state: (e.family != 0).then(|| STATES.get(e.state as usize).copied().unwrap_or("?")),
+                cpu: e.cpu,
+                pid: (e.tgid != 0).then_some(e.tgid),
+                comm: (e.tgid != 0).then(|| text::comm(&e.comm)),
+            };
+            match self.format {
+                Format::Json => format!("{}\n", serde_json::to_string(&json).expect("event serializes")),
+                Format::Text => {
+                    let mut line = format!("{time} {} {what}", json.kind);
+                    if let Some(d) = json.duration_ns {
+                        line += &format!(" {}", format_ns(d));
+                    }
+                    if let (Some(l), Some(r)) = (&json.local, &json.remote) {
+                        line += &format!(" {l} <-> {r}");
+                    }
+                    if let Some(s) = json.state {
+                        line += &format!(" state={s}");
+                    }
+                    line += &format!(" cpu={}", e.cpu);
+                    if let (Some(pid), Some(comm)) = (json.pid, &json.comm) {
+                        line += &format!(" pid={pid} comm={comm}");
+                    }
+                    line + "\n"
+                }
+            }
+        });
+        Ok(())
+    }
+}

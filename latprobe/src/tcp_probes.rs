@@ -1,0 +1,197 @@
+//! Loading and attaching the `tcp_` programs, stage by stage: a stage whose
+//! tracepoint or function the running kernel lacks (or refuses to trace) is
+//! listed as unavailable with the reason, and every other stage still runs.
+
+use std::fs;
+
+use anyhow::{anyhow, Context, Result};
+use aya::{programs::Program, Btf as AyaBtf, Ebpf};
+use latprobe_common::{
+    hdr,
+    tcp::{globals, histograms, maps, programs, stage, MAX_PORTS, SKB_ENTRIES, SOCK_ENTRIES},
+};
+
+use crate::{
+    bpf,
+    btf_offsets::{Btf, SockOffsets},
+    output,
+};
+
+/// What `latprobe tcp` asked for.
+pub struct Config {
+    /// Only this process, 0 for all.
+    pub tgid: u32,
+    pub ports: Vec<u16>,
+    /// One of `latprobe_common::tcp::by::*`.
+    pub by: u32,
+    pub key_slots: u32,
+    pub threshold_ns: Option<u64>,
+    /// Send every loss to userspace, not only its count.
+    pub loss_events: bool,
+}
+
+/// How one stage (or the loss counters) is measured on this kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Availability {
+    /// Attached, with this mechanism.
+    Attached(&'static str),
+    /// Not measured, and why.
+    Unavailable(String),
+}
+
+impl Availability {
+    pub fn attached(&self) -> bool {
+        matches!(self, Self::Attached(_))
+    }
+}
+
+pub struct Probes {
+    pub ebpf: Ebpf,
+    /// Indexed by `stage::*`.
+    pub stages: Vec<Availability>,
+    pub losses: Availability,
+}
+
+/// `net.ipv4.ip_local_port_range`, or Linux's default.
+fn ephemeral_range() -> (u32, u32) {
+    let text = fs::read("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let text = String::from_utf8_lossy(&text[..text.len().min(64)]).into_owned();
+    let mut numbers = text.split_whitespace().filter_map(|n| n.parse::<u32>().ok());
+    match (numbers.next(), numbers.next()) {
+        (Some(lo), Some(hi)) if lo <= hi && hi <= 65535 => (lo, hi),
+        _ => (32768, 60999),
+    }
+}
+
+pub fn start(config: &Config) -> Result<Probes> {
+    let note = output::verbose;
+    let btf = Btf::from_sys_fs()?;
+    let offsets = SockOffsets::from_btf(&btf)?;
+    note(&format!("sock offsets from BTF: {offsets:?}"));
+    // fexit's return value follows the arguments, whose count changed in 6.10
+    // ("net: accept() and inet_csk_accept() take a proto_accept_arg").
+    let accept_params = btf.function_params(programs::ACCEPT.1);
+    drop(btf);
+
+    let mut ports = [0u32; MAX_PORTS];
+    for (slot, port) in ports.iter_mut().zip(&config.ports) {
+        *slot = u32::from(*port);
+    }
+    let ports_n = config.ports.len().min(MAX_PORTS) as u32;
+    let threshold = config.threshold_ns.unwrap_or(u64::MAX);
+    let loss_events = u32::from(config.loss_events);
+    let accept_ret = accept_params.map_or(4, |n| n as u32);
+    let (lo, hi) = ephemeral_range();
+    let histograms = histograms(config.key_slots as usize) as u32;
+    let page = bpf::page_size();
+    let ring_bytes = if config.threshold_ns.is_some() || config.loss_events {
+        latprobe_common::tcp::EVENTS_RING_BYTES
+    } else {
+        64 * page
+    };
+    let o = &offsets;
+    let mut ebpf = bpf::load_tcp(|loader| {
+        loader
+            .override_global(globals::TARGET_TGID, &config.tgid, true)
+            .override_global(globals::PORTS, &ports, true)
+            .override_global(globals::PORTS_N, &ports_n, true)
+            .override_global(globals::BY, &config.by, true)
+            .override_global(globals::KEY_SLOTS, &config.key_slots, true)
+            .override_global(globals::THRESHOLD_NS, &threshold, true)
+            .override_global(globals::LOSS_EVENTS, &loss_events, true)
+            .override_global(globals::ACCEPT_RET_ARG, &accept_ret, true)
+            .override_global(globals::EPHEMERAL_LO, &lo, true)
+            .override_global(globals::EPHEMERAL_HI, &hi, true)
+            .override_global(globals::SK_FAMILY_OFF, &o.family, true)
+            .override_global(globals::SK_NUM_OFF, &o.num, true)
+            .override_global(globals::SK_DPORT_OFF, &o.dport, true)
+            .override_global(globals::SK_RCV_SADDR_OFF, &o.rcv_saddr, true)
+            .override_global(globals::SK_DADDR_OFF, &o.daddr, true)
+            .override_global(globals::SK_V6_RCV_SADDR_OFF, &o.v6_rcv_saddr, true)
+            .override_global(globals::SK_V6_DADDR_OFF, &o.v6_daddr, true)
+            .override_global(globals::SK_STATE_OFF, &o.state, true)
+            .override_global(globals::SK_PROTOCOL_OFF, &o.protocol, true)
+            .override_global(globals::SKB_CB_OFF, &o.skb_cb, true)
+            .map_max_entries(maps::STATS, histograms)
+            .map_max_entries(maps::BUCKETS, histograms * hdr::GROUPS as u32)
+            .map_max_entries(maps::KEY_SLOTS, config.key_slots.max(1))
+            .map_max_entries(maps::LOSSES, config.key_slots + 1)
+            .map_max_entries(maps::SOCKS, SOCK_ENTRIES)
+            .map_max_entries(maps::SKBS, SKB_ENTRIES)
+            .map_max_entries(maps::EVENTS, ring_bytes);
+    })?;
+
+    let kernel_btf = AyaBtf::from_sys_fs().context("reading kernel BTF")?;
+    let mut attach_all = |names: &[(&'static str, &'static str)]| -> Availability {
+        match names.iter().try_for_each(|&(name, target)| attach(&mut ebpf, &kernel_btf, name, target)) {
+            Ok(()) => Availability::Attached(mechanism_of(names[0].0)),
+            Err(e) => {
+                note(&format!("{}: {e:#}", names[0].0));
+                Availability::Unavailable(format!("{e:#}"))
+            }
+        }
+    };
+    let softirq = attach_all(&programs::SOFTIRQ);
+    let state = attach_all(&[programs::STATE]);
+    let accept = if state.attached() { attach_all(&[programs::ACCEPT]) } else { state.clone() };
+    let rxqueue = attach_all(&programs::RXQUEUE);
+    let losses = attach_all(&programs::LOSSES);
+    let accept = match accept {
+        Availability::Unavailable(why) if state.attached() => {
+            Availability::Unavailable(format!("needs fexit on {why}"))
+        }
+        other => other,
+    };
+    let mut stages = vec![Availability::Unavailable(String::new()); stage::COUNT as usize];
+    stages[stage::SOFTIRQ as usize] = softirq;
+    stages[stage::HANDSHAKE as usize] = state;
+    stages[stage::ACCEPT as usize] = accept;
+    stages[stage::RXQUEUE as usize] = rxqueue;
+    Ok(Probes { ebpf, stages, losses })
+}
+
+/// The mechanism of a program, by its kind.
+fn mechanism_of(program: &str) -> &'static str {
+    if programs::SOFTIRQ.iter().any(|(p, _)| *p == program) {
+        "raw_tp"
+    } else if program == programs::ACCEPT.0 {
+        "fexit"
+    } else {
+        "tp_btf"
+    }
+}
+
+/// Loads and attaches one program (unless an earlier stage did).
+fn attach(ebpf: &mut Ebpf, btf: &AyaBtf, name: &str, target: &str) -> Result<()> {
+    let program = ebpf.program_mut(name).with_context(|| format!("program {name} is missing from the tcp object"))?;
+    let described = |e: aya::programs::ProgramError| anyhow!("{target}: {}", bpf::describe(&e));
+    match program {
+        Program::RawTracePoint(p) => {
+            p.load().map_err(described)?;
+            p.attach(target).map_err(described)?;
+        }
+        Program::BtfTracePoint(p) => {
+            p.load(target, btf).map_err(described)?;
+            p.attach().map_err(described)?;
+        }
+        Program::FExit(p) => {
+            p.load(target, btf).map_err(described)?;
+            p.attach().map_err(described)?;
+        }
+        _ => return Err(anyhow!("program {name} has an unexpected kind")),
+    }
+    Ok(())
+}
+
+/// Unloads every `tcp_` program, detaching its links; safe to call twice.
+pub fn unload_all(ebpf: &mut Ebpf) {
+    let all = programs::SOFTIRQ.iter().chain(&programs::RXQUEUE).chain(&programs::LOSSES);
+    for (name, _) in all.chain([&programs::STATE, &programs::ACCEPT]) {
+        let _ = match ebpf.program_mut(name) {
+            Some(Program::BtfTracePoint(p)) => p.unload(),
+            Some(Program::RawTracePoint(p)) => p.unload(),
+            Some(Program::FExit(p)) => p.unload(),
+            _ => Ok(()),
+        };
+    }
+}

@@ -1,0 +1,157 @@
+//! `latprobe tcp` against real kernels, with real loopback traffic from the
+//! workload: connections that wait a known time in the accept queue, messages
+//! that wait a known time in the receive queue, connections refused.
+//!
+//! Runs on the host and, through `xtask vm-test`, inside every kernel of the
+//! VM matrix. Tests share kernel state: run them with `--test-threads=1`.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+/// A port for one test: below the ephemeral range (so a client's connection
+/// is known by it), and different for each test process so that sockets left
+/// in TIME_WAIT by an earlier run do not matter.
+fn test_port(offset: u16) -> u16 {
+    20_000 + (std::process::id() % 4_000) as u16 * 2 + offset
+}
+
+fn final_stage(run: &Run, stage: &str, key: &str) -> Value {
+    run.records()
+        .into_iter()
+        .find(|r| r["type"] == "histogram" && r["period"] == "final" && r["function"] == stage && r["key"] == key)
+        .unwrap_or_else(|| panic!("no final {stage} histogram for {key}:\n{}\n{}", run.stdout, run.stderr))
+}
+
+/// Why `stage` is not measured on this kernel, from the final summary.
+fn unavailable(run: &Run, stage: &str) -> Option<String> {
+    let summary = run
+        .records()
+        .into_iter()
+        .find(|r| r["type"] == "tcp_summary" && r["period"] == "final")
+        .unwrap_or_else(|| panic!("no final tcp_summary:\n{}\n{}", run.stdout, run.stderr));
+    let stages = summary["stages"].as_array().expect("stages").clone();
+    let s = stages.iter().find(|s| s["stage"] == stage).unwrap_or_else(|| panic!("{stage} not in {summary}"));
+    s["unavailable"].as_str().map(str::to_string)
+}
+
+/// The `workload: queued NS ns` lines: how long each message waited, as the
+/// workload saw it.
+fn queued(stderr: &str) -> Vec<u64> {
+    stderr.lines().filter_map(|l| l.strip_prefix("workload: queued ")?.strip_suffix(" ns")?.parse().ok()).collect()
+}
+
+const MS: u64 = 1_000_000;
+
+#[test]
+fn accept_queue_waits_grow_in_steps_and_handshakes_are_counted() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("accept_queue_waits_grow_in_steps_and_handshakes_are_counted", &why);
+    }
+    let (w, port) = (workload(), test_port(0).to_string());
+    let run = latprobe(&["tcp", "--port", &port, "--format", "json", "--", &w, "accept-queue", &port, "5", "100ms"]);
+    run.assert_success();
+    // Five connections made to the port: five handshakes, known by the
+    // remote port on the connecting side.
+    let handshakes = final_stage(&run, "tcp:handshake", &format!("to_port={port}"));
+    assert_eq!(u64_of(&handshakes, "count"), 5, "{handshakes}");
+    if let Some(why) = unavailable(&run, "accept") {
+        return skip("accept_queue_waits_grow_in_steps_and_handshakes_are_counted (accept stage)", &why);
+    }
+    // The Kth connection accepted waited K sleeps of 100 ms: the first at
+    // least 100 ms, the last at least 500 ms (sleeps only ever run long).
+    let accepts = final_stage(&run, "tcp:accept", &format!("port={port}"));
+    assert_eq!(u64_of(&accepts, "count"), 5, "{accepts}");
+    let (min, max) = (u64_of(&accepts, "min_ns"), u64_of(&accepts, "max_ns"));
+    assert!((100 * MS..200 * MS).contains(&min), "first accept after one 100 ms sleep: {accepts}");
+    assert!((500 * MS..900 * MS).contains(&max), "last accept after five 100 ms sleeps: {accepts}");
+    let p50 = u64_of(&accepts, "p50_ns");
+    assert!((300 * MS..max).contains(&p50), "the third accept waited three sleeps: {accepts}");
+}
+
+#[test]
+fn accepts_are_attributed_to_the_accepting_process() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("accepts_are_attributed_to_the_accepting_process", &why);
+    }
+    let (w, port) = (workload(), test_port(1).to_string());
+    let run = latprobe(&[
+        "tcp",
+        "--port",
+        &port,
+        "--by",
+        "pid",
+        "--format",
+        "json",
+        "--",
+        &w,
+        "accept-queue",
+        &port,
+        "3",
+        "20ms",
+    ]);
+    run.assert_success();
+    if let Some(why) = unavailable(&run, "accept") {
+        return skip("accepts_are_attributed_to_the_accepting_process", &why);
+    }
+    let accepts: Vec<Value> = run
+        .records()
+        .into_iter()
+        .filter(|r| r["type"] == "histogram" && r["period"] == "final" && r["function"] == "tcp:accept")
+        .collect();
+    assert_eq!(accepts.len(), 1, "one process accepted:\n{}", run.stdout);
+    assert!(accepts[0]["key"].as_str().unwrap().starts_with("pid="), "{}", accepts[0]);
+    assert_eq!(accepts[0]["comm"], "workload", "{}", accepts[0]);
+    assert_eq!(u64_of(&accepts[0], "count"), 3, "{}", accepts[0]);
+}
+
+#[test]
+fn receive_queue_waits_match_the_readers_delay() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("receive_queue_waits_match_the_readers_delay", &why);
+    }
+    let (w, port) = (workload(), test_port(0).to_string());
+    let run = latprobe(&["tcp", "--port", &port, "--format", "json", "--", &w, "rx-delay", &port, "5", "50ms"]);
+    run.assert_success();
+    let waited = queued(&run.stderr);
+    assert_eq!(waited.len(), 5, "{}", run.stderr);
+    // Each message waited from its arrival to the server's read: what the
+    // workload timed from its send, less the few microseconds of loopback.
+    let server = final_stage(&run, "tcp:rxqueue", &format!("port={port}"));
+    assert_eq!(u64_of(&server, "count"), 5, "{server}");
+    let (lo, hi) = (*waited.iter().min().unwrap(), *waited.iter().max().unwrap());
+    let p50 = u64_of(&server, "p50_ns");
+    assert!(
+        p50 >= 50 * MS && p50 as f64 <= hi as f64 * 1.01,
+        "p50 {p50} ns: each message waited 50 ms and the workload saw {lo}..{hi} ns\n{server}"
+    );
+    // The client read each answer at once: five short waits, on its side.
+    let client = final_stage(&run, "tcp:rxqueue", &format!("to_port={port}"));
+    assert_eq!(u64_of(&client, "count"), 5, "{client}");
+    assert!(u64_of(&client, "max_ns") < 50 * MS, "{client}");
+}
+
+#[test]
+fn refused_connections_count_resets_on_their_port() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("refused_connections_count_resets_on_their_port", &why);
+    }
+    let (w, port) = (workload(), test_port(1).to_string());
+    let run = latprobe(&["tcp", "--format", "json", "--losses", "--", &w, "refused", &port, "4"]);
+    run.assert_success();
+    let losses = run
+        .records()
+        .into_iter()
+        .find(|r| r["type"] == "tcp_losses" && r["period"] == "final" && r["key"] == format!("to_port={port}"))
+        .unwrap_or_else(|| panic!("no losses for to_port={port}:\n{}", run.stdout));
+    assert_eq!(u64_of(&losses, "resets_received"), 4, "{losses}");
+    // Each reset also came as an event, with its connection.
+    let events: Vec<Value> = run
+        .records()
+        .into_iter()
+        .filter(|r| r["type"] == "tcp_loss" && r["loss"] == "resets_received")
+        .filter(|r| r["remote"] == format!("127.0.0.1:{port}"))
+        .collect();
+    assert_eq!(events.len(), 4, "{}", run.stdout);
+}
