@@ -186,9 +186,6 @@ pub mod globals {
     pub const THRESHOLD_NS: &str = "TCP_THRESHOLD_NS";
     /// Non-zero: send every loss through the ring buffer too.
     pub const LOSS_EVENTS: &str = "TCP_LOSS_EVENTS";
-    /// Argument index of `inet_csk_accept`'s return value for fexit (its
-    /// parameter count, which differs between kernels).
-    pub const ACCEPT_RET_ARG: &str = "TCP_ACCEPT_RET_ARG";
     /// `net.ipv4.ip_local_port_range`: a connection from a port in it to a
     /// port outside it is known by its remote port.
     pub const EPHEMERAL_LO: &str = "TCP_EPHEMERAL_LO";
@@ -206,7 +203,7 @@ pub mod globals {
     pub const SK_PROTOCOL_OFF: &str = "TCP_SK_PROTOCOL_OFF";
     pub const SKB_CB_OFF: &str = "TCP_SKB_CB_OFF";
 
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 19] = [
         TARGET_TGID,
         PORTS,
         PORTS_N,
@@ -214,7 +211,6 @@ pub mod globals {
         KEY_SLOTS,
         THRESHOLD_NS,
         LOSS_EVENTS,
-        ACCEPT_RET_ARG,
         EPHEMERAL_LO,
         EPHEMERAL_HI,
         SK_FAMILY_OFF,
@@ -244,8 +240,12 @@ pub mod maps {
     /// When NET_RX was first raised on this CPU since it last ran.
     pub const RAISED: &str = "TCP_RAISED";
     pub const EVENTS: &str = "TCP_EVENTS";
+    /// With `by::PID`: the name of each key slot's process, as its programs
+    /// last saw it (per CPU), so that a process gone by the report is named.
+    pub const KEY_COMMS: &str = "TCP_KEY_COMMS";
 
-    pub const ALL: [&str; 10] = [STATS, BUCKETS, KEY_SLOTS, NEXT_SLOT, LOSSES, LOST, SOCKS, SKBS, RAISED, EVENTS];
+    pub const ALL: [&str; 11] =
+        [STATS, BUCKETS, KEY_SLOTS, NEXT_SLOT, LOSSES, LOST, SOCKS, SKBS, RAISED, EVENTS, KEY_COMMS];
 }
 
 /// The `tcp_` programs, as (program, tracepoint or function), by the stage
@@ -256,8 +256,12 @@ pub mod programs {
     /// Socket state changes: handshakes start and end, accepts start,
     /// closed sockets are forgotten.
     pub const STATE: (&str, &str) = ("tcp_state", "inet_sock_set_state");
-    /// fexit on the function that hands an established connection to `accept()`.
-    pub const ACCEPT: (&str, &str) = ("tcp_accept", "inet_csk_accept");
+    /// The function that hands an established connection to `accept()`.
+    pub const ACCEPT_FUNCTION: &str = "inet_csk_accept";
+    /// fexit programs on it by its parameter count (fexit reads the return
+    /// value after the arguments): 4 before Linux 6.10, 2 since
+    /// ("net: accept() and inet_csk_accept() take a proto_accept_arg").
+    pub const ACCEPT: [(usize, &str); 2] = [(4, "tcp_accept_4"), (2, "tcp_accept_2")];
     pub const RXQUEUE: [(&str, &str); 2] = [("tcp_rcv", "tcp_probe"), ("tcp_copy", "skb_copy_datagram_iovec")];
     pub const LOSSES: [(&str, &str); 4] = [
         ("tcp_retransmit", "tcp_retransmit_skb"),

@@ -58,8 +58,6 @@ static TCP_THRESHOLD_NS: u64 = u64::MAX;
 #[unsafe(no_mangle)]
 static TCP_LOSS_EVENTS: u32 = 0;
 #[unsafe(no_mangle)]
-static TCP_ACCEPT_RET_ARG: u32 = 4;
-#[unsafe(no_mangle)]
 static TCP_EPHEMERAL_LO: u32 = 32768;
 #[unsafe(no_mangle)]
 static TCP_EPHEMERAL_HI: u32 = 60999;
@@ -113,6 +111,9 @@ static TCP_SOCKS: HashMap<u64, SockStart, 1> = HashMap::new();
 /// `sk_buff` address → the arrival of its data.
 #[btf_map]
 static TCP_SKBS: LruHashMap<u64, SkbStart, 1, { BPF_F_NO_COMMON_LRU as usize }> = LruHashMap::new();
+
+#[btf_map]
+static TCP_KEY_COMMS: PerCpuArray<[u8; COMM_LEN], 1> = PerCpuArray::new();
 
 #[btf_map]
 static TCP_RAISED: PerCpuArray<u64, 1> = PerCpuArray::new();
@@ -212,7 +213,19 @@ fn slot_of(key: u32) -> usize {
 #[inline(always)]
 fn wait_slot(port_key: u32, tgid: u32) -> usize {
     if global(&TCP_BY) == by::PID {
-        slot_of(PID_KEY | tgid)
+        let slot = slot_of(PID_KEY | tgid);
+        // The waits of a process end in it (accept, read), but for a
+        // handshake's, which end in softirq: name it only from within.
+        let current = (bpf_get_current_pid_tgid() >> 32) as u32;
+        if slot != 0 && current == tgid {
+            // SAFETY: per-CPU array slots are valid for the program's lifetime.
+            if let Some(comm) = TCP_KEY_COMMS.get_ptr_mut(slot as u32).and_then(|p| unsafe { p.as_mut() }) {
+                if let Ok(c) = bpf_get_current_comm() {
+                    *comm = c;
+                }
+            }
+        }
+        slot
     } else {
         slot_of(port_key)
     }
@@ -382,33 +395,40 @@ fn take_start(key: u64) -> Option<SockStart> {
 }
 
 // fexit `inet_csk_accept`: 6.1 `(struct sock *sk, int flags, int *err, bool
-// kern)`, 6.12 `(struct sock *sk, struct proto_accept_arg *arg)`; the return
-// value follows the arguments.
+// kern)`, 6.10+ `(struct sock *sk, struct proto_accept_arg *arg)`; the return
+// value follows the arguments. One program per layout: the verifier allows
+// context reads at constant offsets only, within the function's arguments.
 
 #[fexit(function = "inet_csk_accept")]
-pub fn tcp_accept(ctx: FExitContext) -> i32 {
-    let sk: *const c_void = match global(&TCP_ACCEPT_RET_ARG) {
-        2 => ctx.arg(2),
-        3 => ctx.arg(3),
-        5 => ctx.arg(5),
-        _ => ctx.arg(4),
-    };
+pub fn tcp_accept_4(ctx: FExitContext) -> i32 {
+    on_accept(ctx.arg(4));
+    0
+}
+
+#[fexit(function = "inet_csk_accept")]
+pub fn tcp_accept_2(ctx: FExitContext) -> i32 {
+    on_accept(ctx.arg(2));
+    0
+}
+
+/// `accept()` returns connection `sk`: its wait in the accept queue ends.
+#[inline(always)]
+fn on_accept(sk: *const c_void) {
     if sk.is_null() {
-        return 0;
+        return;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if !tgid_wanted(tgid) {
-        return 0;
+        return;
     }
-    let Some(s) = take_start(sk as u64) else { return 0 };
+    let Some(s) = take_start(sk as u64) else { return };
     if s.kind != start::ACCEPT {
-        return 0;
+        return;
     }
     let (local, remote) = ports(sk);
     if port_wanted(local, remote) {
         end_wait(stage::ACCEPT, sk, s.ts_ns, local, tgid);
     }
-    0
 }
 
 // tp_btf `tcp_probe(struct sock *sk, struct sk_buff *skb)`: every segment

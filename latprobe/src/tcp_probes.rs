@@ -68,10 +68,10 @@ pub fn start(config: &Config) -> Result<Probes> {
     let btf = Btf::from_sys_fs()?;
     let offsets = SockOffsets::from_btf(&btf)?;
     note(&format!("sock offsets from BTF: {offsets:?}"));
-    // fexit's return value follows the arguments, whose count changed in 6.10
-    // ("net: accept() and inet_csk_accept() take a proto_accept_arg").
-    let accept_params = btf.function_params(programs::ACCEPT.1);
+    // fexit's return value follows the arguments, whose count changed in 6.10.
+    let accept_params = btf.function_params(programs::ACCEPT_FUNCTION);
     drop(btf);
+    let accept_program = accept_params.and_then(|n| programs::ACCEPT.iter().find(|(params, _)| *params == n));
 
     let mut ports = [0u32; MAX_PORTS];
     for (slot, port) in ports.iter_mut().zip(&config.ports) {
@@ -80,7 +80,6 @@ pub fn start(config: &Config) -> Result<Probes> {
     let ports_n = config.ports.len().min(MAX_PORTS) as u32;
     let threshold = config.threshold_ns.unwrap_or(u64::MAX);
     let loss_events = u32::from(config.loss_events);
-    let accept_ret = accept_params.map_or(4, |n| n as u32);
     let (lo, hi) = ephemeral_range();
     let histograms = histograms(config.key_slots as usize) as u32;
     let page = bpf::page_size();
@@ -99,7 +98,6 @@ pub fn start(config: &Config) -> Result<Probes> {
             .override_global(globals::KEY_SLOTS, &config.key_slots, true)
             .override_global(globals::THRESHOLD_NS, &threshold, true)
             .override_global(globals::LOSS_EVENTS, &loss_events, true)
-            .override_global(globals::ACCEPT_RET_ARG, &accept_ret, true)
             .override_global(globals::EPHEMERAL_LO, &lo, true)
             .override_global(globals::EPHEMERAL_HI, &hi, true)
             .override_global(globals::SK_FAMILY_OFF, &o.family, true)
@@ -116,6 +114,7 @@ pub fn start(config: &Config) -> Result<Probes> {
             .map_max_entries(maps::BUCKETS, histograms * hdr::GROUPS as u32)
             .map_max_entries(maps::KEY_SLOTS, config.key_slots.max(1))
             .map_max_entries(maps::LOSSES, config.key_slots + 1)
+            .map_max_entries(maps::KEY_COMMS, config.key_slots + 1)
             .map_max_entries(maps::SOCKS, SOCK_ENTRIES)
             .map_max_entries(maps::SKBS, SKB_ENTRIES)
             .map_max_entries(maps::EVENTS, ring_bytes);
@@ -133,7 +132,15 @@ pub fn start(config: &Config) -> Result<Probes> {
     };
     let softirq = attach_all(&programs::SOFTIRQ);
     let state = attach_all(&[programs::STATE]);
-    let accept = if state.attached() { attach_all(&[programs::ACCEPT]) } else { state.clone() };
+    let accept = match (accept_program, state.attached()) {
+        (_, false) => state.clone(),
+        (Some(&(_, program)), true) => attach_all(&[(program, programs::ACCEPT_FUNCTION)]),
+        (None, true) => Availability::Unavailable(format!(
+            "{} takes {} parameters in this kernel's BTF, a layout latprobe does not know",
+            programs::ACCEPT_FUNCTION,
+            accept_params.map_or("no known".to_string(), |n| n.to_string())
+        )),
+    };
     let rxqueue = attach_all(&programs::RXQUEUE);
     let losses = attach_all(&programs::LOSSES);
     let accept = match accept {
@@ -154,7 +161,7 @@ pub fn start(config: &Config) -> Result<Probes> {
 fn mechanism_of(program: &str) -> &'static str {
     if programs::SOFTIRQ.iter().any(|(p, _)| *p == program) {
         "raw_tp"
-    } else if program == programs::ACCEPT.0 {
+    } else if programs::ACCEPT.iter().any(|(_, p)| *p == program) {
         "fexit"
     } else {
         "tp_btf"
@@ -186,7 +193,8 @@ fn attach(ebpf: &mut Ebpf, btf: &AyaBtf, name: &str, target: &str) -> Result<()>
 /// Unloads every `tcp_` program, detaching its links; safe to call twice.
 pub fn unload_all(ebpf: &mut Ebpf) {
     let all = programs::SOFTIRQ.iter().chain(&programs::RXQUEUE).chain(&programs::LOSSES);
-    for (name, _) in all.chain([&programs::STATE, &programs::ACCEPT]) {
+    let accept = programs::ACCEPT.iter().map(|(_, p)| *p);
+    for name in all.chain([&programs::STATE]).map(|(p, _)| *p).chain(accept) {
         let _ = match ebpf.program_mut(name) {
             Some(Program::BtfTracePoint(p)) => p.unload(),
             Some(Program::RawTracePoint(p)) => p.unload(),

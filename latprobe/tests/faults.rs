@@ -19,6 +19,10 @@ use common::*;
 /// How late after its deadline (or a signal) a run may end. The promise is
 /// one second; the margin is for emulated CPUs on a loaded host.
 const END_SLACK: Duration = Duration::from_millis(1500);
+/// How long the kernel may take to detach the probes of an ended run
+/// (trampolines and jump labels rewritten; under emulation, with PREEMPT_RT,
+/// 0.85 to 1.5 s was measured for fentry).
+const TEARDOWN: Duration = Duration::from_secs(2);
 
 /// A function called as fast as the machine can, and the workload steps
 /// that call it: a kernel function where kernel probes work, else a user
@@ -244,9 +248,16 @@ fn every_command_ends_cleanly_on_every_signal() {
             sleep(Duration::from_millis(300));
             let sent = Instant::now();
             t.signal(signal);
-            let run = t.finish();
+            let (run, last_report) = t.finish_timed();
+            let exited = sent.elapsed();
             run.assert_success();
-            assert!(sent.elapsed() <= END_SLACK, "{args:?} {name}: ended {:?} after it", sent.elapsed());
+            // latprobe's own work ends with its final report (flame, which
+            // prints none here, with its exit); the kernel then tears down
+            // the probes as the process exits, which under emulation takes
+            // up to a second or two of its own.
+            let reported = if run.stdout.is_empty() { exited } else { last_report.duration_since(sent) };
+            assert!(reported <= END_SLACK, "{args:?} {name}: final report {reported:?} after it");
+            assert!(exited <= END_SLACK + TEARDOWN, "{args:?} {name}: ended {exited:?} after it");
             if args[0] != "flame" {
                 assert!(!run.records().is_empty(), "{args:?} {name}: a final report");
             } else {

@@ -45,9 +45,9 @@ fn queued(stderr: &str) -> Vec<u64> {
 const MS: u64 = 1_000_000;
 
 #[test]
-fn accept_queue_waits_grow_in_steps_and_handshakes_are_counted() {
+fn tcp_accept_queue_waits_grow_in_steps_and_handshakes_are_counted() {
     if let Some(why) = bpf_unavailable() {
-        return skip("accept_queue_waits_grow_in_steps_and_handshakes_are_counted", &why);
+        return skip("tcp_accept_queue_waits_grow_in_steps_and_handshakes_are_counted", &why);
     }
     let (w, port) = (workload(), test_port(0).to_string());
     let run = latprobe(&["tcp", "--port", &port, "--format", "json", "--", &w, "accept-queue", &port, "5", "100ms"]);
@@ -57,7 +57,7 @@ fn accept_queue_waits_grow_in_steps_and_handshakes_are_counted() {
     let handshakes = final_stage(&run, "tcp:handshake", &format!("to_port={port}"));
     assert_eq!(u64_of(&handshakes, "count"), 5, "{handshakes}");
     if let Some(why) = unavailable(&run, "accept") {
-        return skip("accept_queue_waits_grow_in_steps_and_handshakes_are_counted (accept stage)", &why);
+        return skip("tcp_accept_queue_waits_grow_in_steps_and_handshakes_are_counted (accept stage)", &why);
     }
     // The Kth connection accepted waited K sleeps of 100 ms: the first at
     // least 100 ms, the last at least 500 ms (sleeps only ever run long).
@@ -71,9 +71,9 @@ fn accept_queue_waits_grow_in_steps_and_handshakes_are_counted() {
 }
 
 #[test]
-fn accepts_are_attributed_to_the_accepting_process() {
+fn tcp_accepts_are_attributed_to_the_accepting_process() {
     if let Some(why) = bpf_unavailable() {
-        return skip("accepts_are_attributed_to_the_accepting_process", &why);
+        return skip("tcp_accepts_are_attributed_to_the_accepting_process", &why);
     }
     let (w, port) = (workload(), test_port(1).to_string());
     let run = latprobe(&[
@@ -93,7 +93,7 @@ fn accepts_are_attributed_to_the_accepting_process() {
     ]);
     run.assert_success();
     if let Some(why) = unavailable(&run, "accept") {
-        return skip("accepts_are_attributed_to_the_accepting_process", &why);
+        return skip("tcp_accepts_are_attributed_to_the_accepting_process", &why);
     }
     let accepts: Vec<Value> = run
         .records()
@@ -107,9 +107,9 @@ fn accepts_are_attributed_to_the_accepting_process() {
 }
 
 #[test]
-fn receive_queue_waits_match_the_readers_delay() {
+fn tcp_receive_queue_waits_match_the_readers_delay() {
     if let Some(why) = bpf_unavailable() {
-        return skip("receive_queue_waits_match_the_readers_delay", &why);
+        return skip("tcp_receive_queue_waits_match_the_readers_delay", &why);
     }
     let (w, port) = (workload(), test_port(0).to_string());
     let run = latprobe(&["tcp", "--port", &port, "--format", "json", "--", &w, "rx-delay", &port, "5", "50ms"]);
@@ -133,9 +133,9 @@ fn receive_queue_waits_match_the_readers_delay() {
 }
 
 #[test]
-fn refused_connections_count_resets_on_their_port() {
+fn tcp_refused_connections_count_resets_on_their_port() {
     if let Some(why) = bpf_unavailable() {
-        return skip("refused_connections_count_resets_on_their_port", &why);
+        return skip("tcp_refused_connections_count_resets_on_their_port", &why);
     }
     let (w, port) = (workload(), test_port(1).to_string());
     let run = latprobe(&["tcp", "--format", "json", "--losses", "--", &w, "refused", &port, "4"]);

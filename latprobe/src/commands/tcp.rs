@@ -20,6 +20,7 @@ use latprobe_common::{
     tcp::{
         by, event, histogram_index, loss, maps, stage, LossCounts, Lost, TcpEvent, MAX_PORTS, REMOTE_PORT, SOCK_ENTRIES,
     },
+    COMM_LEN,
 };
 use serde::Serialize;
 
@@ -81,6 +82,7 @@ struct Source {
     key_slots: BpfHashMap<MapData, u32, u32>,
     losses: PerCpuArray<MapData, LossCounts>,
     lost: PerCpuArray<MapData, Lost>,
+    key_comms: PerCpuArray<MapData, [u8; COMM_LEN]>,
     max_keys: usize,
     /// Names of processes seen, kept after they exit.
     comms: HashMap<u32, String>,
@@ -114,7 +116,8 @@ impl Source {
         let key_slots = BpfHashMap::try_from(map(ebpf, maps::KEY_SLOTS)?).context("map TCP_KEY_SLOTS")?;
         let losses = PerCpuArray::try_from(map(ebpf, maps::LOSSES)?).context("map TCP_LOSSES")?;
         let lost = PerCpuArray::try_from(map(ebpf, maps::LOST)?).context("map TCP_LOST")?;
-        Ok(Self { hist, key_slots, losses, lost, max_keys, comms: HashMap::new() })
+        let key_comms = PerCpuArray::try_from(map(ebpf, maps::KEY_COMMS)?).context("map TCP_KEY_COMMS")?;
+        Ok(Self { hist, key_slots, losses, lost, key_comms, max_keys, comms: HashMap::new() })
     }
 
     /// (key, slot) of every key handed a slot, "other" first.
@@ -129,12 +132,21 @@ impl Source {
         Ok(keys)
     }
 
-    /// Notes the name of every process with a slot while it still runs.
+    /// Notes the name of every process with a slot: as the programs saw it
+    /// (a process may be gone by now), else from /proc.
     fn remember_comms(&mut self) -> Result<()> {
-        for (key, _) in self.keys()? {
-            if let Key::Process(pid) = key {
-                self.comms.entry(pid).or_insert_with(|| text::read_comm(pid));
+        for (key, slot) in self.keys()? {
+            let Key::Process(pid) = key else { continue };
+            if self.comms.contains_key(&pid) {
+                continue;
             }
+            let seen: PerCpuValues<[u8; COMM_LEN]> =
+                self.key_comms.get(&(slot as u32), 0).context("reading TCP_KEY_COMMS")?;
+            let comm = match seen.iter().find(|c| c[0] != 0) {
+                Some(c) => text::comm(c),
+                None => text::read_comm(pid),
+            };
+            self.comms.insert(pid, comm);
         }
         Ok(())
     }
