@@ -13,7 +13,9 @@ use crate::COMM_LEN;
 pub mod stage {
     /// NET_RX raised on a CPU → `net_rx_action` starts there.
     pub const SOFTIRQ: u32 = 0;
-    /// SYN sent → established (outgoing connections).
+    /// SYN sent → established (outgoing connections), SYN received →
+    /// established (a listener's: from its first SYN-ACK, which answers the
+    /// SYN at once, to the handshake's last ACK).
     pub const HANDSHAKE: u32 = 1;
     /// Established → returned by `accept()`: time in the accept queue.
     pub const ACCEPT: u32 = 2;
@@ -52,9 +54,12 @@ pub mod loss {
     pub const RESET_SENT: u32 = 3;
     /// A reset received.
     pub const RESET_RECEIVED: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// A SYN or a handshake's last ACK dropped by a listener whose accept
+    /// queue was full (the kernel's ListenOverflows).
+    pub const LISTEN_OVERFLOW: u32 = 5;
+    pub const COUNT: u32 = 6;
     pub const NAMES: [&str; COUNT as usize] =
-        ["syn_retransmits", "synack_retransmits", "retransmits", "resets_sent", "resets_received"];
+        ["syn_retransmits", "synack_retransmits", "retransmits", "resets_sent", "resets_received", "listen_overflows"];
 }
 
 /// How waits are keyed (`globals::BY`).
@@ -202,8 +207,12 @@ pub mod globals {
     pub const SK_STATE_OFF: &str = "TCP_SK_STATE_OFF";
     pub const SK_PROTOCOL_OFF: &str = "TCP_SK_PROTOCOL_OFF";
     pub const SKB_CB_OFF: &str = "TCP_SKB_CB_OFF";
+    pub const SK_ACK_BACKLOG_OFF: &str = "TCP_SK_ACK_BACKLOG_OFF";
+    pub const SK_MAX_ACK_BACKLOG_OFF: &str = "TCP_SK_MAX_ACK_BACKLOG_OFF";
+    /// `tcp_request_sock.snt_synack`: when its first SYN-ACK left, in µs.
+    pub const REQ_SNT_SYNACK_OFF: &str = "TCP_REQ_SNT_SYNACK_OFF";
 
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 22] = [
         TARGET_TGID,
         PORTS,
         PORTS_N,
@@ -223,6 +232,9 @@ pub mod globals {
         SK_STATE_OFF,
         SK_PROTOCOL_OFF,
         SKB_CB_OFF,
+        SK_ACK_BACKLOG_OFF,
+        SK_MAX_ACK_BACKLOG_OFF,
+        REQ_SNT_SYNACK_OFF,
     ];
 }
 
@@ -263,6 +275,15 @@ pub mod programs {
     /// ("net: accept() and inet_csk_accept() take a proto_accept_arg").
     pub const ACCEPT: [(usize, &str); 2] = [(4, "tcp_accept_4"), (2, "tcp_accept_2")];
     pub const RXQUEUE: [(&str, &str); 2] = [("tcp_rcv", "tcp_probe"), ("tcp_copy", "skb_copy_datagram_iovec")];
+    /// fentry on the end of a listener's handshake (the connection is
+    /// created and queued for accept): the server side of `handshake`.
+    pub const SERVER_HANDSHAKE: (&str, &str) = ("tcp_server_handshake", "inet_csk_complete_hashdance");
+    /// fentry where a listener takes a SYN and where it takes a handshake's
+    /// last ACK: either drops it when its accept queue is full.
+    pub const LISTEN: [(&str, &str); 2] =
+        [("tcp_listen_syn", "tcp_conn_request"), ("tcp_listen_ack", "tcp_v4_syn_recv_sock")];
+    /// The kprobe taken where fentry on the last-ACK drop point is refused.
+    pub const LISTEN_ACK_KPROBE: &str = "tcp_listen_ack_kprobe";
     pub const LOSSES: [(&str, &str); 4] = [
         ("tcp_retransmit", "tcp_retransmit_skb"),
         ("tcp_retransmit_synack", "tcp_retransmit_synack"),

@@ -4,13 +4,16 @@
 //!   is remembered; `softirq_entry` of NET_RX ends the wait. No shared state.
 //! - handshake: `inet_sock_set_state` to SYN_SENT stores the socket's start,
 //!   SYN_SENT → ESTABLISHED ends it.
+//!   A listener's handshakes end at `inet_csk_complete_hashdance` (fentry),
+//!   timed from the request's first SYN-ACK, which the kernel stamps.
 //! - accept: SYN_RECV → ESTABLISHED (the server's new socket, now in the
 //!   accept queue) stores the start, fexit of `inet_csk_accept` ends it.
 //! - rxqueue: `tcp_probe` (every segment an established socket receives)
 //!   stores a data segment's arrival by `sk_buff` address, the first
 //!   `skb_copy_datagram_iovec` of that segment ends it.
 //! - losses: the `tcp_retransmit_*` and reset tracepoints count per port and
-//!   send the connection through the ring buffer.
+//!   send the connection through the ring buffer; fentry where a listener
+//!   takes a SYN or a last ACK counts those it drops with a full accept queue.
 //!
 //! Socket starts live in a preallocated hash map (per-bucket locks, no global
 //! lock, no allocation on the packet path), removed when the wait ends or the
@@ -28,8 +31,8 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
     },
-    macros::{btf_map, btf_tracepoint, fexit, raw_tracepoint},
-    programs::{BtfTracePointContext, FExitContext, RawTracePointContext},
+    macros::{btf_map, btf_tracepoint, fentry, fexit, kprobe, raw_tracepoint},
+    programs::{BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext},
 };
 use latprobe_common::{
     func::{BucketGroup, FuncStats},
@@ -81,6 +84,12 @@ static TCP_SK_STATE_OFF: u32 = 0;
 static TCP_SK_PROTOCOL_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static TCP_SKB_CB_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SK_ACK_BACKLOG_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SK_MAX_ACK_BACKLOG_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_REQ_SNT_SYNACK_OFF: u32 = 0;
 
 /// Running totals per stage and key slot.
 #[btf_map]
@@ -532,4 +541,81 @@ pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
 pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
     count_loss(ctx.arg(0), loss::RESET_RECEIVED);
     0
+}
+
+// fentry `inet_csk_complete_hashdance(struct sock *sk, struct sock *child,
+// struct request_sock *req, bool own_req)`: a listener's handshake is done.
+// `req` is a `tcp_request_sock`, whose `snt_synack` is when the first SYN-ACK
+// left (tcp_clock_us(), the monotonic clock in µs): the SYN's arrival, as the
+// SYN-ACK answers it at once, and retransmitted SYN-ACKs do not move it.
+#[fentry(function = "inet_csk_complete_hashdance")]
+pub fn tcp_server_handshake(ctx: FEntryContext) -> i32 {
+    let listener: *const c_void = ctx.arg(0);
+    let req: *const c_void = ctx.arg(2);
+    let Some(synack_us) = field::<u64>(req, &TCP_REQ_SNT_SYNACK_OFF) else { return 0 };
+    // Never stamped (a SYN cookie's request): no start to time from.
+    if synack_us == 0 {
+        return 0;
+    }
+    let (local, _) = ports(listener);
+    let (_, remote) = ports(req);
+    if !port_wanted(local, remote) {
+        return 0;
+    }
+    // A listener's handshakes end in softirq: no process to key them by.
+    let slot = if global(&TCP_BY) == by::PID { 0 } else { slot_of(local) };
+    // A plain multiply: `saturating_mul` needs 128-bit helpers BPF lacks,
+    // and µs since boot times 1000 fits in 64 bits for 584 years.
+    let duration = now().saturating_sub(synack_us.wrapping_mul(1000));
+    record(stage::HANDSHAKE, slot, duration);
+    if duration >= global(&TCP_THRESHOLD_NS) {
+        send(req, event::SLOW, stage::HANDSHAKE, duration, 0);
+    }
+    0
+}
+
+/// Whether listener `sk`'s accept queue is full (`sk_acceptq_is_full`).
+#[inline(always)]
+fn accept_queue_full(sk: *const c_void) -> bool {
+    let queued = field::<u32>(sk, &TCP_SK_ACK_BACKLOG_OFF).unwrap_or(0);
+    let room = field::<u32>(sk, &TCP_SK_MAX_ACK_BACKLOG_OFF).unwrap_or(u32::MAX);
+    queued > room
+}
+
+// fentry `tcp_conn_request(struct request_sock_ops *rsk_ops, const struct
+// tcp_request_sock_ops *af_ops, struct sock *sk, struct sk_buff *skb)`: a SYN
+// for listener `sk`, dropped if its accept queue is full.
+#[fentry(function = "tcp_conn_request")]
+pub fn tcp_listen_syn(ctx: FEntryContext) -> i32 {
+    let sk: *const c_void = ctx.arg(2);
+    if accept_queue_full(sk) {
+        count_loss(sk, loss::LISTEN_OVERFLOW);
+    }
+    0
+}
+
+// fentry `tcp_v4_syn_recv_sock(const struct sock *sk, struct sk_buff *skb,
+// struct request_sock *req, …)`: a handshake's last ACK for listener `sk`;
+// the connection is not created if its accept queue is full.
+#[fentry(function = "tcp_v4_syn_recv_sock")]
+pub fn tcp_listen_ack(ctx: FEntryContext) -> i32 {
+    on_last_ack(ctx.arg(0));
+    0
+}
+
+/// The same as a kprobe, where the kernel refuses fentry there (6.1:
+/// ENOTSUPP).
+#[kprobe]
+pub fn tcp_listen_ack_kprobe(ctx: ProbeContext) -> i32 {
+    if let Some(sk) = ctx.arg::<*const c_void>(0) {
+        on_last_ack(sk);
+    }
+    0
+}
+
+#[inline(always)]
+fn on_last_ack(sk: *const c_void) {
+    if accept_queue_full(sk) {
+        count_loss(sk, loss::LISTEN_OVERFLOW);
+    }
 }

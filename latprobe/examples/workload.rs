@@ -30,6 +30,11 @@
 //!                           the receive queue), then answers; prints
 //!                           `workload: queued NS ns` per message, the time
 //!                           from sending it to the server's read
+//!   no-accept PORT BACKLOG N DUR
+//!                           a listener with BACKLOG that never accepts; N
+//!                           clients connect at once, each giving up after
+//!                           DUR (those past the full accept queue see
+//!                           their SYNs dropped and retransmitted)
 //!   refused PORT N          N connects to 127.0.0.1:PORT, where nothing
 //!                           listens (N resets sent and received)
 //!   spin DUR                burn CPU for DUR
@@ -401,6 +406,18 @@ fn main() {
             }
             ("rx-delay", [port, n, d, tail @ ..]) => {
                 rx_delay(port_number(port), number(n), duration(d));
+                tail
+            }
+            ("no-accept", [port, backlog, n, d, tail @ ..]) => {
+                let port = port_number(port);
+                let _listener = listen(port, number(backlog) as i32);
+                let (n, patience) = (number(n) as usize, duration(d));
+                let to = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+                thread::scope(|s| {
+                    for _ in 0..n {
+                        s.spawn(|| TcpStream::connect_timeout(&to, patience).ok());
+                    }
+                });
                 tail
             }
             ("refused", [port, n, tail @ ..]) => {

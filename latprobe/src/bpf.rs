@@ -197,9 +197,11 @@ mod tests {
             .iter()
             .chain(&tcp::programs::RXQUEUE)
             .chain(&tcp::programs::LOSSES)
-            .chain([&tcp::programs::STATE]);
+            .chain(&tcp::programs::LISTEN)
+            .chain([&tcp::programs::STATE, &tcp::programs::SERVER_HANDSHAKE]);
         names.extend(programs.map(|(p, _)| *p));
         names.extend(tcp::programs::ACCEPT.iter().map(|(_, p)| *p));
+        names.push(tcp::programs::LISTEN_ACK_KPROBE);
         let missing: Vec<&&str> = names.iter().filter(|n| !symbols.contains(**n)).collect();
         assert!(missing.is_empty(), "names missing from the tcp kernel object: {missing:?}");
     }

@@ -288,6 +288,10 @@ pub struct SockOffsets {
     pub protocol: u32,
     /// `sk_buff.cb`, where TCP keeps its `tcp_skb_cb` (seq, end_seq first).
     pub skb_cb: u32,
+    pub ack_backlog: u32,
+    pub max_ack_backlog: u32,
+    /// `tcp_request_sock.snt_synack`.
+    pub snt_synack: u32,
 }
 
 impl SockOffsets {
@@ -311,6 +315,9 @@ impl SockOffsets {
             // offsets in the other.
             protocol: field("sock", "sk_protocol", 2)?,
             skb_cb: field("sk_buff", "cb", 48)?,
+            ack_backlog: field("sock", "sk_ack_backlog", 4)?,
+            max_ack_backlog: field("sock", "sk_max_ack_backlog", 4)?,
+            snt_synack: field("tcp_request_sock", "snt_synack", 8)?,
         })
     }
 }

@@ -73,12 +73,14 @@ pub enum Command {
 const TCP_EXAMPLES: &str = "\
 Stages, each an HDR histogram per port (or per process with --by pid):
   softirq    NET_RX raised on a CPU -> the softirq starts running there
-  handshake  SYN sent -> established (connections this machine makes)
+  handshake  SYN sent -> established (connections this machine makes), and
+             SYN received -> established (a listener's; needs fentry)
   accept     established -> returned by accept() (time in the accept queue)
   rxqueue    data received -> first copied to the process (time in the receive queue)
 Losses per port: SYN and SYN-ACK retransmits, retransmits, resets sent and
-received. A stage the kernel cannot show (accept needs fexit) is listed as
-unavailable, with the reason; the others still run.
+received, listen overflows (SYNs and last ACKs dropped by a full accept queue;
+needs fentry). A stage the kernel cannot show (accept needs fexit) is listed
+as unavailable, with the reason; the others still run.
 
 Examples:
   latprobe tcp --secs 30

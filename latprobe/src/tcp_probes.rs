@@ -50,6 +50,8 @@ pub struct Probes {
     /// Indexed by `stage::*`.
     pub stages: Vec<Availability>,
     pub losses: Availability,
+    /// What an attached stage or the losses leave out on this kernel.
+    pub partial: Vec<String>,
 }
 
 /// `net.ipv4.ip_local_port_range`, or Linux's default.
@@ -110,6 +112,9 @@ pub fn start(config: &Config) -> Result<Probes> {
             .override_global(globals::SK_STATE_OFF, &o.state, true)
             .override_global(globals::SK_PROTOCOL_OFF, &o.protocol, true)
             .override_global(globals::SKB_CB_OFF, &o.skb_cb, true)
+            .override_global(globals::SK_ACK_BACKLOG_OFF, &o.ack_backlog, true)
+            .override_global(globals::SK_MAX_ACK_BACKLOG_OFF, &o.max_ack_backlog, true)
+            .override_global(globals::REQ_SNT_SYNACK_OFF, &o.snt_synack, true)
             .map_max_entries(maps::STATS, histograms)
             .map_max_entries(maps::BUCKETS, histograms * hdr::GROUPS as u32)
             .map_max_entries(maps::KEY_SLOTS, config.key_slots.max(1))
@@ -143,6 +148,31 @@ pub fn start(config: &Config) -> Result<Probes> {
     };
     let rxqueue = attach_all(&programs::RXQUEUE);
     let losses = attach_all(&programs::LOSSES);
+    let mut partial = Vec::new();
+    let mut state = state;
+    if state.attached() {
+        match attach_all(&[programs::SERVER_HANDSHAKE]) {
+            Availability::Attached(_) => state = Availability::Attached("tp_btf, fentry"),
+            Availability::Unavailable(why) => {
+                partial.push(format!("handshake: a listener's handshakes are not timed (needs fentry on {why})"));
+            }
+        }
+    }
+    // Each drop point on its own: 6.1 refuses fentry on the six-argument
+    // tcp_v4_syn_recv_sock (ENOTSUPP), yet takes tcp_conn_request.
+    for (program, what) in programs::LISTEN.iter().zip(["SYNs", "handshakes' last ACKs"]) {
+        let mut attached = attach_all(&[*program]);
+        if !attached.attached() && program.0 == programs::LISTEN[1].0 {
+            let fallback = attach_all(&[(programs::LISTEN_ACK_KPROBE, program.1)]);
+            if fallback.attached() {
+                attached = fallback;
+            }
+        }
+        if let Availability::Unavailable(why) = attached {
+            partial
+                .push(format!("losses: {what} dropped by a full accept queue are not counted (needs fentry on {why})"));
+        }
+    }
     let accept = match accept {
         Availability::Unavailable(why) if state.attached() => {
             Availability::Unavailable(format!("needs fexit on {why}"))
@@ -154,7 +184,7 @@ pub fn start(config: &Config) -> Result<Probes> {
     stages[stage::HANDSHAKE as usize] = state;
     stages[stage::ACCEPT as usize] = accept;
     stages[stage::RXQUEUE as usize] = rxqueue;
-    Ok(Probes { ebpf, stages, losses })
+    Ok(Probes { ebpf, stages, losses, partial })
 }
 
 /// The mechanism of a program, by its kind.
@@ -163,6 +193,10 @@ fn mechanism_of(program: &str) -> &'static str {
         "raw_tp"
     } else if programs::ACCEPT.iter().any(|(_, p)| *p == program) {
         "fexit"
+    } else if program == programs::LISTEN_ACK_KPROBE {
+        "kprobe"
+    } else if program == programs::SERVER_HANDSHAKE.0 || programs::LISTEN.iter().any(|(p, _)| *p == program) {
+        "fentry"
     } else {
         "tp_btf"
     }
@@ -185,6 +219,14 @@ fn attach(ebpf: &mut Ebpf, btf: &AyaBtf, name: &str, target: &str) -> Result<()>
             p.load(target, btf).map_err(described)?;
             p.attach().map_err(described)?;
         }
+        Program::FEntry(p) => {
+            p.load(target, btf).map_err(described)?;
+            p.attach().map_err(described)?;
+        }
+        Program::KProbe(p) => {
+            p.load().map_err(described)?;
+            p.attach(target, 0).map_err(described)?;
+        }
         _ => return Err(anyhow!("program {name} has an unexpected kind")),
     }
     Ok(())
@@ -192,13 +234,17 @@ fn attach(ebpf: &mut Ebpf, btf: &AyaBtf, name: &str, target: &str) -> Result<()>
 
 /// Unloads every `tcp_` program, detaching its links; safe to call twice.
 pub fn unload_all(ebpf: &mut Ebpf) {
-    let all = programs::SOFTIRQ.iter().chain(&programs::RXQUEUE).chain(&programs::LOSSES);
+    let all = programs::SOFTIRQ.iter().chain(&programs::RXQUEUE).chain(&programs::LOSSES).chain(&programs::LISTEN);
     let accept = programs::ACCEPT.iter().map(|(_, p)| *p);
-    for name in all.chain([&programs::STATE]).map(|(p, _)| *p).chain(accept) {
+    let single = [&programs::STATE, &programs::SERVER_HANDSHAKE];
+    let kprobe = [programs::LISTEN_ACK_KPROBE];
+    for name in all.chain(single).map(|(p, _)| *p).chain(accept).chain(kprobe) {
         let _ = match ebpf.program_mut(name) {
             Some(Program::BtfTracePoint(p)) => p.unload(),
             Some(Program::RawTracePoint(p)) => p.unload(),
             Some(Program::FExit(p)) => p.unload(),
+            Some(Program::FEntry(p)) => p.unload(),
+            Some(Program::KProbe(p)) => p.unload(),
             _ => Ok(()),
         };
     }

@@ -36,6 +36,18 @@ fn unavailable(run: &Run, stage: &str) -> Option<String> {
     s["unavailable"].as_str().map(str::to_string)
 }
 
+/// What this kernel hides of `part` (a stage, or "losses"), from the final
+/// summary.
+fn partial(run: &Run, part: &str) -> Option<String> {
+    let summary = run
+        .records()
+        .into_iter()
+        .find(|r| r["type"] == "tcp_summary" && r["period"] == "final")
+        .unwrap_or_else(|| panic!("no final tcp_summary:\n{}\n{}", run.stdout, run.stderr));
+    let notes = summary["partial"].as_array().cloned().unwrap_or_default();
+    notes.iter().find_map(|n| n.as_str()?.strip_prefix(&format!("{part}: ")).map(str::to_string))
+}
+
 /// The `workload: queued NS ns` lines: how long each message waited, as the
 /// workload saw it.
 fn queued(stderr: &str) -> Vec<u64> {
@@ -43,6 +55,15 @@ fn queued(stderr: &str) -> Vec<u64> {
 }
 
 const MS: u64 = 1_000_000;
+
+/// `name` in the kernel's TcpExt counters (/proc/net/netstat).
+fn tcp_ext(name: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/net/netstat").expect("/proc/net/netstat");
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().expect("TcpExt names"), lines.next().expect("TcpExt values"));
+    let at = names.split_whitespace().position(|n| n == name).unwrap_or_else(|| panic!("no TcpExt {name}"));
+    values.split_whitespace().nth(at).and_then(|v| v.parse().ok()).expect("a TcpExt value")
+}
 
 #[test]
 fn tcp_accept_queue_waits_grow_in_steps_and_handshakes_are_counted() {
@@ -56,6 +77,12 @@ fn tcp_accept_queue_waits_grow_in_steps_and_handshakes_are_counted() {
     // remote port on the connecting side.
     let handshakes = final_stage(&run, "tcp:handshake", &format!("to_port={port}"));
     assert_eq!(u64_of(&handshakes, "count"), 5, "{handshakes}");
+    // And five on the listener's side, where the kernel lets fentry time them.
+    if partial(&run, "handshake").is_none() {
+        let listened = final_stage(&run, "tcp:handshake", &format!("port={port}"));
+        assert_eq!(u64_of(&listened, "count"), 5, "{listened}");
+        assert!(u64_of(&listened, "max_ns") < 100 * MS, "loopback handshakes are quick: {listened}");
+    }
     if let Some(why) = unavailable(&run, "accept") {
         return skip("tcp_accept_queue_waits_grow_in_steps_and_handshakes_are_counted (accept stage)", &why);
     }
@@ -154,4 +181,42 @@ fn tcp_refused_connections_count_resets_on_their_port() {
         .filter(|r| r["remote"] == format!("127.0.0.1:{port}"))
         .collect();
     assert_eq!(events.len(), 4, "{}", run.stdout);
+}
+
+#[test]
+fn tcp_listen_overflows_and_syn_retransmits_agree_with_the_kernels_counters() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("tcp_listen_overflows_and_syn_retransmits_agree_with_the_kernels_counters", &why);
+    }
+    let (w, port) = (workload(), test_port(0).to_string());
+    let (overflows, retransmits) = (tcp_ext("ListenOverflows"), tcp_ext("TCPSynRetrans"));
+    // Backlog 1: two connections fit (the queue is full past its backlog),
+    // the SYNs of the other four are dropped, and retransmitted after 1 s.
+    let run = latprobe(&["tcp", "--port", &port, "--format", "json", "--", &w, "no-accept", &port, "1", "6", "1500ms"]);
+    run.assert_success();
+    let (overflows, retransmits) = (tcp_ext("ListenOverflows") - overflows, tcp_ext("TCPSynRetrans") - retransmits);
+    let summary = run
+        .records()
+        .into_iter()
+        .find(|r| r["type"] == "tcp_summary" && r["period"] == "final")
+        .expect("a final summary");
+    if let Some(why) =
+        summary["partial"].as_array().and_then(|p| p.iter().find_map(|n| n.as_str()?.strip_prefix("losses: ")))
+    {
+        return skip("tcp_listen_overflows_and_syn_retransmits_agree_with_the_kernels_counters", why);
+    }
+    let losses = |key: String| {
+        run.records()
+            .into_iter()
+            .find(|r| r["type"] == "tcp_losses" && r["period"] == "final" && r["key"] == key)
+            .unwrap_or_else(|| panic!("no losses for {key}:\n{}", run.stdout))
+    };
+    let listener = losses(format!("port={port}"));
+    let clients = losses(format!("to_port={port}"));
+    assert!(overflows >= 4, "four SYNs dropped at least, the kernel says {overflows}");
+    assert_eq!(u64_of(&listener, "listen_overflows"), overflows, "as the kernel counted: {listener}");
+    // The kernel counts SYN and SYN-ACK retransmits together.
+    let ours = u64_of(&clients, "syn_retransmits") + u64_of(&listener, "synack_retransmits");
+    assert_eq!(ours, retransmits, "as the kernel counted:\n{listener}\n{clients}");
+    assert!(u64_of(&clients, "syn_retransmits") >= 4, "{clients}");
 }

@@ -267,6 +267,9 @@ pub async fn run(args: TcpArgs) -> Result<()> {
     if let Availability::Unavailable(why) = &probes.losses {
         output::warn(&format!("tcp: losses are not counted: {why}"));
     }
+    for note in &probes.partial {
+        output::warn(&format!("tcp: {note}"));
+    }
     output::say(&format!("tracing tcp: {}; Ctrl-C to end", attached.join(", ")));
     run.report_every(args.interval);
     if args.by == TcpBy::Pid {
@@ -300,13 +303,14 @@ pub async fn run(args: TcpArgs) -> Result<()> {
 
     run.end(&end);
     let final_cost = cost.as_ref().map(|c| c.whole_run(&probes.ebpf));
-    tcp_probes::unload_all(&mut probes.ebpf);
+    // Drained and written before the programs are unloaded: detaching a
+    // dozen fentry and fexit programs can take longer than the drain may
+    // (trampolines are rewritten one by one), and what they send meanwhile is
+    // bounded by the drain's deadline.
     let discarded = ring.drain_until(run.drain_deadline(), |e| printer.print(&e))?;
-    let period = Period {
-        name: "final",
-        elapsed: run.elapsed(),
-        unprinted: discarded + output::settle_records(run.drain_deadline() + SETTLE_TIME),
-    };
+    let unprinted = discarded + output::settle_records(run.drain_deadline() + SETTLE_TIME);
+    tcp_probes::unload_all(&mut probes.ebpf);
+    let period = Period { name: "final", elapsed: run.elapsed(), unprinted };
     source.remember_comms()?;
     let snapshot = source.snapshot()?;
     output::report(render(&snapshot, &source, &probes, &period, args.format));
@@ -348,6 +352,7 @@ struct LossJson<'a> {
     retransmits: u64,
     resets_sent: u64,
     resets_received: u64,
+    listen_overflows: u64,
 }
 
 #[derive(Serialize)]
@@ -358,6 +363,8 @@ struct SummaryJson<'a> {
     seconds: f64,
     /// Stage → how it is measured, or why it is not.
     stages: Vec<StageJson<'a>>,
+    /// What this kernel does not let latprobe see of a measured stage.
+    partial: &'a [String],
     untimed_sockets: u64,
     events_lost: u64,
     events_unprinted: u64,
@@ -427,6 +434,7 @@ fn render_json(
             retransmits: c[loss::RETRANS as usize],
             resets_sent: c[loss::RESET_SENT as usize],
             resets_received: c[loss::RESET_RECEIVED as usize],
+            listen_overflows: c[loss::LISTEN_OVERFLOW as usize],
         };
         out += &serde_json::to_string(&json).expect("losses serialize");
         out.push('\n');
@@ -452,6 +460,7 @@ fn render_json(
         period: period.name,
         seconds: (period.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
         stages,
+        partial: &probes.partial,
         untimed_sockets: snapshot.lost.sock_table_full,
         events_lost: snapshot.lost.events,
         events_unprinted: period.unprinted,
@@ -508,20 +517,21 @@ fn render_text(
     if !losses.is_empty() {
         let _ = writeln!(
             out,
-            "  {:<24} {:>10} {:>10} {:>10} {:>10} {:>10}",
-            "losses", "syn_rtx", "synack_rtx", "rtx", "rst_sent", "rst_recv"
+            "  {:<24} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "losses", "syn_rtx", "synack_rtx", "rtx", "rst_sent", "rst_recv", "overflows"
         );
         for row in losses {
             let c = &row.counts;
             let _ = writeln!(
                 out,
-                "  {:<24} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                "  {:<24} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
                 row.key.label(),
                 c[loss::SYN_RETRANS as usize],
                 c[loss::SYNACK_RETRANS as usize],
                 c[loss::RETRANS as usize],
                 c[loss::RESET_SENT as usize],
-                c[loss::RESET_RECEIVED as usize]
+                c[loss::RESET_RECEIVED as usize],
+                c[loss::LISTEN_OVERFLOW as usize]
             );
         }
     }
