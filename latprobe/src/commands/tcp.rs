@@ -623,7 +623,8 @@ impl EventPrinter {
                 loss: (!slow).then_some(what),
                 duration_ns: slow.then_some(e.duration_ns),
                 local: endpoint(e.family, &e.local_addr, e.local_port),
-                remote: endpoint(e.family, &e.remote_addr, e.remote_port),
+                // A listener has no remote end.
+                remote: (e.remote_port != 0).then(|| endpoint(e.family, &e.remote_addr, e.remote_port)).flatten(),
                 state: (e.family != 0).then(|| STATES.get(e.state as usize).copied().unwrap_or("?")),
                 cpu: e.cpu,
                 pid: (e.tgid != 0).then_some(e.tgid),
@@ -636,8 +637,10 @@ impl EventPrinter {
                     if let Some(d) = json.duration_ns {
                         line += &format!(" {}", format_ns(d));
                     }
-                    if let (Some(l), Some(r)) = (&json.local, &json.remote) {
-                        line += &format!(" {l} <-> {r}");
+                    match (&json.local, &json.remote) {
+                        (Some(l), Some(r)) => line += &format!(" {l} <-> {r}"),
+                        (Some(l), None) => line += &format!(" {l}"),
+                        _ => {}
                     }
                     if let Some(s) = json.state {
                         line += &format!(" state={s}");
