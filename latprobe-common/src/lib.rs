@@ -7,6 +7,7 @@
 pub mod flame;
 pub mod func;
 pub mod hdr;
+pub mod lock;
 pub mod sched;
 pub mod tcp;
 

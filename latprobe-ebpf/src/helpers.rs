@@ -139,7 +139,12 @@ pub fn record<const B: usize>(
 /// `next` holds the last slot handed out. Only the first sight of each new
 /// key touches shared state; a lookup after that is lockless.
 #[inline(always)]
-pub fn key_slot<const N: usize>(slots: &HashMap<u32, u32, N>, next: &Array<u64, 1>, limit: u32, key: u32) -> usize {
+pub fn key_slot<K: Copy, const N: usize>(
+    slots: &HashMap<K, u32, N>,
+    next: &Array<u64, 1>,
+    limit: u32,
+    key: K,
+) -> usize {
     if let Some(p) = slots.get_ptr(key) {
         // SAFETY: a live value of our map.
         return unsafe { *p } as usize;

@@ -37,6 +37,10 @@
 //!                           their SYNs dropped and retransmitted)
 //!   refused PORT N          N connects to 127.0.0.1:PORT, where nothing
 //!                           listens (N resets sent and received)
+//!   dir-churn THREADS N     THREADS threads each create and unlink N files
+//!                           in one new directory (its inode lock contended)
+//!   mmap-churn THREADS N    THREADS threads each map, touch and unmap
+//!                           64 KiB N times (the process's mmap lock contended)
 //!   spin DUR                burn CPU for DUR
 //!   pin CPU                 run the following steps on CPU only
 //!   report                  print `elapsed_ns=N` since the workload started,
@@ -277,6 +281,51 @@ fn listen(port: u16, backlog: i32) -> TcpListener {
     }
 }
 
+fn dir_churn(threads: usize, n: u64) {
+    let dir = env::temp_dir().join(format!("latprobe-dir-churn-{}", std::process::id()));
+    fs::create_dir_all(&dir).expect("create the churn directory");
+    thread::scope(|s| {
+        for t in 0..threads {
+            let dir = &dir;
+            s.spawn(move || {
+                for i in 0..n {
+                    let path = dir.join(format!("{t}-{i}"));
+                    drop(File::create(&path).expect("create"));
+                    fs::remove_file(&path).expect("unlink");
+                }
+            });
+        }
+    });
+    fs::remove_dir(&dir).expect("remove the churn directory");
+}
+
+fn mmap_churn(threads: usize, n: u64) {
+    const LEN: usize = 64 << 10;
+    thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(move || {
+                for _ in 0..n {
+                    // SAFETY: an anonymous private mapping of LEN bytes, written
+                    // within its bounds and unmapped once; nothing else sees it.
+                    unsafe {
+                        let p = libc::mmap(
+                            std::ptr::null_mut(),
+                            LEN,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                            -1,
+                            0,
+                        );
+                        assert!(p != libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+                        p.cast::<u8>().write_volatile(1);
+                        libc::munmap(p, LEN);
+                    }
+                }
+            });
+        }
+    });
+}
+
 fn accept_queue(port: u16, n: usize, every: Duration) {
     let listener = listen(port, n as i32 + 8);
     // Every client is connected (its handshake done, its connection in the
@@ -426,6 +475,14 @@ fn main() {
                     let refused = TcpStream::connect(("127.0.0.1", port));
                     assert!(refused.is_err(), "something listens on port {port}");
                 }
+                tail
+            }
+            ("dir-churn", [threads, n, tail @ ..]) => {
+                dir_churn(number(threads) as usize, number(n));
+                tail
+            }
+            ("mmap-churn", [threads, n, tail @ ..]) => {
+                mmap_churn(number(threads) as usize, number(n));
                 tail
             }
             ("spin", [d, tail @ ..]) => {

@@ -9,6 +9,8 @@ use aya::{programs::ProgramError, Ebpf, EbpfLoader};
 
 /// latprobe-ebpf's programs for fn, runqlat, runqslower and flame, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latprobe"));
+/// latprobe-ebpf's programs for lock.
+static LOCK_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latprobe-lock"));
 /// latprobe-ebpf's programs for tcp.
 static TCP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latprobe-tcp"));
 
@@ -101,6 +103,13 @@ pub fn load<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
     loader.load(OBJECT).context("loading latprobe's BPF maps failed (task-local storage needs Linux 5.11 or newer)")
 }
 
+/// Loads the lock object's maps with `configure` applied.
+pub fn load_lock<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    configure(&mut loader);
+    loader.load(LOCK_OBJECT).context("loading latprobe's BPF maps for lock failed")
+}
+
 /// Loads the tcp object's maps with `configure` applied.
 pub fn load_tcp<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
@@ -183,6 +192,19 @@ mod tests {
         names.extend(flame::programs::ALL);
         let missing: Vec<&&str> = names.iter().filter(|n| !symbols.contains(**n)).collect();
         assert!(missing.is_empty(), "names missing from the kernel object: {missing:?}");
+    }
+
+    #[test]
+    fn every_lock_name_userspace_uses_is_in_the_lock_object() {
+        use latprobe_common::lock;
+        let file = object::File::parse(super::LOCK_OBJECT).expect("the embedded lock object is ELF");
+        let symbols: std::collections::HashSet<&str> = file.symbols().filter_map(|s| s.name().ok()).collect();
+        let mut names: Vec<&str> = Vec::new();
+        names.extend(lock::maps::ALL);
+        names.extend(lock::globals::ALL);
+        names.extend(lock::programs::ALL.iter().map(|(p, _)| *p));
+        let missing: Vec<&&str> = names.iter().filter(|n| !symbols.contains(**n)).collect();
+        assert!(missing.is_empty(), "names missing from the lock kernel object: {missing:?}");
     }
 
     #[test]

@@ -13,7 +13,8 @@ Examples:
   latprobe fn do_nanosleep -- ./my-benchmark   trace only the command's process
   latprobe runqslower 50ms --secs 60           which task held the CPU while others waited
   latprobe runqlat --per-cpu --secs 10         run-queue latency percentiles per CPU
-  latprobe tcp --port 443 --secs 30            where connections wait, and where packets are lost";
+  latprobe tcp --port 443 --secs 30            where connections wait, and where packets are lost
+  latprobe lock --secs 10                      which kernel locks were contended, and who waited";
 
 /// Longest run `--secs` accepts: 100 days.
 pub const MAX_SECS: u64 = 100 * 24 * 3600;
@@ -68,6 +69,55 @@ pub enum Command {
     /// Where connections wait (softirq, handshake, accept queue, receive queue) and packets are lost
     #[command(after_help = TCP_EXAMPLES)]
     Tcp(TcpArgs),
+    /// Which kernel locks tasks waited on, how long, and who waited
+    #[command(after_help = LOCK_EXAMPLES)]
+    Lock(LockArgs),
+}
+
+const LOCK_EXAMPLES: &str = "\
+Every wait on a contended kernel lock (the lock:contention_begin/end
+tracepoints, Linux 5.19+: they fire only on a lock's slow path) is added to
+its lock's totals in the kernel, per CPU. Locks are named by their kernel
+symbol when they are static (rtnl_mutex), else by kind and by where they are
+taken: the first function of the waiters' stacks outside locking code.
+The first --max-locks locks seen get HDR percentiles of their waits.
+
+Examples:
+  latprobe lock --secs 10
+  latprobe lock --pid 4242 --top 5 --secs 30
+  latprobe lock --slower 10ms --stacks          every wait over 10 ms, with its stack
+  latprobe lock --comm nginx --format json | jq 'select(.type==\"lock\")'
+  latprobe lock -- ./my-benchmark";
+
+#[derive(Args, Debug)]
+pub struct LockArgs {
+    /// Locks in each report, by total wait
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub top: usize,
+    /// Locks that get HDR percentiles (the first seen)
+    #[arg(long, value_name = "N", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=latprobe_common::lock::MAX_LOCK_SLOTS as i64))]
+    pub max_locks: u32,
+    /// Only tasks whose name (comm) starts with PREFIX
+    #[arg(long, value_name = "PREFIX")]
+    pub comm: Option<String>,
+    /// Only waits on this CPU
+    #[arg(long, value_name = "N")]
+    pub cpu: Option<u32>,
+    /// Print every wait longer than DUR (e.g. 10ms) as it ends
+    #[arg(long, value_name = "DUR", value_parser = duration::parse_arg)]
+    pub slower: Option<u64>,
+    /// With --slower: the waiter's kernel stack with each wait
+    #[arg(long, requires = "slower")]
+    pub stacks: bool,
+    /// Also print a report of each interval, e.g. 10s
+    #[arg(long, value_name = "DUR", value_parser = duration::parse_interval)]
+    pub interval: Option<u64>,
+    /// text for people, json for one JSON object per line
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 const TCP_EXAMPLES: &str = "\

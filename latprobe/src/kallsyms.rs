@@ -74,6 +74,17 @@ impl KernelSymbols {
     }
 
     pub fn parse(text: &str) -> Self {
+        Self::parse_kinds(text, &["t", "T", "w", "W"])
+    }
+
+    /// Data symbols (initialized and zeroed: `d`, `D`, `b`, `B`): where a
+    /// static lock such as `rtnl_mutex` lives. Kernels built without
+    /// CONFIG_KALLSYMS_ALL list none.
+    pub fn load_data() -> io::Result<Self> {
+        Ok(Self::parse_kinds(&fs::read_to_string("/proc/kallsyms")?, &["d", "D", "b", "B"]))
+    }
+
+    fn parse_kinds(text: &str, kinds: &[&str]) -> Self {
         let mut symbols: Vec<(u64, String)> = text
             .lines()
             .filter_map(|line| {
@@ -81,12 +92,27 @@ impl KernelSymbols {
                 let addr = u64::from_str_radix(parts.next()?, 16).ok()?;
                 let kind = parts.next()?;
                 let name = parts.next()?;
-                matches!(kind, "t" | "T" | "w" | "W").then(|| (addr, name.to_string()))
+                kinds.contains(&kind).then(|| (addr, name.to_string()))
             })
             .collect();
         symbols.sort_unstable();
         let addresses_visible = symbols.iter().any(|(a, _)| *a != 0);
         Self { symbols, addresses_visible }
+    }
+
+    /// The data symbol `addr` is in, as `name` or `name+0xoff`, if it is
+    /// within `max_offset` bytes of one (kallsyms has no sizes).
+    pub fn data_at(&self, addr: u64, max_offset: u64) -> Option<String> {
+        if !self.addresses_visible {
+            return None;
+        }
+        let i = self.symbols.partition_point(|(a, _)| *a <= addr).checked_sub(1)?;
+        let (base, name) = &self.symbols[i];
+        match addr - base {
+            0 => Some(name.clone()),
+            off if off <= max_offset => Some(format!("{name}+{off:#x}")),
+            _ => None,
+        }
     }
 
     #[cfg(test)]

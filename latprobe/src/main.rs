@@ -47,6 +47,7 @@ fn main() -> ExitCode {
             cli::Command::Runqlat(args) => commands::runqlat::run(args).await,
             cli::Command::Flame(args) => commands::flame::run(args).await,
             cli::Command::Tcp(args) => commands::tcp::run(args).await,
+            cli::Command::Lock(args) => commands::lock::run(args).await,
         }
     });
     // Probes are detached by now; what is left is writing out. A stalled

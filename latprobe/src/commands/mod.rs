@@ -2,6 +2,7 @@
 
 pub mod flame;
 pub mod func;
+pub mod lock;
 pub mod runqlat;
 pub mod runqslower;
 pub mod tcp;

@@ -1,0 +1,171 @@
+//! `latprobe lock`: which kernel locks were contended, how long tasks waited
+//! on them, and who waited.
+//!
+//! The `lock:contention_begin/end` tracepoints fire only on a lock's slow
+//! path. Each wait is added, per lock, to per-CPU totals in the kernel and,
+//! for the first `LOCK_SLOTS_N` locks seen, to an HDR histogram (the layout
+//! of `fn`); only waits over `--slower` leave the kernel one by one.
+
+use crate::{func::MAX_STACK, COMM_LEN};
+
+/// `LCB_F_*` of include/trace/events/lock.h: what kind of lock a waiter waits on.
+pub mod flags {
+    pub const SPIN: u32 = 1 << 0;
+    pub const READ: u32 = 1 << 1;
+    pub const WRITE: u32 = 1 << 2;
+    pub const RT: u32 = 1 << 3;
+    pub const PERCPU: u32 = 1 << 4;
+    pub const MUTEX: u32 = 1 << 5;
+}
+
+/// Waits one task can be in at once: a mutex's spinning and sleeping phases
+/// are one wait, but an interrupt can contend on a spinlock while the task
+/// it interrupted spins on another. Deeper waits are counted, not timed.
+pub const MAX_DEPTH: usize = 4;
+/// The most locks with a histogram of their own.
+pub const MAX_LOCK_SLOTS: usize = 64;
+/// Tasks that can wait at once (the per-task table).
+pub const TASK_ENTRIES: u32 = 16_384;
+/// Distinct locks whose totals are kept; waits on more are counted as lost.
+pub const LOCK_ENTRIES: u32 = 8_192;
+/// Distinct waiter stacks kept.
+pub const STACK_ENTRIES: u32 = 4_096;
+/// Bytes of the event ring buffer with `--slower`.
+pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+
+/// One wait in progress.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Waiting {
+    pub lock: u64,
+    pub ts_ns: u64,
+    pub flags: u32,
+    /// The waiter's kernel stack in the stack map, negative if not taken.
+    pub stack_id: i32,
+}
+
+/// The waits a task is in, innermost last. Keyed by tid (idle tasks, which
+/// share tid 0, by `IDLE_KEY | cpu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TaskWaits {
+    pub depth: u32,
+    pub _pad: u32,
+    pub waits: [Waiting; MAX_DEPTH],
+}
+
+/// Key bit of an idle task's waits.
+pub const IDLE_KEY: u32 = 1 << 31;
+
+/// Per-CPU totals of one lock.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LockStats {
+    pub count: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+    /// The flags of its last wait.
+    pub flags: u32,
+    /// The last waiter's stack (see `Waiting::stack_id`).
+    pub stack_id: i32,
+    /// The last waiter.
+    pub tgid: u32,
+    pub _pad: u32,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Per-CPU counts of waits that could not be measured or reported.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Lost {
+    /// A wait whose start could not be stored (the task table full).
+    pub no_task_entry: u64,
+    /// Waits nested deeper than `MAX_DEPTH`.
+    pub too_deep: u64,
+    /// A wait on a lock past `LOCK_ENTRIES` distinct ones.
+    pub no_lock_entry: u64,
+    /// Waits over the threshold that did not fit in the ring buffer.
+    pub events: u64,
+}
+
+/// One wait longer than `--slower`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LockEvent {
+    /// CLOCK_MONOTONIC time the wait ended.
+    pub ts_ns: u64,
+    pub wait_ns: u64,
+    pub lock: u64,
+    pub flags: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub cpu: u32,
+    /// Valid entries of `stack`.
+    pub stack_len: u32,
+    pub _pad: u32,
+    pub comm: [u8; COMM_LEN],
+    pub stack: [u64; MAX_STACK],
+}
+
+/// Names of the load-time globals of the `lock_` programs.
+pub mod globals {
+    /// Only waits of this tgid, 0 for all.
+    pub const TARGET_TGID: &str = "LOCK_TARGET_TGID";
+    /// Only waits on this CPU, `u32::MAX` for all.
+    pub const TARGET_CPU: &str = "LOCK_TARGET_CPU";
+    /// Only tasks whose comm starts with these bytes (`[u8; 16]`)…
+    pub const COMM_PREFIX: &str = "LOCK_COMM_PREFIX";
+    /// …of which this many count; 0 for all.
+    pub const COMM_PREFIX_LEN: &str = "LOCK_COMM_PREFIX_LEN";
+    /// Waits at least this long go through the ring buffer; `u64::MAX` for none.
+    pub const THRESHOLD_NS: &str = "LOCK_THRESHOLD_NS";
+    /// Non-zero to send the waiter's kernel stack with each event.
+    pub const STACKS: &str = "LOCK_STACKS";
+    /// Locks given a histogram (at most `MAX_LOCK_SLOTS`).
+    pub const LOCK_SLOTS: &str = "LOCK_SLOTS_N";
+
+    pub const ALL: [&str; 7] =
+        [TARGET_TGID, TARGET_CPU, COMM_PREFIX, COMM_PREFIX_LEN, THRESHOLD_NS, STACKS, LOCK_SLOTS];
+}
+
+/// Names of the `lock_` maps.
+pub mod maps {
+    /// tid → `TaskWaits`.
+    pub const TASKS: &str = "LOCK_TASKS";
+    /// Lock address → per-CPU `LockStats`.
+    pub const LOCKS: &str = "LOCK_LOCKS";
+    /// Lock address → histogram slot (1..=N; 0 is "other").
+    pub const SLOTS: &str = "LOCK_SLOT_OF";
+    pub const NEXT_SLOT: &str = "LOCK_NEXT_SLOT";
+    pub const STATS: &str = "LOCK_STATS";
+    pub const BUCKETS: &str = "LOCK_BUCKETS";
+    /// Waiters' kernel stacks.
+    pub const STACKS: &str = "LOCK_STACK_MAP";
+    pub const LOST: &str = "LOCK_LOST";
+    pub const EVENTS: &str = "LOCK_EVENTS";
+
+    pub const ALL: [&str; 9] = [TASKS, LOCKS, SLOTS, NEXT_SLOT, STATS, BUCKETS, STACKS, LOST, EVENTS];
+}
+
+/// The `lock_` programs, as (program, raw tracepoint).
+pub mod programs {
+    pub const ALL: [(&str, &str); 2] = [("lock_begin", "contention_begin"), ("lock_end", "contention_end")];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain `#[repr(C)]` integers with explicit padding; any bit
+    // pattern is valid.
+    unsafe impl aya::Pod for LockStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lost {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LockEvent {}
+}
+
+const _: () = assert!(core::mem::size_of::<Waiting>() == 24);
+const _: () = assert!(core::mem::size_of::<TaskWaits>() == 8 + 24 * MAX_DEPTH);
+const _: () = assert!(core::mem::size_of::<LockStats>() == 8 * 3 + 4 * 4 + COMM_LEN);
+const _: () = assert!(core::mem::size_of::<Lost>() == 32);
+const _: () = assert!(core::mem::size_of::<LockEvent>() == 8 * 3 + 4 * 6 + COMM_LEN + 8 * MAX_STACK);

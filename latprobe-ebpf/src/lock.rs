@@ -1,0 +1,287 @@
+//! `latprobe lock`: time from `lock:contention_begin` to `contention_end`,
+//! per lock.
+//!
+//! Both tracepoints fire in the waiting task, only on a lock's slow path. The
+//! begin pushes (lock, time, flags, stack) on the task's small stack of waits
+//! in a preallocated tid-keyed hash (a sleeping lock's waiter can move to
+//! another CPU, so per-CPU state would not do); the end pops it and adds the
+//! wait to the lock's per-CPU totals (a per-CPU hash keyed by the lock's
+//! address) and, for the first `LOCK_SLOTS_N` locks seen, to its HDR
+//! histogram. A mutex reports a begin when it starts spinning and another
+//! when it goes to sleep, then one end: a begin on the lock already on top
+//! of the stack continues that wait. No lock of latprobe's own is taken but
+//! the hash maps' bucket locks, and a program that would recurse through one
+//! is skipped by the kernel (counted in its `missed`), never deadlocked.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    btf_maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        generated::bpf_get_stack,
+    },
+    macros::{btf_map, raw_tracepoint},
+    programs::{tracing::StackIdContext, RawTracePointContext},
+    EbpfContext,
+};
+use latprobe_common::{
+    func::{BucketGroup, FuncStats, MAX_STACK},
+    lock::{LockEvent, LockStats, Lost, TaskWaits, Waiting, IDLE_KEY, MAX_DEPTH},
+    COMM_LEN,
+};
+
+use crate::helpers::{self, add, global, masked};
+
+// Load-time globals (see `latprobe_common::lock::globals`).
+#[unsafe(no_mangle)]
+static LOCK_TARGET_TGID: u32 = 0;
+#[unsafe(no_mangle)]
+static LOCK_TARGET_CPU: u32 = u32::MAX;
+#[unsafe(no_mangle)]
+static LOCK_COMM_PREFIX: [u8; COMM_LEN] = [0; COMM_LEN];
+#[unsafe(no_mangle)]
+static LOCK_COMM_PREFIX_LEN: u32 = 0;
+#[unsafe(no_mangle)]
+static LOCK_THRESHOLD_NS: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static LOCK_STACKS: u32 = 0;
+#[unsafe(no_mangle)]
+static LOCK_SLOTS_N: u32 = 0;
+
+#[btf_map]
+static LOCK_TASKS: HashMap<u32, TaskWaits, 1> = HashMap::new();
+
+#[btf_map]
+static LOCK_LOCKS: PerCpuHashMap<u64, LockStats, 1> = PerCpuHashMap::new();
+
+#[btf_map]
+static LOCK_SLOT_OF: HashMap<u64, u32, 1> = HashMap::new();
+
+#[btf_map]
+static LOCK_NEXT_SLOT: Array<u64, 1> = Array::new();
+
+#[btf_map]
+static LOCK_STATS: PerCpuArray<FuncStats, 1> = PerCpuArray::new();
+
+#[btf_map]
+static LOCK_BUCKETS: PerCpuArray<BucketGroup, 1> = PerCpuArray::new();
+
+#[btf_map]
+static LOCK_STACK_MAP: StackTrace<1> = StackTrace::new();
+
+#[btf_map]
+static LOCK_LOST: PerCpuArray<Lost, 1> = PerCpuArray::new();
+
+#[btf_map]
+static LOCK_EVENTS: RingBuf<LockEvent, 4096> = RingBuf::new();
+
+#[inline(always)]
+fn lost() -> Option<&'static mut Lost> {
+    // SAFETY: per-CPU array slots are valid for the program's lifetime.
+    LOCK_LOST.get_ptr_mut(0).and_then(|p| unsafe { p.as_mut() })
+}
+
+/// The current task's key in `LOCK_TASKS`: its tid, or, for the idle tasks
+/// (all tid 0), its CPU.
+#[inline(always)]
+fn task_key(tid: u32, cpu: u32) -> u32 {
+    if tid == 0 {
+        IDLE_KEY | cpu
+    } else {
+        tid
+    }
+}
+
+#[inline(always)]
+fn wanted(tgid: u32, cpu: u32) -> bool {
+    let want_tgid = global(&LOCK_TARGET_TGID);
+    let want_cpu = global(&LOCK_TARGET_CPU);
+    if (want_tgid != 0 && tgid != want_tgid) || (want_cpu != u32::MAX && cpu != want_cpu) {
+        return false;
+    }
+    let len = global(&LOCK_COMM_PREFIX_LEN) as usize;
+    if len == 0 {
+        return true;
+    }
+    let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    let prefix = global(&LOCK_COMM_PREFIX);
+    let mut i = 0;
+    while i < COMM_LEN {
+        if i < len && comm[i] != prefix[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+// raw_tp `contention_begin(void *lock, unsigned int flags)`.
+#[raw_tracepoint(tracepoint = "contention_begin")]
+pub fn lock_begin(ctx: RawTracePointContext) -> i32 {
+    let lock: u64 = ctx.arg(0);
+    let flags: u64 = ctx.arg(1);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: a helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    if !wanted((pid_tgid >> 32) as u32, cpu) {
+        return 0;
+    }
+    let key = task_key(pid_tgid as u32, cpu);
+    let waits = match LOCK_TASKS.get_ptr_mut(key) {
+        Some(p) => p,
+        None => {
+            if LOCK_TASKS.insert(key, TaskWaits::default(), u64::from(BPF_NOEXIST)).is_err() {
+                if let Some(l) = lost() {
+                    add(&mut l.no_task_entry, 1);
+                }
+                return 0;
+            }
+            let Some(p) = LOCK_TASKS.get_ptr_mut(key) else { return 0 };
+            p
+        }
+    };
+    // SAFETY: a live value of our map, only ever touched by this task (or an
+    // interrupt on its CPU, which pushes and pops before it returns).
+    let waits = unsafe { &mut *waits };
+    let depth = waits.depth as usize;
+    if depth > 0 {
+        // SAFETY: masked into range.
+        let top = unsafe { waits.waits.get_unchecked_mut(masked(depth - 1, MAX_DEPTH)) };
+        if top.lock == lock {
+            // A mutex going from spinning to sleeping: the same wait.
+            top.flags = flags as u32;
+            return 0;
+        }
+    }
+    if depth >= MAX_DEPTH {
+        waits.depth += 1;
+        return 0;
+    }
+    let stack_id = match ctx.get_stackid(&LOCK_STACK_MAP, 0) {
+        Ok(id) => id as i32,
+        Err(e) => e,
+    };
+    // SAFETY: masked into range.
+    let slot = unsafe { waits.waits.get_unchecked_mut(masked(depth, MAX_DEPTH)) };
+    // SAFETY: a helper without arguments.
+    *slot = Waiting { lock, ts_ns: unsafe { bpf_ktime_get_ns() }, flags: flags as u32, stack_id };
+    waits.depth += 1;
+    0
+}
+
+// raw_tp `contention_end(void *lock, int ret)`.
+#[raw_tracepoint(tracepoint = "contention_end")]
+pub fn lock_end(ctx: RawTracePointContext) -> i32 {
+    let lock: u64 = ctx.arg(0);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: a helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let key = task_key(pid_tgid as u32, cpu);
+    // Lockless for the tasks that never waited (filtered out, or contended
+    // before tracing began).
+    let Some(waits) = LOCK_TASKS.get_ptr_mut(key) else { return 0 };
+    // SAFETY: as in `lock_begin`.
+    let waits = unsafe { &mut *waits };
+    let depth = waits.depth as usize;
+    if depth == 0 {
+        return 0;
+    }
+    if depth > MAX_DEPTH {
+        waits.depth -= 1;
+        if let Some(l) = lost() {
+            add(&mut l.too_deep, 1);
+        }
+        return 0;
+    }
+    // SAFETY: masked into range.
+    let top = unsafe { *waits.waits.get_unchecked(masked(depth - 1, MAX_DEPTH)) };
+    if top.lock != lock {
+        // An end without its begin (tracing started mid-wait): not timed.
+        return 0;
+    }
+    waits.depth -= 1;
+    if waits.depth == 0 {
+        // Freed when the task waits on nothing: the table holds only tasks
+        // that are waiting, never every task that ever waited.
+        let _ = LOCK_TASKS.remove(key);
+    }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let wait = now.saturating_sub(top.ts_ns);
+    let tgid = (pid_tgid >> 32) as u32;
+    count(&top, wait, tgid);
+    if wait >= global(&LOCK_THRESHOLD_NS) {
+        report(&ctx, &top, now, wait, pid_tgid, cpu);
+    }
+    0
+}
+
+/// Adds a wait to its lock's totals and histogram.
+#[inline(always)]
+fn count(w: &Waiting, wait: u64, tgid: u32) {
+    let stats = match LOCK_LOCKS.get_ptr_mut(w.lock) {
+        Some(p) => p,
+        None => {
+            let _ = LOCK_LOCKS.insert(w.lock, LockStats::default(), u64::from(BPF_NOEXIST));
+            match LOCK_LOCKS.get_ptr_mut(w.lock) {
+                Some(p) => p,
+                None => {
+                    if let Some(l) = lost() {
+                        add(&mut l.no_lock_entry, 1);
+                    }
+                    return;
+                }
+            }
+        }
+    };
+    // SAFETY: this CPU's value of a live entry of our per-CPU hash.
+    let s = unsafe { &mut *stats };
+    add(&mut s.count, 1);
+    add(&mut s.total_ns, wait);
+    if wait > s.max_ns {
+        s.max_ns = wait;
+    }
+    s.flags = w.flags;
+    s.stack_id = w.stack_id;
+    s.tgid = tgid;
+    s.comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    let slot = helpers::key_slot(&LOCK_SLOT_OF, &LOCK_NEXT_SLOT, global(&LOCK_SLOTS_N), w.lock);
+    // SAFETY: per-CPU array slots are valid for the program's lifetime.
+    if let Some(h) = LOCK_STATS.get_ptr_mut(slot as u32).and_then(|p| unsafe { p.as_mut() }) {
+        helpers::record(h, &LOCK_BUCKETS, slot, wait);
+    }
+}
+
+/// Sends one slow wait to userspace.
+#[inline(always)]
+fn report<C: EbpfContext>(ctx: &C, w: &Waiting, now: u64, wait: u64, pid_tgid: u64, cpu: u32) {
+    let Some(mut entry) = LOCK_EVENTS.reserve(0) else {
+        if let Some(l) = lost() {
+            add(&mut l.events, 1);
+        }
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points to a reserved ring-buffer record of our size; every
+    // field is written before submit.
+    unsafe {
+        (*e).ts_ns = now;
+        (*e).wait_ns = wait;
+        (*e).lock = w.lock;
+        (*e).flags = w.flags;
+        (*e).tgid = (pid_tgid >> 32) as u32;
+        (*e).tid = pid_tgid as u32;
+        (*e).cpu = cpu;
+        (*e)._pad = 0;
+        (*e).comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+        (*e).stack_len = 0;
+        if global(&LOCK_STACKS) != 0 {
+            let size = (MAX_STACK * 8) as u32;
+            let got = bpf_get_stack(ctx.as_ptr(), (*e).stack.as_mut_ptr().cast(), size, 0);
+            if got > 0 {
+                (*e).stack_len = (got / 8) as u32;
+            }
+        }
+    }
+    entry.submit(0);
+}

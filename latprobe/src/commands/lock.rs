@@ -1,0 +1,577 @@
+//! `latprobe lock`: which kernel locks tasks waited on, how long, and who
+//! waited.
+//!
+//! The `lock_` programs (raw_tp on `lock:contention_begin/end`) add every
+//! wait to its lock's per-CPU totals in the kernel and, for the first
+//! `--max-locks` locks, to an HDR histogram; only waits over `--slower` come
+//! through the ring buffer. Reports rank locks by total wait and name each
+//! one: its kernel symbol when it is a static lock, else its kind and the
+//! first function of its waiters' stack outside locking code.
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, StackTraceMap},
+    programs::Program,
+    Ebpf,
+};
+use latprobe_common::{
+    hdr,
+    lock::{flags, globals, maps, programs, LockEvent, LockStats, Lost, LOCK_ENTRIES, STACK_ENTRIES, TASK_ENTRIES},
+    COMM_LEN,
+};
+use serde::Serialize;
+
+use crate::{
+    bpf,
+    cli::LockArgs,
+    clock::WallClock,
+    cost,
+    duration::format_ns,
+    histogram::QUANTILES,
+    kallsyms::{self, KernelSymbols},
+    kernel_hist::HistMaps,
+    output::{self, text},
+    report::{frames_json, Format},
+    run::{Ring, Run, Step, BATCH, SETTLE_TIME},
+    sched_probes::comm_prefix,
+};
+
+/// How far into a data symbol a lock may be and still be named after it
+/// (a lock inside a static struct: `init_mm+0x68`).
+const MAX_DATA_OFFSET: u64 = 1024;
+
+/// Function-name prefixes of the locking code itself: a waiter's stack is
+/// named after its first frame outside them.
+const LOCKING_FRAMES: [&str; 22] = [
+    "_raw_",
+    "raw_spin_",
+    "do_raw_",
+    "queued_",
+    "native_queued_",
+    "__pv_queued_",
+    "pv_",
+    "mutex_",
+    "__mutex_",
+    "down_",
+    "__down_",
+    "rwsem_",
+    "rt_mutex",
+    "__rt_mutex",
+    "rt_spin",
+    "rtlock_",
+    "rwbase_",
+    "percpu_down_",
+    "__percpu_down_",
+    "rt_read_",
+    "rt_write_",
+    "lock_",
+];
+
+/// The kind of lock a wait was on, from its `LCB_F_*` flags.
+fn kind(f: u32) -> &'static str {
+    let rw = |r: &'static str, w: &'static str, other: &'static str| {
+        if f & flags::READ != 0 {
+            r
+        } else if f & flags::WRITE != 0 {
+            w
+        } else {
+            other
+        }
+    };
+    if f & flags::MUTEX != 0 {
+        "mutex"
+    } else if f & flags::PERCPU != 0 {
+        rw("percpu-rwsem:R", "percpu-rwsem:W", "percpu-rwsem")
+    } else if f & flags::RT != 0 {
+        // PREEMPT_RT builds rwsems and rwlocks alike on `rwbase_rt`, and
+        // flags them alike.
+        rw("rwbase-rt:R", "rwbase-rt:W", "rt_mutex")
+    } else if f & flags::SPIN != 0 {
+        rw("rwlock:R", "rwlock:W", "spinlock")
+    } else {
+        rw("rwsem:R", "rwsem:W", "rwsem")
+    }
+}
+
+/// One lock's waits since tracing began (or over an interval).
+#[derive(Clone, Debug)]
+struct LockRow {
+    addr: u64,
+    count: u64,
+    total_ns: u64,
+    max_ns: u64,
+    flags: u32,
+    stack_id: i32,
+    tgid: u32,
+    comm: String,
+}
+
+/// The maps and symbols a report is read from.
+struct Source {
+    locks: PerCpuHashMap<MapData, u64, LockStats>,
+    slots: BpfHashMap<MapData, u64, u32>,
+    hist: HistMaps,
+    stacks: StackTraceMap<MapData>,
+    lost: PerCpuArray<MapData, Lost>,
+    text: Option<KernelSymbols>,
+    data: Option<KernelSymbols>,
+    max_locks: usize,
+}
+
+impl Source {
+    fn rows(&self) -> Result<Vec<LockRow>> {
+        let mut rows = Vec::new();
+        for entry in self.locks.iter() {
+            let (addr, per_cpu) = entry.context("reading LOCK_LOCKS")?;
+            let mut row = LockRow {
+                addr,
+                count: 0,
+                total_ns: 0,
+                max_ns: 0,
+                flags: 0,
+                stack_id: -1,
+                tgid: 0,
+                comm: String::new(),
+            };
+            for s in per_cpu.iter().filter(|s| s.count > 0) {
+                row.count += s.count;
+                row.total_ns += s.total_ns;
+                row.max_ns = row.max_ns.max(s.max_ns);
+                row.flags = s.flags;
+                if s.stack_id >= 0 {
+                    row.stack_id = s.stack_id;
+                }
+                row.tgid = s.tgid;
+                row.comm = text::comm(&s.comm);
+            }
+            if row.count > 0 {
+                rows.push(row);
+            }
+        }
+        rows.sort_by_key(|r| std::cmp::Reverse(r.total_ns));
+        Ok(rows)
+    }
+
+    fn lost(&self) -> Result<Lost> {
+        let values: PerCpuValues<Lost> = self.lost.get(&0, 0).context("reading LOCK_LOST")?;
+        Ok(values.iter().fold(Lost::default(), |a, l| Lost {
+            no_task_entry: a.no_task_entry + l.no_task_entry,
+            too_deep: a.too_deep + l.too_deep,
+            no_lock_entry: a.no_lock_entry + l.no_lock_entry,
+            events: a.events + l.events,
+        }))
+    }
+
+    /// The waiter's stack, symbolized, innermost first, without the
+    /// tracer's frames.
+    fn stack(&self, id: i32) -> Vec<(u64, Option<String>)> {
+        if id < 0 {
+            return Vec::new();
+        }
+        let ips: Vec<u64> =
+            self.stacks.get(&(id as u32), 0).map(|s| s.frames().iter().map(|f| f.ip).collect()).unwrap_or_default();
+        kallsyms::symbolize_stack(&ips, self.text.as_ref())
+    }
+
+    /// Where a lock is taken: the first function outside locking code.
+    fn caller(&self, stack_id: i32) -> Option<String> {
+        self.stack(stack_id).into_iter().find_map(|(_, s)| {
+            let s = s?;
+            let function = s.split('+').next().unwrap_or_default().to_string();
+            (!LOCKING_FRAMES.iter().any(|p| function.starts_with(p))).then_some(function)
+        })
+    }
+
+    fn name(&self, addr: u64) -> Option<String> {
+        self.data.as_ref().and_then(|d| d.data_at(addr, MAX_DATA_OFFSET))
+    }
+
+    /// HDR percentiles of a lock with a histogram slot.
+    fn slot_of(&self, addr: u64) -> Option<usize> {
+        self.slots.get(&addr, 0).ok().map(|s| s as usize).filter(|&s| s >= 1 && s <= self.max_locks)
+    }
+}
+
+pub async fn run(args: LockArgs) -> Result<()> {
+    let mut run = Run::prepare(&args.run, args.cpu, None)?;
+    if args.top == 0 {
+        bail!("--top must be at least 1");
+    }
+    let comm = match &args.comm {
+        Some(c) => comm_prefix(c)?,
+        None => [0; COMM_LEN],
+    };
+    let comm_len = args.comm.as_ref().map_or(0, |c| c.len() as u32);
+    let (tgid, cpu) = (run.tgid(), args.cpu.unwrap_or(u32::MAX));
+    let threshold = args.slower.unwrap_or(u64::MAX);
+    let stacks = u32::from(args.stacks);
+    let slots = args.max_locks + 1;
+    let ring_bytes = if args.slower.is_some() { latprobe_common::lock::EVENTS_RING_BYTES } else { bpf::page_size() };
+    let mut cost = cost::start_or_explain();
+    let mut ebpf = bpf::load_lock(|loader| {
+        loader
+            .override_global(globals::TARGET_TGID, &tgid, true)
+            .override_global(globals::TARGET_CPU, &cpu, true)
+            .override_global(globals::COMM_PREFIX, &comm, true)
+            .override_global(globals::COMM_PREFIX_LEN, &comm_len, true)
+            .override_global(globals::THRESHOLD_NS, &threshold, true)
+            .override_global(globals::STACKS, &stacks, true)
+            .override_global(globals::LOCK_SLOTS, &args.max_locks, true)
+            .map_max_entries(maps::TASKS, TASK_ENTRIES)
+            .map_max_entries(maps::LOCKS, LOCK_ENTRIES)
+            .map_max_entries(maps::SLOTS, args.max_locks)
+            .map_max_entries(maps::STATS, slots)
+            .map_max_entries(maps::BUCKETS, slots * hdr::GROUPS as u32)
+            .map_max_entries(maps::STACKS, STACK_ENTRIES)
+            .map_max_entries(maps::EVENTS, ring_bytes);
+    })?;
+    attach(&mut ebpf)?;
+    let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing"));
+    let source = Source {
+        locks: PerCpuHashMap::try_from(take(&mut ebpf, maps::LOCKS)?).context("map LOCK_LOCKS")?,
+        slots: BpfHashMap::try_from(take(&mut ebpf, maps::SLOTS)?).context("map LOCK_SLOT_OF")?,
+        hist: HistMaps::take(&mut ebpf, maps::STATS, maps::BUCKETS)?,
+        stacks: StackTraceMap::try_from(take(&mut ebpf, maps::STACKS)?).context("map LOCK_STACK_MAP")?,
+        lost: PerCpuArray::try_from(take(&mut ebpf, maps::LOST)?).context("map LOCK_LOST")?,
+        text: kallsyms::for_stacks(),
+        data: KernelSymbols::load_data().ok(),
+        max_locks: args.max_locks as usize,
+    };
+    let mut ring: Ring<LockEvent> = Ring::take(&mut ebpf, maps::EVENTS)?;
+    let printer = EventPrinter { clock: WallClock::new(), format: args.format, source: &source, stacks: args.stacks };
+
+    output::say("tracing lock contention (raw_tp contention_begin, contention_end); Ctrl-C to end");
+    run.report_every(args.interval);
+    run.activate()?;
+    let mut last_report = Instant::now();
+    let mut previous: HashMap<u64, LockRow> = HashMap::new();
+    let end = loop {
+        match run.next(Some(&mut ring)).await? {
+            Step::Ended(end) => break end,
+            Step::Records => {
+                ring.drain(BATCH, |e| printer.print(&e))?;
+            }
+            Step::Interval => {
+                let now = Instant::now();
+                let rows = source.rows()?;
+                let delta = since(&rows, &previous);
+                let period = Period { name: "interval", elapsed: now - last_report, unprinted: 0 };
+                output::report(render(&delta, &source, &source.lost()?, &period, &args, false));
+                if let Some(cost) = cost.as_mut() {
+                    output::report(cost.since_last(&ebpf).render("interval", args.format));
+                }
+                previous = rows.into_iter().map(|r| (r.addr, r)).collect();
+                last_report = now;
+            }
+            Step::Poll => {}
+        }
+    };
+
+    run.end(&end);
+    let final_cost = cost.as_ref().map(|c| c.whole_run(&ebpf));
+    unload_all(&mut ebpf);
+    let discarded = ring.drain_until(run.drain_deadline(), |e| printer.print(&e))?;
+    let unprinted = discarded + output::settle_records(run.drain_deadline() + SETTLE_TIME);
+    let period = Period { name: "final", elapsed: run.elapsed(), unprinted };
+    output::report(render(&source.rows()?, &source, &source.lost()?, &period, &args, true));
+    if let Some(cost) = final_cost {
+        output::report(cost.render("final", args.format));
+    }
+    Ok(())
+}
+
+fn attach(ebpf: &mut Ebpf) -> Result<()> {
+    for (name, tracepoint) in programs::ALL {
+        let Some(Program::RawTracePoint(p)) = ebpf.program_mut(name) else {
+            bail!("program {name} is missing from the lock object");
+        };
+        let described = |e: aya::programs::ProgramError| anyhow!("{tracepoint}: {}", bpf::describe(&e));
+        p.load().map_err(described)?;
+        p.attach(tracepoint).map_err(|e| {
+            anyhow!(
+                "cannot attach to lock:{tracepoint} ({}): the lock contention tracepoints need Linux 5.19 or newer",
+                bpf::describe(&e)
+            )
+        })?;
+    }
+    Ok(())
+}
+
+fn unload_all(ebpf: &mut Ebpf) {
+    for (name, _) in programs::ALL {
+        if let Some(Program::RawTracePoint(p)) = ebpf.program_mut(name) {
+            let _ = p.unload();
+        }
+    }
+}
+
+/// Each lock's waits since `previous`.
+fn since(rows: &[LockRow], previous: &HashMap<u64, LockRow>) -> Vec<LockRow> {
+    let mut delta: Vec<LockRow> = rows
+        .iter()
+        .filter_map(|r| {
+            let mut d = r.clone();
+            if let Some(p) = previous.get(&r.addr) {
+                d.count = r.count.saturating_sub(p.count);
+                d.total_ns = r.total_ns.saturating_sub(p.total_ns);
+            }
+            (d.count > 0).then_some(d)
+        })
+        .collect();
+    delta.sort_by_key(|r| std::cmp::Reverse(r.total_ns));
+    delta
+}
+
+struct Period {
+    name: &'static str,
+    elapsed: Duration,
+    unprinted: u64,
+}
+
+#[derive(Serialize)]
+struct LockJson<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    period: &'a str,
+    lock: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    lock_kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    caller: Option<String>,
+    count: u64,
+    total_ns: u64,
+    /// Exact over the whole run; in an interval, the run's so far.
+    max_ns: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p50_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p99_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p999_ns: Option<u64>,
+    last_pid: u32,
+    last_comm: &'a str,
+}
+
+#[derive(Serialize)]
+struct LockSummaryJson<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    period: &'a str,
+    seconds: f64,
+    locks: usize,
+    waits: u64,
+    wait_ns: u64,
+    untimed_task_table_full: u64,
+    untimed_too_deep: u64,
+    uncounted_lock_table_full: u64,
+    events_lost: u64,
+    events_unprinted: u64,
+}
+
+/// The top locks by total wait, and what was lost.
+fn render(rows: &[LockRow], source: &Source, lost: &Lost, period: &Period, args: &LockArgs, whole_run: bool) -> String {
+    let top: Vec<&LockRow> = rows.iter().take(args.top).collect();
+    let percentiles = |r: &LockRow| -> Option<[u64; 3]> {
+        // Histograms are cumulative: their percentiles describe the whole run.
+        if !whole_run {
+            return None;
+        }
+        let slot = source.slot_of(r.addr)?;
+        let l = source.hist.totals(slot).ok()?.latencies;
+        (l.count() > 0)
+            .then(|| [l.quantile_ns(QUANTILES[0].0), l.quantile_ns(QUANTILES[2].0), l.quantile_ns(QUANTILES[3].0)])
+    };
+    let waits: u64 = rows.iter().map(|r| r.count).sum();
+    let wait_ns: u64 = rows.iter().map(|r| r.total_ns).sum();
+    match args.format {
+        Format::Json => {
+            let mut out = String::new();
+            for r in &top {
+                let p = percentiles(r);
+                let json = LockJson {
+                    kind: "lock",
+                    period: period.name,
+                    lock: format!("{:#x}", r.addr),
+                    name: source.name(r.addr),
+                    lock_kind: kind(r.flags),
+                    caller: source.caller(r.stack_id),
+                    count: r.count,
+                    total_ns: r.total_ns,
+                    max_ns: r.max_ns,
+                    p50_ns: p.map(|p| p[0]),
+                    p99_ns: p.map(|p| p[1]),
+                    p999_ns: p.map(|p| p[2]),
+                    last_pid: r.tgid,
+                    last_comm: &r.comm,
+                };
+                out += &serde_json::to_string(&json).expect("lock serializes");
+                out.push('\n');
+            }
+            let summary = LockSummaryJson {
+                kind: "lock_summary",
+                period: period.name,
+                seconds: (period.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+                locks: rows.len(),
+                waits,
+                wait_ns,
+                untimed_task_table_full: lost.no_task_entry,
+                untimed_too_deep: lost.too_deep,
+                uncounted_lock_table_full: lost.no_lock_entry,
+                events_lost: lost.events,
+                events_unprinted: period.unprinted,
+            };
+            out += &serde_json::to_string(&summary).expect("summary serializes");
+            out.push('\n');
+            out
+        }
+        Format::Text => {
+            let mut out = format!(
+                "lock {} {:.1}s: {waits} waits on {} locks, {} waited in all\n",
+                period.name,
+                period.elapsed.as_secs_f64(),
+                rows.len(),
+                format_ns(wait_ns)
+            );
+            if top.is_empty() {
+                return out + "  no contention seen\n\n";
+            }
+            let _ = writeln!(
+                out,
+                "  {:>9} {:>7} {:>9} {:>9} {:>9} {:>9}  {:<14} {:<32} last waiter",
+                "total", "waits", "max", "p50", "p99", "p99.9", "kind", "lock"
+            );
+            for r in top {
+                let p = percentiles(r);
+                let q = |i: usize| p.map_or("-".to_string(), |p| format_ns(p[i]));
+                let name = source
+                    .name(r.addr)
+                    .or_else(|| source.caller(r.stack_id).map(|c| format!("in {c}")))
+                    .unwrap_or_else(|| format!("{:#x}", r.addr));
+                let _ = writeln!(
+                    out,
+                    "  {:>9} {:>7} {:>9} {:>9} {:>9} {:>9}  {:<14} {:<32} pid={} ({})",
+                    format_ns(r.total_ns),
+                    r.count,
+                    format_ns(r.max_ns),
+                    q(0),
+                    q(1),
+                    q(2),
+                    kind(r.flags),
+                    name,
+                    r.tgid,
+                    r.comm
+                );
+            }
+            if lost.no_task_entry + lost.too_deep + lost.no_lock_entry > 0 {
+                let _ = writeln!(
+                    out,
+                    "  LOST: {} waits untimed ({TASK_ENTRIES} tasks already waiting), {} nested too deep, {} on \
+                     locks past the first {LOCK_ENTRIES}",
+                    lost.no_task_entry, lost.too_deep, lost.no_lock_entry
+                );
+            }
+            if lost.events > 0 || period.unprinted > 0 {
+                let _ = writeln!(
+                    out,
+                    "  slow waits: {} lost (ring buffer full), {} not printed (stdout too slow, or still queued at \
+                     the end)",
+                    lost.events, period.unprinted
+                );
+            }
+            out + "\n"
+        }
+    }
+}
+
+/// Prints waits over `--slower` from the ring buffer.
+struct EventPrinter<'a> {
+    clock: WallClock,
+    format: Format,
+    source: &'a Source,
+    stacks: bool,
+}
+
+#[derive(Serialize)]
+struct WaitJson<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    time: &'a str,
+    lock: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    lock_kind: &'static str,
+    wait_ns: u64,
+    cpu: u32,
+    pid: u32,
+    tid: u32,
+    comm: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    stack: Vec<crate::report::FrameJson>,
+}
+
+impl EventPrinter<'_> {
+    fn print(&self, e: &LockEvent) -> Result<()> {
+        output::record(|| {
+            let time = self.clock.format(e.ts_ns);
+            let comm = text::comm(&e.comm);
+            let ips = &e.stack[..(e.stack_len as usize).min(e.stack.len())];
+            let stack =
+                if self.stacks { kallsyms::symbolize_stack(ips, self.source.text.as_ref()) } else { Vec::new() };
+            let json = WaitJson {
+                kind: "lock_wait",
+                time: &time,
+                lock: format!("{:#x}", e.lock),
+                name: self.source.name(e.lock),
+                lock_kind: kind(e.flags),
+                wait_ns: e.wait_ns,
+                cpu: e.cpu,
+                pid: e.tgid,
+                tid: e.tid,
+                comm: &comm,
+                stack: frames_json(&stack),
+            };
+            match self.format {
+                Format::Json => format!("{}\n", serde_json::to_string(&json).expect("wait serializes")),
+                Format::Text => {
+                    let name = json.name.clone().unwrap_or_else(|| json.lock.clone());
+                    let mut line = format!(
+                        "{time} {} {} {name} cpu={} pid={} tid={} comm={comm}\n",
+                        format_ns(e.wait_ns),
+                        json.lock_kind,
+                        e.cpu,
+                        e.tgid,
+                        e.tid
+                    );
+                    for (addr, symbol) in &stack {
+                        let _ = writeln!(line, "    {}", symbol.clone().unwrap_or_else(|| format!("{addr:#x}")));
+                    }
+                    line
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_follow_the_kernels_flags() {
+        assert_eq!(kind(flags::SPIN), "spinlock");
+        assert_eq!(kind(flags::SPIN | flags::READ), "rwlock:R");
+        assert_eq!(kind(flags::WRITE), "rwsem:W");
+        assert_eq!(kind(flags::READ), "rwsem:R");
+        assert_eq!(kind(flags::MUTEX | flags::SPIN), "mutex");
+        assert_eq!(kind(flags::RT), "rt_mutex");
+        assert_eq!(kind(flags::PERCPU | flags::WRITE), "percpu-rwsem:W");
+    }
+}

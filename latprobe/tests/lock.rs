@@ -1,0 +1,79 @@
+//! `latprobe lock` against real kernels, with workloads that contend on
+//! known kernel locks: a directory's inode lock (threads creating and
+//! unlinking files in it) and a process's mmap lock (threads mapping and
+//! unmapping memory).
+//!
+//! Runs on the host and, through `xtask vm-test`, inside every kernel of the
+//! VM matrix. Tests share kernel state: run them with `--test-threads=1`.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+fn locks(run: &Run) -> Vec<Value> {
+    run.records().into_iter().filter(|r| r["type"] == "lock" && r["period"] == "final").collect()
+}
+
+/// The final summary: every wait counted, what was lost.
+fn summary(run: &Run) -> Value {
+    run.records()
+        .into_iter()
+        .find(|r| r["type"] == "lock_summary" && r["period"] == "final")
+        .unwrap_or_else(|| panic!("no final lock_summary:\n{}\n{}", run.stdout, run.stderr))
+}
+
+/// Whether a lock is a read/write semaphore: `rwsem`, or on PREEMPT_RT the
+/// `rwbase-rt` it is built on.
+fn is_rwsem(lock: &Value) -> bool {
+    lock["lock_kind"].as_str().is_some_and(|k| k.starts_with("rwsem") || k.starts_with("rwbase-rt"))
+}
+
+/// The contended locks whose waiters were in one of `callers`.
+fn taken_in<'a>(locks: &'a [Value], callers: &[&str]) -> Vec<&'a Value> {
+    locks.iter().filter(|l| l["caller"].as_str().is_some_and(|c| callers.iter().any(|want| c.contains(want)))).collect()
+}
+
+#[test]
+fn lock_names_a_directorys_inode_lock_and_its_waiters() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("lock_names_a_directorys_inode_lock_and_its_waiters", &why);
+    }
+    let w = workload();
+    let run = latprobe(&["lock", "--top", "50", "--format", "json", "--", &w, "dir-churn", "4", "3000"]);
+    run.assert_success();
+    let locks = locks(&run);
+    // Creating takes the directory's lock for writing in filename_create or,
+    // through open(O_CREAT), in open_last_lookups; unlinking in do_unlinkat.
+    let inode = taken_in(&locks, &["filename_create", "open_last_lookups", "do_unlinkat", "path_openat"]);
+    let rwsem: Vec<&&Value> = inode.iter().filter(|l| is_rwsem(l)).collect();
+    assert!(!rwsem.is_empty(), "no rwsem contention in the create/unlink path:\n{}", run.stdout);
+    // Only the workload was traced: every waiter is it.
+    let pids: Vec<u64> = locks.iter().map(|l| u64_of(l, "last_pid")).collect();
+    assert!(pids.windows(2).all(|p| p[0] == p[1]), "one process waited: {pids:?}");
+    assert!(locks.iter().all(|l| l["last_comm"] == "workload"), "{}", run.stdout);
+    // The report adds up: the ranked locks are within the summary's totals.
+    let s = summary(&run);
+    let counted: u64 = locks.iter().map(|l| u64_of(l, "count")).sum();
+    assert!(counted <= u64_of(&s, "waits") && u64_of(&s, "waits") > 0, "{s}");
+    assert_eq!(u64_of(&s, "untimed_task_table_full") + u64_of(&s, "uncounted_lock_table_full"), 0, "{s}");
+}
+
+#[test]
+fn lock_names_the_mmap_lock_by_kind_and_caller() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("lock_names_the_mmap_lock_by_kind_and_caller", &why);
+    }
+    let w = workload();
+    let run = latprobe(&["lock", "--top", "50", "--format", "json", "--", &w, "mmap-churn", "4", "3000"]);
+    run.assert_success();
+    let locks = locks(&run);
+    let mmap =
+        taken_in(&locks, &["vm_mmap", "vm_munmap", "do_mmap", "munmap", "lock_mm_and_find_vma", "do_user_addr_fault"]);
+    let rwsem: Vec<&&Value> = mmap.iter().filter(|l| is_rwsem(l)).collect();
+    assert!(!rwsem.is_empty(), "no rwsem contention in the mmap/munmap path:\n{}", run.stdout);
+    // One lock (this process's mm) takes the waits of map and unmap alike.
+    let top = rwsem[0];
+    assert!(u64_of(top, "count") > 0 && u64_of(top, "max_ns") > 0, "{top}");
+    assert!(u64_of(top, "p50_ns") <= u64_of(top, "max_ns"), "{top}");
+}
