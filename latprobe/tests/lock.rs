@@ -24,9 +24,10 @@ fn summary(run: &Run) -> Value {
 }
 
 /// Whether a lock is a read/write semaphore: `rwsem`, or on PREEMPT_RT the
-/// `rwbase-rt` it is built on.
+/// `rwbase-rt` it is built on, or the `rt_mutex` inside that, which is what
+/// the contention tracepoints report for a writer there.
 fn is_rwsem(lock: &Value) -> bool {
-    lock["lock_kind"].as_str().is_some_and(|k| k.starts_with("rwsem") || k.starts_with("rwbase-rt"))
+    lock["lock_kind"].as_str().is_some_and(|k| k.starts_with("rwsem") || k.starts_with("rwbase-rt") || k == "rt_mutex")
 }
 
 /// The contended locks whose waiters were in one of `callers`.
