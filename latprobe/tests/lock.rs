@@ -78,3 +78,54 @@ fn lock_names_the_mmap_lock_by_kind_and_caller() {
     assert!(u64_of(top, "count") > 0 && u64_of(top, "max_ns") > 0, "{top}");
     assert!(u64_of(top, "p50_ns") <= u64_of(top, "max_ns"), "{top}");
 }
+
+/// linux-perf's `perf`, where installed (the VM images do not carry it).
+fn perf() -> Option<&'static str> {
+    ["/usr/bin/perf", "/usr/sbin/perf"].into_iter().find(|p| std::path::Path::new(p).exists())
+}
+
+#[test]
+fn lock_counts_agree_with_perf_lock_contention() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("lock_counts_agree_with_perf_lock_contention", &why);
+    }
+    let Some(perf) = perf() else {
+        return skip("lock_counts_agree_with_perf_lock_contention", "linux-perf is not installed");
+    };
+    let dir = std::env::temp_dir().join(format!("latprobe-perf-lock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory for perf's data");
+    let data = dir.join("perf.data");
+    // Both read the same tracepoints over the same workload.
+    // latprobe for tasks with the workload's own name on the whole machine
+    // (unique, so that no other workload counts), perf for the process it
+    // starts and nothing else.
+    let name = format!("lkperf{}", std::process::id() % 100_000);
+    let t = start_tracing(&["lock", "--comm", &name, "--top", "100", "--format", "json"]);
+    let recorded = std::process::Command::new(perf)
+        .args(["lock", "record", "-o", data.to_str().unwrap(), "--", &workload(), "rename", &name])
+        .args(["mmap-churn", "4", "6000"])
+        .output()
+        .expect("run perf lock record");
+    assert!(recorded.status.success(), "perf lock record: {}", String::from_utf8_lossy(&recorded.stderr));
+    t.signal(libc::SIGINT);
+    let run = t.finish();
+    run.assert_success();
+    let report = std::process::Command::new(perf)
+        .args(["lock", "contention", "-i", data.to_str().unwrap(), "-E", "100000"])
+        .output()
+        .expect("run perf lock contention");
+    let text = String::from_utf8_lossy(&report.stdout).into_owned() + &String::from_utf8_lossy(&report.stderr);
+    let theirs: u64 = text.lines().filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok()).sum();
+    let _ = std::fs::remove_dir_all(&dir);
+    let ours = u64_of(&summary(&run), "waits");
+    assert!(theirs >= 20, "perf saw little contention ({theirs}):\n{text}");
+    // perf's own lost events, and its start before the workload's exec,
+    // allow a small difference.
+    let tolerance = theirs / 20 + 5;
+    assert!(
+        ours.abs_diff(theirs) <= tolerance,
+        "latprobe counted {ours} waits, perf {theirs}:\n{text}\n{}",
+        run.stdout
+    );
+    eprintln!("lock: latprobe counted {ours} waits, perf lock contention {theirs}");
+}
