@@ -69,11 +69,14 @@ fn lock_names_the_mmap_lock_by_kind_and_caller() {
     let run = latprobe(&["lock", "--top", "50", "--format", "json", "--", &w, "mmap-churn", "4", "3000"]);
     run.assert_success();
     let locks = locks(&run);
-    let mmap =
-        taken_in(&locks, &["vm_mmap", "vm_munmap", "do_mmap", "munmap", "lock_mm_and_find_vma", "do_user_addr_fault"]);
+    // A lock is shown with its last waiter's stack: a map, an unmap, or the
+    // page fault that touched the new mapping (which takes it for reading).
+    let callers =
+        ["vm_mmap", "vm_munmap", "do_mmap", "munmap", "lock_mm_and_find_vma", "do_user_addr_fault", "exc_page_fault"];
+    let mmap = taken_in(&locks, &callers);
     let rwsem: Vec<&&Value> = mmap.iter().filter(|l| is_rwsem(l)).collect();
     assert!(!rwsem.is_empty(), "no rwsem contention in the mmap/munmap path:\n{}", run.stdout);
-    // One lock (this process's mm) takes the waits of map and unmap alike.
+    // One lock (this process's mm) takes the waits of map, unmap and fault alike.
     let top = rwsem[0];
     assert!(u64_of(top, "count") > 0 && u64_of(top, "max_ns") > 0, "{top}");
     assert!(u64_of(top, "p50_ns") <= u64_of(top, "max_ns"), "{top}");
