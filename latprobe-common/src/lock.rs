@@ -74,6 +74,46 @@ pub struct LockStats {
     pub comm: [u8; COMM_LEN],
 }
 
+/// Waits one call of `--during`'s function can hold until it ends: kept
+/// when the call turns out slow, dropped otherwise. More are counted.
+pub const MAX_CALL_WAITS: usize = 8;
+
+/// A wait that ended inside a call of `--during`'s function, held until
+/// the call ends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HeldWait {
+    pub lock: u64,
+    pub wait_ns: u64,
+    pub flags: u32,
+    pub stack_id: i32,
+}
+
+/// One task's call of `--during`'s function in flight.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Call {
+    pub start_ns: u64,
+    /// Nesting of the function in itself: only the outermost call is timed.
+    pub depth: u32,
+    /// Valid entries of `waits`.
+    pub held: u32,
+    pub waits: [HeldWait; MAX_CALL_WAITS],
+}
+
+/// Per-CPU counts of `--during`'s calls.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CallCounts {
+    pub calls: u64,
+    /// Calls at least `--slower` long: their waits are counted.
+    pub slow_calls: u64,
+    /// Waits inside a slow call beyond `MAX_CALL_WAITS`.
+    pub waits_dropped: u64,
+    /// Calls whose start could not be stored (the call table full).
+    pub untimed: u64,
+}
+
 /// Per-CPU counts of waits that could not be measured or reported.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -123,9 +163,22 @@ pub mod globals {
     pub const STACKS: &str = "LOCK_STACKS";
     /// Locks given a histogram (at most `MAX_LOCK_SLOTS`).
     pub const LOCK_SLOTS: &str = "LOCK_SLOTS_N";
+    /// Non-zero: count only waits inside calls of `--during`'s function that
+    /// last at least `DURING_SLOWER_NS`.
+    pub const DURING: &str = "LOCK_DURING";
+    pub const DURING_SLOWER_NS: &str = "LOCK_DURING_SLOWER_NS";
 
-    pub const ALL: [&str; 7] =
-        [TARGET_TGID, TARGET_CPU, COMM_PREFIX, COMM_PREFIX_LEN, THRESHOLD_NS, STACKS, LOCK_SLOTS];
+    pub const ALL: [&str; 9] = [
+        TARGET_TGID,
+        TARGET_CPU,
+        COMM_PREFIX,
+        COMM_PREFIX_LEN,
+        THRESHOLD_NS,
+        STACKS,
+        LOCK_SLOTS,
+        DURING,
+        DURING_SLOWER_NS,
+    ];
 }
 
 /// Names of the `lock_` maps.
@@ -143,13 +196,21 @@ pub mod maps {
     pub const STACKS: &str = "LOCK_STACK_MAP";
     pub const LOST: &str = "LOCK_LOST";
     pub const EVENTS: &str = "LOCK_EVENTS";
+    /// tid → `Call` of `--during`'s function.
+    pub const CALLS: &str = "LOCK_CALLS";
+    pub const CALL_COUNTS: &str = "LOCK_CALL_COUNTS";
 
-    pub const ALL: [&str; 9] = [TASKS, LOCKS, SLOTS, NEXT_SLOT, STATS, BUCKETS, STACKS, LOST, EVENTS];
+    pub const ALL: [&str; 11] =
+        [TASKS, LOCKS, SLOTS, NEXT_SLOT, STATS, BUCKETS, STACKS, LOST, EVENTS, CALLS, CALL_COUNTS];
 }
 
 /// The `lock_` programs, as (program, raw tracepoint).
 pub mod programs {
     pub const ALL: [(&str, &str); 2] = [("lock_begin", "contention_begin"), ("lock_end", "contention_end")];
+    /// `--during`'s function: entered and returned, as fentry/fexit or, where
+    /// the kernel refuses those, kprobe/kretprobe.
+    pub const DURING_FENTRY: [&str; 2] = ["lock_call_entry", "lock_call_exit"];
+    pub const DURING_KPROBE: [&str; 2] = ["lock_call_kprobe", "lock_call_kretprobe"];
 }
 
 #[cfg(feature = "user")]
@@ -162,6 +223,8 @@ mod pod {
     unsafe impl aya::Pod for Lost {}
     // SAFETY: as above.
     unsafe impl aya::Pod for LockEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CallCounts {}
 }
 
 const _: () = assert!(core::mem::size_of::<Waiting>() == 24);
@@ -169,3 +232,6 @@ const _: () = assert!(core::mem::size_of::<TaskWaits>() == 8 + 24 * MAX_DEPTH);
 const _: () = assert!(core::mem::size_of::<LockStats>() == 8 * 3 + 4 * 4 + COMM_LEN);
 const _: () = assert!(core::mem::size_of::<Lost>() == 32);
 const _: () = assert!(core::mem::size_of::<LockEvent>() == 8 * 3 + 4 * 6 + COMM_LEN + 8 * MAX_STACK);
+const _: () = assert!(core::mem::size_of::<HeldWait>() == 24);
+const _: () = assert!(core::mem::size_of::<Call>() == 16 + 24 * MAX_CALL_WAITS);
+const _: () = assert!(core::mem::size_of::<CallCounts>() == 32);

@@ -20,13 +20,17 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         generated::bpf_get_stack,
     },
-    macros::{btf_map, raw_tracepoint},
-    programs::{tracing::StackIdContext, RawTracePointContext},
+    macros::{btf_map, fentry, fexit, kprobe, kretprobe, raw_tracepoint},
+    programs::{
+        tracing::StackIdContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext, RetProbeContext,
+    },
     EbpfContext,
 };
 use latprobe_common::{
     func::{BucketGroup, FuncStats, MAX_STACK},
-    lock::{LockEvent, LockStats, Lost, TaskWaits, Waiting, IDLE_KEY, MAX_DEPTH},
+    lock::{
+        Call, CallCounts, HeldWait, LockEvent, LockStats, Lost, TaskWaits, Waiting, IDLE_KEY, MAX_CALL_WAITS, MAX_DEPTH,
+    },
     COMM_LEN,
 };
 
@@ -47,6 +51,10 @@ static LOCK_THRESHOLD_NS: u64 = u64::MAX;
 static LOCK_STACKS: u32 = 0;
 #[unsafe(no_mangle)]
 static LOCK_SLOTS_N: u32 = 0;
+#[unsafe(no_mangle)]
+static LOCK_DURING: u32 = 0;
+#[unsafe(no_mangle)]
+static LOCK_DURING_SLOWER_NS: u64 = 0;
 
 #[btf_map]
 static LOCK_TASKS: HashMap<u32, TaskWaits, 1> = HashMap::new();
@@ -74,6 +82,13 @@ static LOCK_LOST: PerCpuArray<Lost, 1> = PerCpuArray::new();
 
 #[btf_map]
 static LOCK_EVENTS: RingBuf<LockEvent, 4096> = RingBuf::new();
+
+/// `--during`: each task's call of the function in flight.
+#[btf_map]
+static LOCK_CALLS: HashMap<u32, Call, 1> = HashMap::new();
+
+#[btf_map]
+static LOCK_CALL_COUNTS: PerCpuArray<CallCounts, 1> = PerCpuArray::new();
 
 #[inline(always)]
 fn lost() -> Option<&'static mut Lost> {
@@ -209,10 +224,136 @@ pub fn lock_end(ctx: RawTracePointContext) -> i32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let wait = now.saturating_sub(top.ts_ns);
     let tgid = (pid_tgid >> 32) as u32;
+    if global(&LOCK_DURING) != 0 {
+        hold(key, &top, wait);
+        return 0;
+    }
     count(&top, wait, tgid);
     if wait >= global(&LOCK_THRESHOLD_NS) {
         report(&ctx, &top, now, wait, pid_tgid, cpu);
     }
+    0
+}
+
+#[inline(always)]
+fn call_counts() -> Option<&'static mut CallCounts> {
+    // SAFETY: per-CPU array slots are valid for the program's lifetime.
+    LOCK_CALL_COUNTS.get_ptr_mut(0).and_then(|p| unsafe { p.as_mut() })
+}
+
+/// `--during`: a wait that ended inside a call of the function is held by
+/// the call until it ends; one outside every call is not counted.
+#[inline(always)]
+fn hold(key: u32, w: &Waiting, wait: u64) {
+    // SAFETY: a live value of our map, only touched by this task.
+    let Some(call) = LOCK_CALLS.get_ptr_mut(key).map(|p| unsafe { &mut *p }) else { return };
+    let held = call.held as usize;
+    if held >= MAX_CALL_WAITS {
+        // Counted if the call turns out slow (see `call_exit`).
+        call.held += 1;
+        return;
+    }
+    // SAFETY: masked into range.
+    let slot = unsafe { call.waits.get_unchecked_mut(masked(held, MAX_CALL_WAITS)) };
+    *slot = HeldWait { lock: w.lock, wait_ns: wait, flags: w.flags, stack_id: w.stack_id };
+    call.held += 1;
+}
+
+/// `--during`: the current task enters the function.
+#[inline(always)]
+fn call_entry() {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: a helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    if !wanted((pid_tgid >> 32) as u32, cpu) {
+        return;
+    }
+    let key = task_key(pid_tgid as u32, cpu);
+    // SAFETY: a live value of our map, only touched by this task.
+    if let Some(call) = LOCK_CALLS.get_ptr_mut(key).map(|p| unsafe { &mut *p }) {
+        call.depth += 1;
+        return;
+    }
+    // SAFETY: a helper without arguments.
+    let call = Call {
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        depth: 1,
+        held: 0,
+        waits: [HeldWait::default(); MAX_CALL_WAITS],
+    };
+    if LOCK_CALLS.insert(key, call, u64::from(BPF_NOEXIST)).is_err() {
+        if let Some(c) = call_counts() {
+            add(&mut c.untimed, 1);
+        }
+    }
+}
+
+/// `--during`: the current task returns from the function. When its
+/// outermost call was slow, the waits it held are counted.
+#[inline(always)]
+fn call_exit() {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: a helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let key = task_key(pid_tgid as u32, cpu);
+    // SAFETY: a live value of our map, only touched by this task.
+    let Some(call) = LOCK_CALLS.get_ptr_mut(key).map(|p| unsafe { &mut *p }) else { return };
+    if call.depth > 1 {
+        call.depth -= 1;
+        return;
+    }
+    // SAFETY: a helper without arguments.
+    let took = unsafe { bpf_ktime_get_ns() }.saturating_sub(call.start_ns);
+    let slow = took >= global(&LOCK_DURING_SLOWER_NS);
+    let held = call.held as usize;
+    if slow {
+        let tgid = (pid_tgid >> 32) as u32;
+        let mut i = 0;
+        while i < MAX_CALL_WAITS {
+            if i < held {
+                // SAFETY: masked into range.
+                let h = unsafe { *call.waits.get_unchecked(masked(i, MAX_CALL_WAITS)) };
+                let w = Waiting { lock: h.lock, ts_ns: 0, flags: h.flags, stack_id: h.stack_id };
+                count(&w, h.wait_ns, tgid);
+            }
+            i += 1;
+        }
+    }
+    let _ = LOCK_CALLS.remove(key);
+    if let Some(c) = call_counts() {
+        add(&mut c.calls, 1);
+        if slow {
+            add(&mut c.slow_calls, 1);
+            if held > MAX_CALL_WAITS {
+                add(&mut c.waits_dropped, (held - MAX_CALL_WAITS) as u64);
+            }
+        }
+    }
+}
+
+// `--during`'s function, attached by name at load time.
+
+#[fentry]
+pub fn lock_call_entry(_ctx: FEntryContext) -> i32 {
+    call_entry();
+    0
+}
+
+#[fexit]
+pub fn lock_call_exit(_ctx: FExitContext) -> i32 {
+    call_exit();
+    0
+}
+
+#[kprobe]
+pub fn lock_call_kprobe(_ctx: ProbeContext) -> i32 {
+    call_entry();
+    0
+}
+
+#[kretprobe]
+pub fn lock_call_kretprobe(_ctx: RetProbeContext) -> i32 {
+    call_exit();
     0
 }
 

@@ -203,6 +203,7 @@ mod tests {
         names.extend(lock::maps::ALL);
         names.extend(lock::globals::ALL);
         names.extend(lock::programs::ALL.iter().map(|(p, _)| *p));
+        names.extend(lock::programs::DURING_FENTRY.iter().chain(&lock::programs::DURING_KPROBE));
         let missing: Vec<&&str> = names.iter().filter(|n| !symbols.contains(**n)).collect();
         assert!(missing.is_empty(), "names missing from the lock kernel object: {missing:?}");
     }

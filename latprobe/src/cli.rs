@@ -86,6 +86,8 @@ Examples:
   latprobe lock --secs 10
   latprobe lock --pid 4242 --top 5 --secs 30
   latprobe lock --slower 10ms --stacks          every wait over 10 ms, with its stack
+  latprobe lock --during apparmor_socket_sendmsg --slower 10ms
+                                                the locks inside the slow calls only
   latprobe lock --comm nginx --format json | jq 'select(.type==\"lock\")'
   latprobe lock -- ./my-benchmark";
 
@@ -104,12 +106,17 @@ pub struct LockArgs {
     /// Only waits on this CPU
     #[arg(long, value_name = "N")]
     pub cpu: Option<u32>,
-    /// Print every wait longer than DUR (e.g. 10ms) as it ends
+    /// Print every wait longer than DUR (e.g. 10ms) as it ends; with
+    /// --during, what counts as a slow call of FUNC
     #[arg(long, value_name = "DUR", value_parser = duration::parse_arg)]
     pub slower: Option<u64>,
     /// With --slower: the waiter's kernel stack with each wait
-    #[arg(long, requires = "slower")]
+    #[arg(long, requires = "slower", conflicts_with = "during")]
     pub stacks: bool,
+    /// Count only the waits inside calls of kernel function FUNC that took
+    /// at least --slower: which lock made the slow calls slow
+    #[arg(long, value_name = "FUNC", requires = "slower")]
+    pub during: Option<String>,
     /// Also print a report of each interval, e.g. 10s
     #[arg(long, value_name = "DUR", value_parser = duration::parse_interval)]
     pub interval: Option<u64>,

@@ -95,7 +95,7 @@ impl Drop for ReturnProbe {
 }
 
 /// Letters, digits, `_` and `.` (as in `foo.isra.0`): all a kernel symbol has.
-fn is_symbol(name: &str) -> bool {
+pub fn is_symbol(name: &str) -> bool {
     !name.is_empty() && name.len() <= 128 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
 }
 

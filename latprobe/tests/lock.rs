@@ -132,3 +132,49 @@ fn lock_counts_agree_with_perf_lock_contention() {
     );
     eprintln!("lock: latprobe counted {ours} waits, perf lock contention {theirs}");
 }
+
+#[test]
+fn lock_during_counts_only_the_waits_inside_slow_calls() {
+    if let Some(why) = kernel_probes_unavailable() {
+        return skip("lock_during_counts_only_the_waits_inside_slow_calls", &why);
+    }
+    let w = workload();
+    // Four threads map, touch and unmap 3000 times each: 12,000 munmap calls,
+    // contending on the mmap lock with each other's maps and page faults.
+    let during = |slower: &str| {
+        let run = latprobe(&[
+            "lock",
+            "--during",
+            "__x64_sys_munmap",
+            "--slower",
+            slower,
+            "--top",
+            "50",
+            "--format",
+            "json",
+            "--",
+            &w,
+            "mmap-churn",
+            "4",
+            "3000",
+        ]);
+        run.assert_success();
+        run
+    };
+    let run = during("1us");
+    let calls = &summary(&run)["during"];
+    assert_eq!(u64_of(calls, "calls"), 12_000, "every munmap call of the workload: {calls}");
+    let slow = u64_of(calls, "slow_calls");
+    assert!(slow > 0 && slow <= 12_000, "{calls}");
+    // Only waits inside munmap: none taken in mmap or in a page fault.
+    let counted = locks(&run);
+    assert!(!counted.is_empty(), "munmap calls waited on the mmap lock:\n{}", run.stdout);
+    let elsewhere = taken_in(&counted, &["vm_mmap_pgoff", "do_mmap", "exc_page_fault", "do_user_addr_fault"]);
+    assert!(elsewhere.is_empty(), "waits outside munmap were counted: {elsewhere:?}");
+    // No call is that slow: nothing is counted.
+    let run = during("100s");
+    let calls = &summary(&run)["during"];
+    assert_eq!(u64_of(calls, "calls"), 12_000, "{calls}");
+    assert_eq!(u64_of(calls, "slow_calls"), 0, "{calls}");
+    assert!(locks(&run).is_empty(), "waits of fast calls were counted:\n{}", run.stdout);
+}

@@ -22,7 +22,10 @@ use aya::{
 };
 use latprobe_common::{
     hdr,
-    lock::{flags, globals, maps, programs, LockEvent, LockStats, Lost, LOCK_ENTRIES, STACK_ENTRIES, TASK_ENTRIES},
+    lock::{
+        flags, globals, maps, programs, CallCounts, LockEvent, LockStats, Lost, LOCK_ENTRIES, STACK_ENTRIES,
+        TASK_ENTRIES,
+    },
     COMM_LEN,
 };
 use serde::Serialize;
@@ -119,6 +122,9 @@ struct Source {
     hist: HistMaps,
     stacks: StackTraceMap<MapData>,
     lost: PerCpuArray<MapData, Lost>,
+    calls: PerCpuArray<MapData, CallCounts>,
+    /// `--during` FUNC and its slow-call threshold.
+    during: Option<(String, u64)>,
     text: Option<KernelSymbols>,
     data: Option<KernelSymbols>,
     max_locks: usize,
@@ -168,6 +174,16 @@ impl Source {
         }))
     }
 
+    fn call_counts(&self) -> Result<CallCounts> {
+        let values: PerCpuValues<CallCounts> = self.calls.get(&0, 0).context("reading LOCK_CALL_COUNTS")?;
+        Ok(values.iter().fold(CallCounts::default(), |a, c| CallCounts {
+            calls: a.calls + c.calls,
+            slow_calls: a.slow_calls + c.slow_calls,
+            waits_dropped: a.waits_dropped + c.waits_dropped,
+            untimed: a.untimed + c.untimed,
+        }))
+    }
+
     /// The waiter's stack, symbolized, innermost first, without the
     /// tracer's frames.
     fn stack(&self, id: i32) -> Vec<(u64, Option<String>)> {
@@ -209,10 +225,18 @@ pub async fn run(args: LockArgs) -> Result<()> {
     };
     let comm_len = args.comm.as_ref().map_or(0, |c| c.len() as u32);
     let (tgid, cpu) = (run.tgid(), args.cpu.unwrap_or(u32::MAX));
-    let threshold = args.slower.unwrap_or(u64::MAX);
+    // With --during, --slower is about calls of FUNC, not single waits.
+    let threshold = if args.during.is_some() { u64::MAX } else { args.slower.unwrap_or(u64::MAX) };
+    let during = u32::from(args.during.is_some());
+    let during_slower = args.slower.unwrap_or(0);
+    if let Some(func) = &args.during {
+        if !crate::kretprobe::is_symbol(func) {
+            bail!("--during {}: not a kernel function name", text::printable(func));
+        }
+    }
     let stacks = u32::from(args.stacks);
     let slots = args.max_locks + 1;
-    let ring_bytes = if args.slower.is_some() { latprobe_common::lock::EVENTS_RING_BYTES } else { bpf::page_size() };
+    let ring_bytes = if threshold != u64::MAX { latprobe_common::lock::EVENTS_RING_BYTES } else { bpf::page_size() };
     let mut cost = cost::start_or_explain();
     let mut ebpf = bpf::load_lock(|loader| {
         loader
@@ -223,6 +247,9 @@ pub async fn run(args: LockArgs) -> Result<()> {
             .override_global(globals::THRESHOLD_NS, &threshold, true)
             .override_global(globals::STACKS, &stacks, true)
             .override_global(globals::LOCK_SLOTS, &args.max_locks, true)
+            .override_global(globals::DURING, &during, true)
+            .override_global(globals::DURING_SLOWER_NS, &during_slower, true)
+            .map_max_entries(maps::CALLS, TASK_ENTRIES)
             .map_max_entries(maps::TASKS, TASK_ENTRIES)
             .map_max_entries(maps::LOCKS, LOCK_ENTRIES)
             .map_max_entries(maps::SLOTS, args.max_locks)
@@ -232,6 +259,10 @@ pub async fn run(args: LockArgs) -> Result<()> {
             .map_max_entries(maps::EVENTS, ring_bytes);
     })?;
     attach(&mut ebpf)?;
+    let during_how = match &args.during {
+        Some(func) => Some(attach_during(&mut ebpf, func)?),
+        None => None,
+    };
     let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing"));
     let source = Source {
         locks: PerCpuHashMap::try_from(take(&mut ebpf, maps::LOCKS)?).context("map LOCK_LOCKS")?,
@@ -239,6 +270,8 @@ pub async fn run(args: LockArgs) -> Result<()> {
         hist: HistMaps::take(&mut ebpf, maps::STATS, maps::BUCKETS)?,
         stacks: StackTraceMap::try_from(take(&mut ebpf, maps::STACKS)?).context("map LOCK_STACK_MAP")?,
         lost: PerCpuArray::try_from(take(&mut ebpf, maps::LOST)?).context("map LOCK_LOST")?,
+        calls: PerCpuArray::try_from(take(&mut ebpf, maps::CALL_COUNTS)?).context("map LOCK_CALL_COUNTS")?,
+        during: args.during.clone().zip(args.slower),
         text: kallsyms::for_stacks(),
         data: KernelSymbols::load_data().ok(),
         max_locks: args.max_locks as usize,
@@ -246,7 +279,13 @@ pub async fn run(args: LockArgs) -> Result<()> {
     let mut ring: Ring<LockEvent> = Ring::take(&mut ebpf, maps::EVENTS)?;
     let printer = EventPrinter { clock: WallClock::new(), format: args.format, source: &source, stacks: args.stacks };
 
-    output::say("tracing lock contention (raw_tp contention_begin, contention_end); Ctrl-C to end");
+    let inside = match (&args.during, &during_how, args.slower) {
+        (Some(func), Some(how), Some(slower)) => {
+            format!(", inside calls of {func} ({how}) that take {} or more", format_ns(slower))
+        }
+        _ => String::new(),
+    };
+    output::say(&format!("tracing lock contention (raw_tp contention_begin, contention_end){inside}; Ctrl-C to end"));
     run.report_every(args.interval);
     run.activate()?;
     let mut last_report = Instant::now();
@@ -262,7 +301,8 @@ pub async fn run(args: LockArgs) -> Result<()> {
                 let rows = source.rows()?;
                 let delta = since(&rows, &previous);
                 let period = Period { name: "interval", elapsed: now - last_report, unprinted: 0 };
-                output::report(render(&delta, &source, &source.lost()?, &period, &args, false));
+                let (lost, calls) = (source.lost()?, source.call_counts()?);
+                output::report(render(&delta, &source, &lost, &calls, &period, &args, false));
                 if let Some(cost) = cost.as_mut() {
                     output::report(cost.since_last(&ebpf).render("interval", args.format));
                 }
@@ -279,7 +319,8 @@ pub async fn run(args: LockArgs) -> Result<()> {
     let discarded = ring.drain_until(run.drain_deadline(), |e| printer.print(&e))?;
     let unprinted = discarded + output::settle_records(run.drain_deadline() + SETTLE_TIME);
     let period = Period { name: "final", elapsed: run.elapsed(), unprinted };
-    output::report(render(&source.rows()?, &source, &source.lost()?, &period, &args, true));
+    let (lost, calls) = (source.lost()?, source.call_counts()?);
+    output::report(render(&source.rows()?, &source, &lost, &calls, &period, &args, true));
     if let Some(cost) = final_cost {
         output::report(cost.render("final", args.format));
     }
@@ -303,7 +344,54 @@ fn attach(ebpf: &mut Ebpf) -> Result<()> {
     Ok(())
 }
 
+/// Attaches `--during`'s programs to FUNC: fentry/fexit, else
+/// kprobe/kretprobe. Returns the mechanism.
+fn attach_during(ebpf: &mut Ebpf, func: &str) -> Result<&'static str> {
+    let fentry = (|| -> Result<()> {
+        let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+        let [entry, exit] = programs::DURING_FENTRY;
+        let Some(Program::FEntry(p)) = ebpf.program_mut(entry) else { bail!("program {entry} missing") };
+        p.load(func, &btf).map_err(|e| anyhow!("{}", bpf::describe(&e)))?;
+        p.attach().map_err(|e| anyhow!("{}", bpf::describe(&e)))?;
+        let Some(Program::FExit(p)) = ebpf.program_mut(exit) else { bail!("program {exit} missing") };
+        p.load(func, &btf).map_err(|e| anyhow!("{}", bpf::describe(&e)))?;
+        p.attach().map_err(|e| anyhow!("{}", bpf::describe(&e)))?;
+        Ok(())
+    })();
+    let Err(fentry_error) = fentry else { return Ok("fentry") };
+    output::verbose(&format!("--during {func}: fentry/fexit unavailable: {fentry_error:#}"));
+    unload_during(ebpf);
+    let kprobe = (|| -> Result<()> {
+        for name in programs::DURING_KPROBE {
+            let Some(Program::KProbe(p)) = ebpf.program_mut(name) else { bail!("program {name} missing") };
+            p.load().map_err(|e| anyhow!("{}", bpf::describe(&e)))?;
+            p.attach(func, 0).map_err(|e| anyhow!("{}", bpf::describe(&e)))?;
+        }
+        Ok(())
+    })();
+    match kprobe {
+        Ok(()) => Ok("kprobe"),
+        Err(kprobe_error) => bail!(
+            "cannot trace --during {}: fentry: {fentry_error:#}; kprobe: {kprobe_error:#} (is it a kernel \
+             function? `grep -w NAME /proc/kallsyms`)",
+            text::printable(func)
+        ),
+    }
+}
+
+fn unload_during(ebpf: &mut Ebpf) {
+    for name in programs::DURING_FENTRY.iter().chain(&programs::DURING_KPROBE) {
+        let _ = match ebpf.program_mut(name) {
+            Some(Program::FEntry(p)) => p.unload(),
+            Some(Program::FExit(p)) => p.unload(),
+            Some(Program::KProbe(p)) => p.unload(),
+            _ => Ok(()),
+        };
+    }
+}
+
 fn unload_all(ebpf: &mut Ebpf) {
+    unload_during(ebpf);
     for (name, _) in programs::ALL {
         if let Some(Program::RawTracePoint(p)) = ebpf.program_mut(name) {
             let _ = p.unload();
@@ -373,10 +461,31 @@ struct LockSummaryJson<'a> {
     uncounted_lock_table_full: u64,
     events_lost: u64,
     events_unprinted: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    during: Option<DuringJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct DuringJson<'a> {
+    function: &'a str,
+    slower_ns: u64,
+    calls: u64,
+    slow_calls: u64,
+    /// Waits inside slow calls past the ones a call can hold.
+    waits_dropped: u64,
+    untimed_calls: u64,
 }
 
 /// The top locks by total wait, and what was lost.
-fn render(rows: &[LockRow], source: &Source, lost: &Lost, period: &Period, args: &LockArgs, whole_run: bool) -> String {
+fn render(
+    rows: &[LockRow],
+    source: &Source,
+    lost: &Lost,
+    calls: &CallCounts,
+    period: &Period,
+    args: &LockArgs,
+    whole_run: bool,
+) -> String {
     let top: Vec<&LockRow> = rows.iter().take(args.top).collect();
     let percentiles = |r: &LockRow| -> Option<[u64; 3]> {
         // Histograms are cumulative: their percentiles describe the whole run.
@@ -426,6 +535,14 @@ fn render(rows: &[LockRow], source: &Source, lost: &Lost, period: &Period, args:
                 uncounted_lock_table_full: lost.no_lock_entry,
                 events_lost: lost.events,
                 events_unprinted: period.unprinted,
+                during: source.during.as_ref().map(|(function, slower_ns)| DuringJson {
+                    function,
+                    slower_ns: *slower_ns,
+                    calls: calls.calls,
+                    slow_calls: calls.slow_calls,
+                    waits_dropped: calls.waits_dropped,
+                    untimed_calls: calls.untimed,
+                }),
             };
             out += &serde_json::to_string(&summary).expect("summary serializes");
             out.push('\n');
@@ -439,6 +556,25 @@ fn render(rows: &[LockRow], source: &Source, lost: &Lost, period: &Period, args:
                 rows.len(),
                 format_ns(wait_ns)
             );
+            if let Some((function, slower_ns)) = &source.during {
+                let _ = writeln!(
+                    out,
+                    "  only inside calls of {function} that took {} or more: {} of {} calls{}",
+                    format_ns(*slower_ns),
+                    calls.slow_calls,
+                    calls.calls,
+                    if calls.waits_dropped + calls.untimed > 0 {
+                        format!(
+                            " ({} waits past {} per call and {} calls untimed, not counted)",
+                            calls.waits_dropped,
+                            latprobe_common::lock::MAX_CALL_WAITS,
+                            calls.untimed
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+            }
             if top.is_empty() {
                 return out + "  no contention seen\n\n";
             }
