@@ -94,10 +94,14 @@ pub struct HeldWait {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Call {
     pub start_ns: u64,
-    /// Nesting of the function in itself: only the outermost call is timed.
-    pub depth: u32,
+    /// Where the outermost call's probe context sat on the kernel stack: a
+    /// call entered deeper is nested in it; one entered at or above it
+    /// means the outermost call returned unseen (the kernel skipped the exit
+    /// program), and one returning at or above it is the outermost's return.
+    pub stack_at: u64,
     /// Valid entries of `waits`.
     pub held: u32,
+    pub _pad: u32,
     pub waits: [HeldWait; MAX_CALL_WAITS],
 }
 
@@ -233,5 +237,5 @@ const _: () = assert!(core::mem::size_of::<LockStats>() == 8 * 3 + 4 * 4 + COMM_
 const _: () = assert!(core::mem::size_of::<Lost>() == 32);
 const _: () = assert!(core::mem::size_of::<LockEvent>() == 8 * 3 + 4 * 6 + COMM_LEN + 8 * MAX_STACK);
 const _: () = assert!(core::mem::size_of::<HeldWait>() == 24);
-const _: () = assert!(core::mem::size_of::<Call>() == 16 + 24 * MAX_CALL_WAITS);
+const _: () = assert!(core::mem::size_of::<Call>() == 24 + 24 * MAX_CALL_WAITS);
 const _: () = assert!(core::mem::size_of::<CallCounts>() == 32);

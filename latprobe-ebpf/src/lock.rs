@@ -115,19 +115,12 @@ fn wanted(tgid: u32, cpu: u32) -> bool {
         return false;
     }
     let len = global(&LOCK_COMM_PREFIX_LEN) as usize;
-    if len == 0 {
-        return true;
-    }
-    let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
-    let prefix = global(&LOCK_COMM_PREFIX);
-    let mut i = 0;
-    while i < COMM_LEN {
-        if i < len && comm[i] != prefix[i] {
-            return false;
-        }
-        i += 1;
-    }
-    true
+    len == 0
+        || crate::comm::comm_has_prefix(
+            &bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+            &global(&LOCK_COMM_PREFIX),
+            len,
+        )
 }
 
 // raw_tp `contention_begin(void *lock, unsigned int flags)`.
@@ -259,9 +252,10 @@ fn hold(key: u32, w: &Waiting, wait: u64) {
     call.held += 1;
 }
 
-/// `--during`: the current task enters the function.
+/// `--during`: the current task enters the function; `stack_at` is where
+/// the probe's context sits on its kernel stack.
 #[inline(always)]
-fn call_entry() {
+fn call_entry(stack_at: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: a helper without arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
@@ -271,16 +265,19 @@ fn call_entry() {
     let key = task_key(pid_tgid as u32, cpu);
     // SAFETY: a live value of our map, only touched by this task.
     if let Some(call) = LOCK_CALLS.get_ptr_mut(key).map(|p| unsafe { &mut *p }) {
-        call.depth += 1;
-        return;
+        // The stack grows down: deeper is a nested call, counted with its
+        // outermost one.
+        if stack_at < call.stack_at {
+            return;
+        }
+        // The outermost call returned unseen (the kernel skipped the exit
+        // program, which userspace reads in its recursion misses): start
+        // over.
+        let _ = LOCK_CALLS.remove(key);
     }
     // SAFETY: a helper without arguments.
-    let call = Call {
-        start_ns: unsafe { bpf_ktime_get_ns() },
-        depth: 1,
-        held: 0,
-        waits: [HeldWait::default(); MAX_CALL_WAITS],
-    };
+    let start_ns = unsafe { bpf_ktime_get_ns() };
+    let call = Call { start_ns, stack_at, held: 0, _pad: 0, waits: [HeldWait::default(); MAX_CALL_WAITS] };
     if LOCK_CALLS.insert(key, call, u64::from(BPF_NOEXIST)).is_err() {
         if let Some(c) = call_counts() {
             add(&mut c.untimed, 1);
@@ -288,18 +285,19 @@ fn call_entry() {
     }
 }
 
-/// `--during`: the current task returns from the function. When its
-/// outermost call was slow, the waits it held are counted.
+/// `--during`: the current task returns from the function. When that is
+/// its outermost call's return and the call was slow, the waits it held are
+/// counted.
 #[inline(always)]
-fn call_exit() {
+fn call_exit(stack_at: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: a helper without arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let key = task_key(pid_tgid as u32, cpu);
     // SAFETY: a live value of our map, only touched by this task.
     let Some(call) = LOCK_CALLS.get_ptr_mut(key).map(|p| unsafe { &mut *p }) else { return };
-    if call.depth > 1 {
-        call.depth -= 1;
+    if stack_at < call.stack_at {
+        // A nested call returns.
         return;
     }
     // SAFETY: a helper without arguments.
@@ -333,27 +331,31 @@ fn call_exit() {
 
 // `--during`'s function, attached by name at load time.
 
+// The context of fentry/fexit is an array of the arguments on the
+// trampoline's stack frame, that of kprobes the saved registers on the
+// probed task's kernel stack: either way its address says how deep the call is.
+
 #[fentry]
-pub fn lock_call_entry(_ctx: FEntryContext) -> i32 {
-    call_entry();
+pub fn lock_call_entry(ctx: FEntryContext) -> i32 {
+    call_entry(ctx.as_ptr() as u64);
     0
 }
 
 #[fexit]
-pub fn lock_call_exit(_ctx: FExitContext) -> i32 {
-    call_exit();
+pub fn lock_call_exit(ctx: FExitContext) -> i32 {
+    call_exit(ctx.as_ptr() as u64);
     0
 }
 
 #[kprobe]
-pub fn lock_call_kprobe(_ctx: ProbeContext) -> i32 {
-    call_entry();
+pub fn lock_call_kprobe(ctx: ProbeContext) -> i32 {
+    call_entry(ctx.as_ptr() as u64);
     0
 }
 
 #[kretprobe]
-pub fn lock_call_kretprobe(_ctx: RetProbeContext) -> i32 {
-    call_exit();
+pub fn lock_call_kretprobe(ctx: RetProbeContext) -> i32 {
+    call_exit(ctx.as_ptr() as u64);
     0
 }
 

@@ -4,6 +4,7 @@
 #![no_main]
 #![feature(asm_experimental_arch)]
 
+mod comm;
 mod flame;
 mod func;
 mod helpers;

@@ -152,16 +152,7 @@ fn start_of<const BTF: bool>(task: *mut c_void, tid: u32, create: bool) -> Optio
 
 #[inline(always)]
 fn comm_matches(comm: &[u8; COMM_LEN]) -> bool {
-    let len = global(&RQ_COMM_PREFIX_LEN) as usize;
-    let prefix = global(&RQ_COMM_PREFIX);
-    let mut i = 0;
-    while i < COMM_LEN {
-        if i < len && comm[i] != prefix[i] {
-            return false;
-        }
-        i += 1;
-    }
-    true
+    crate::comm::comm_has_prefix(comm, &global(&RQ_COMM_PREFIX), global(&RQ_COMM_PREFIX_LEN) as usize)
 }
 
 /// Starts the wait of `task`.

@@ -117,6 +117,36 @@ pub fn load_tcp<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf>
     loader.load(TCP_OBJECT).context("loading latprobe's BPF maps for tcp failed")
 }
 
+/// How many times the kernel skipped program `fd` because it would have
+/// re-entered itself on one CPU (`bpf_prog_info.recursion_misses`, Linux
+/// 5.12+; a preempted program on PREEMPT_RT counts too). None if unknown.
+pub fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: bpf_prog_info is plain integers and u64-encoded pointers:
+    // all zeros is a valid value, and what the kernel expects unset.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    // `union bpf_attr`'s `info` member: bpf_fd, info_len, info.
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = [0u8; 128];
+    let wanted = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<aya_obj::generated::bpf_prog_info>() as u32,
+        info: (&raw mut info) as u64,
+    };
+    // SAFETY: `attr` is larger than InfoAttr; an unaligned write of plain integers.
+    unsafe { std::ptr::write_unaligned(attr.as_mut_ptr().cast::<InfoAttr>(), wanted) };
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // SAFETY: BPF_OBJ_GET_INFO_BY_FD writes at most info_len bytes into
+    // `info`, which lives across the call; `attr` holds its size.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, attr.as_mut_ptr(), attr.len()) };
+    (r == 0).then_some(info.recursion_misses)
+}
+
 /// An error and its causes on one line, like anyhow's `{:#}`.
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();

@@ -110,3 +110,15 @@ impl HistMaps {
             .collect())
     }
 }
+
+/// What `histograms` per-CPU histograms hold in the kernel: per-CPU maps
+/// take room on every possible CPU.
+pub fn memory(histograms: usize, what: &str) -> String {
+    let cpus = aya::util::nr_cpus().unwrap_or(1);
+    let bytes = histograms * hdr::HISTOGRAM_BYTES * cpus;
+    format!(
+        "{histograms} histograms hold {} KiB of kernel memory ({} KiB per {what} per CPU, {cpus} possible CPUs)",
+        bytes >> 10,
+        hdr::HISTOGRAM_BYTES >> 10
+    )
+}

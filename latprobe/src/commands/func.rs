@@ -7,10 +7,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use latprobe_common::{
-    func::{globals, maps, Outlier, GROUPS_PER_FUNC, MAX_FUNCS},
-    hdr,
-};
+use latprobe_common::func::{globals, maps, Outlier, GROUPS_PER_FUNC, MAX_FUNCS};
 
 use crate::{
     attach::{self, Attacher, BtfLater, FrameStore, Mechanism, Target, NET_RX_FUNCTION},
@@ -20,7 +17,7 @@ use crate::{
     cost,
     histogram::Latencies,
     kallsyms::{self, KernelSymbols},
-    kernel_hist::{HistMaps, Totals},
+    kernel_hist::{self, HistMaps, Totals},
     kretprobe::ReturnProbe,
     output::{self, text},
     report::{Format, FunctionReport, OutlierReport},
@@ -100,7 +97,7 @@ pub async fn run(args: FnArgs) -> Result<()> {
             });
         }
     }
-    output::verbose(&histogram_memory(targets.len()));
+    output::verbose(&kernel_hist::memory(targets.len(), "function"));
     let maps = HistMaps::take(&mut ebpf, maps::STATS, maps::BUCKETS)?;
     let mut ring: Ring<Outlier> = Ring::take(&mut ebpf, maps::OUTLIERS)?;
     // Kernel symbols are only needed to print stacks; they take megabytes.
@@ -157,18 +154,6 @@ pub async fn run(args: FnArgs) -> Result<()> {
         output::report(cost.render("final", args.format));
     }
     Ok(())
-}
-
-/// What the kernel holds for `functions` histograms: per-CPU maps take
-/// room on every possible CPU.
-fn histogram_memory(functions: usize) -> String {
-    let cpus = aya::util::nr_cpus().unwrap_or(1);
-    let bytes = functions * hdr::HISTOGRAM_BYTES * cpus;
-    format!(
-        "histograms hold {} KiB of kernel memory ({} KiB per function per CPU, {cpus} possible CPUs)",
-        bytes >> 10,
-        hdr::HISTOGRAM_BYTES >> 10
-    )
 }
 
 /// What one report covers.

@@ -125,6 +125,10 @@ struct Source {
     calls: PerCpuArray<MapData, CallCounts>,
     /// `--during` FUNC and its slow-call threshold.
     during: Option<(String, u64)>,
+    /// Calls of FUNC the kernel ran no entry, or no return, program for:
+    /// their programs' recursion misses, read at the end.
+    entries_missed: std::cell::Cell<u64>,
+    exits_missed: std::cell::Cell<u64>,
     text: Option<KernelSymbols>,
     data: Option<KernelSymbols>,
     max_locks: usize,
@@ -272,6 +276,8 @@ pub async fn run(args: LockArgs) -> Result<()> {
         lost: PerCpuArray::try_from(take(&mut ebpf, maps::LOST)?).context("map LOCK_LOST")?,
         calls: PerCpuArray::try_from(take(&mut ebpf, maps::CALL_COUNTS)?).context("map LOCK_CALL_COUNTS")?,
         during: args.during.clone().zip(args.slower),
+        entries_missed: std::cell::Cell::new(0),
+        exits_missed: std::cell::Cell::new(0),
         text: kallsyms::for_stacks(),
         data: KernelSymbols::load_data().ok(),
         max_locks: args.max_locks as usize,
@@ -315,6 +321,8 @@ pub async fn run(args: LockArgs) -> Result<()> {
 
     run.end(&end);
     let final_cost = cost.as_ref().map(|c| c.whole_run(&ebpf));
+    source.entries_missed.set(recursion_misses(&ebpf, [programs::DURING_FENTRY[0], programs::DURING_KPROBE[0]]));
+    source.exits_missed.set(recursion_misses(&ebpf, [programs::DURING_FENTRY[1], programs::DURING_KPROBE[1]]));
     unload_all(&mut ebpf);
     let discarded = ring.drain_until(run.drain_deadline(), |e| printer.print(&e))?;
     let unprinted = discarded + output::settle_records(run.drain_deadline() + SETTLE_TIME);
@@ -377,6 +385,23 @@ fn attach_during(ebpf: &mut Ebpf, func: &str) -> Result<&'static str> {
             text::printable(func)
         ),
     }
+}
+
+/// How many runs of `names` the kernel skipped (see `bpf::recursion_misses`).
+fn recursion_misses(ebpf: &Ebpf, names: [&str; 2]) -> u64 {
+    use std::os::fd::AsFd;
+    names
+        .iter()
+        .filter_map(|name| {
+            let fd = match ebpf.program(name)? {
+                Program::FEntry(p) => p.fd().ok()?.as_fd().try_clone_to_owned().ok()?,
+                Program::FExit(p) => p.fd().ok()?.as_fd().try_clone_to_owned().ok()?,
+                Program::KProbe(p) => p.fd().ok()?.as_fd().try_clone_to_owned().ok()?,
+                _ => return None,
+            };
+            bpf::recursion_misses(fd.as_fd())
+        })
+        .sum()
 }
 
 fn unload_during(ebpf: &mut Ebpf) {
@@ -474,6 +499,11 @@ struct DuringJson<'a> {
     /// Waits inside slow calls past the ones a call can hold.
     waits_dropped: u64,
     untimed_calls: u64,
+    /// Calls whose return, or whose entry, the kernel ran no program for
+    /// (a program is never re-entered on its CPU; on PREEMPT_RT a preempted
+    /// one blocks the next): not counted in `calls`.
+    exits_missed: u64,
+    entries_missed: u64,
 }
 
 /// The top locks by total wait, and what was lost.
@@ -542,6 +572,8 @@ fn render(
                     slow_calls: calls.slow_calls,
                     waits_dropped: calls.waits_dropped,
                     untimed_calls: calls.untimed,
+                    exits_missed: source.exits_missed.get(),
+                    entries_missed: source.entries_missed.get(),
                 }),
             };
             out += &serde_json::to_string(&summary).expect("summary serializes");
@@ -563,12 +595,16 @@ fn render(
                     format_ns(*slower_ns),
                     calls.slow_calls,
                     calls.calls,
-                    if calls.waits_dropped + calls.untimed > 0 {
+                    if calls.waits_dropped + calls.untimed + source.exits_missed.get() + source.entries_missed.get() > 0
+                    {
                         format!(
-                            " ({} waits past {} per call and {} calls untimed, not counted)",
+                            " (LOST: {} waits past {} per call, {} calls untimed, {} calls whose entry and {} whose \
+                             return the kernel skipped)",
                             calls.waits_dropped,
                             latprobe_common::lock::MAX_CALL_WAITS,
-                            calls.untimed
+                            calls.untimed,
+                            source.entries_missed.get(),
+                            source.exits_missed.get()
                         )
                     } else {
                         String::new()

@@ -16,7 +16,6 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use latprobe_common::{
-    hdr,
     tcp::{
         by, event, histogram_index, loss, maps, stage, LossCounts, Lost, TcpEvent, MAX_PORTS, REMOTE_PORT, SOCK_ENTRIES,
     },
@@ -30,7 +29,7 @@ use crate::{
     cost,
     duration::format_ns,
     histogram::{Latencies, QUANTILES},
-    kernel_hist::HistMaps,
+    kernel_hist::{self, HistMaps},
     output::{self, text},
     report::{Format, FunctionReport},
     run::{Ring, Run, Step, BATCH, SETTLE_TIME},
@@ -248,7 +247,7 @@ pub async fn run(args: TcpArgs) -> Result<()> {
     };
     let mut cost = cost::start_or_explain();
     let mut probes = tcp_probes::start(&config)?;
-    output::verbose(&histogram_memory(args.max_keys as usize));
+    output::verbose(&kernel_hist::memory(latprobe_common::tcp::histograms(args.max_keys as usize), "histogram"));
     let mut source = Source::take(&mut probes, args.max_keys as usize)?;
     let mut ring: Ring<TcpEvent> = Ring::take(&mut probes.ebpf, maps::EVENTS)?;
     let printer = EventPrinter { clock: WallClock::new(), format: args.format };
@@ -318,19 +317,6 @@ pub async fn run(args: TcpArgs) -> Result<()> {
         output::report(cost.render("final", args.format));
     }
     Ok(())
-}
-
-/// What the kernel holds for the histograms: per-CPU maps take room on
-/// every possible CPU.
-fn histogram_memory(max_keys: usize) -> String {
-    let cpus = aya::util::nr_cpus().unwrap_or(1);
-    let histograms = latprobe_common::tcp::histograms(max_keys);
-    let bytes = histograms * hdr::HISTOGRAM_BYTES * cpus;
-    format!(
-        "{histograms} histograms hold {} KiB of kernel memory ({} KiB each per CPU, {cpus} possible CPUs)",
-        bytes >> 10,
-        hdr::HISTOGRAM_BYTES >> 10
-    )
 }
 
 /// What one report covers.

@@ -42,6 +42,8 @@ use signals::Signals;
 
 /// How long records left in a ring buffer may be printed after the end.
 const DRAIN_TIME: Duration = Duration::from_millis(250);
+/// The least time a drain gets, however late it starts.
+const LEAST_DRAIN: Duration = Duration::from_millis(50);
 /// How long after that the records queued for stdout may take to be
 /// written, before they are dropped for the final report.
 pub const SETTLE_TIME: Duration = Duration::from_millis(250);
@@ -239,9 +241,14 @@ impl Run {
         }
     }
 
-    /// Until when records left in a ring buffer are printed after the end.
+    /// Until when records left in a ring buffer are printed after the end:
+    /// `DRAIN_TIME` after it, and at least `LEAST_DRAIN` from now. Detaching
+    /// can outlast `DRAIN_TIME` (uprobes and trampolines are torn down
+    /// slowly on an emulated PREEMPT_RT kernel: the last outlier of a calm
+    /// run was discarded unread); what is already in the ring still gets
+    /// its moment, and a flood is still cut short.
     pub fn drain_deadline(&self) -> Instant {
-        self.ended.unwrap_or_else(Instant::now) + DRAIN_TIME
+        (self.ended.unwrap_or_else(Instant::now) + DRAIN_TIME).max(Instant::now() + LEAST_DRAIN)
     }
 }
 
