@@ -85,6 +85,9 @@ pub const SOCK_ENTRIES: u32 = 16_384;
 /// least-recently-used: a segment never copied (merged into another, pruned,
 /// or its socket closed) makes room for newer ones.
 pub const SKB_ENTRIES: u32 = 65_536;
+/// Drop reasons counted (`enum skb_drop_reason` has about 120 in 6.12);
+/// a larger reason is counted in the last slot.
+pub const MAX_DROP_REASONS: usize = 256;
 /// Bytes of the event ring buffer.
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 
@@ -255,9 +258,11 @@ pub mod maps {
     /// With `by::PID`: the name of each key slot's process, as its programs
     /// last saw it (per CPU), so that a process gone by the report is named.
     pub const KEY_COMMS: &str = "TCP_KEY_COMMS";
+    /// Packets dropped, per CPU, by the kernel's drop reason.
+    pub const DROPS: &str = "TCP_DROPS";
 
-    pub const ALL: [&str; 11] =
-        [STATS, BUCKETS, KEY_SLOTS, NEXT_SLOT, LOSSES, LOST, SOCKS, SKBS, RAISED, EVENTS, KEY_COMMS];
+    pub const ALL: [&str; 12] =
+        [STATS, BUCKETS, KEY_SLOTS, NEXT_SLOT, LOSSES, LOST, SOCKS, SKBS, RAISED, EVENTS, KEY_COMMS, DROPS];
 }
 
 /// The `tcp_` programs, as (program, tracepoint or function), by the stage
@@ -284,6 +289,9 @@ pub mod programs {
         [("tcp_listen_syn", "tcp_conn_request"), ("tcp_listen_ack", "tcp_v4_syn_recv_sock")];
     /// The kprobe taken where fentry on the last-ACK drop point is refused.
     pub const LISTEN_ACK_KPROBE: &str = "tcp_listen_ack_kprobe";
+    /// tp_btf `kfree_skb`: every packet the kernel drops, with its reason
+    /// (Linux 5.17+).
+    pub const DROPS: (&str, &str) = ("tcp_drop", "kfree_skb");
     pub const LOSSES: [(&str, &str); 4] = [
         ("tcp_retransmit", "tcp_retransmit_skb"),
         ("tcp_retransmit_synack", "tcp_retransmit_synack"),

@@ -38,7 +38,7 @@ use latprobe_common::{
     func::{BucketGroup, FuncStats},
     tcp::{
         by, event, histogram_index, loss, stage, start, state, LossCounts, Lost, SkbStart, SockStart, TcpEvent,
-        MAX_PORTS, REMOTE_PORT,
+        MAX_DROP_REASONS, MAX_PORTS, REMOTE_PORT,
     },
     COMM_LEN,
 };
@@ -123,6 +123,9 @@ static TCP_SKBS: LruHashMap<u64, SkbStart, 1, { BPF_F_NO_COMMON_LRU as usize }> 
 
 #[btf_map]
 static TCP_KEY_COMMS: PerCpuArray<[u8; COMM_LEN], 1> = PerCpuArray::new();
+
+#[btf_map]
+static TCP_DROPS: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 #[btf_map]
 static TCP_RAISED: PerCpuArray<u64, 1> = PerCpuArray::new();
@@ -618,4 +621,17 @@ fn on_last_ack(sk: *const c_void) {
     if accept_queue_full(sk) {
         count_loss(sk, loss::LISTEN_OVERFLOW);
     }
+}
+
+// tp_btf `kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason
+// reason, …)`: a dropped packet, of any protocol; counted per reason, per CPU.
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn tcp_drop(ctx: BtfTracePointContext) -> i32 {
+    let reason: u64 = ctx.arg(2);
+    let slot = masked((reason as usize).min(MAX_DROP_REASONS - 1), MAX_DROP_REASONS) as u32;
+    // SAFETY: per-CPU array slots are valid for the program's lifetime.
+    if let Some(count) = TCP_DROPS.get_ptr_mut(slot).and_then(|p| unsafe { p.as_mut() }) {
+        add(count, 1);
+    }
+    0
 }

@@ -251,7 +251,7 @@ mod tests {
             .chain(&tcp::programs::RXQUEUE)
             .chain(&tcp::programs::LOSSES)
             .chain(&tcp::programs::LISTEN)
-            .chain([&tcp::programs::STATE, &tcp::programs::SERVER_HANDSHAKE]);
+            .chain([&tcp::programs::STATE, &tcp::programs::SERVER_HANDSHAKE, &tcp::programs::DROPS]);
         names.extend(programs.map(|(p, _)| *p));
         names.extend(tcp::programs::ACCEPT.iter().map(|(_, p)| *p));
         names.push(tcp::programs::LISTEN_ACK_KPROBE);

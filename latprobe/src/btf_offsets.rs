@@ -142,7 +142,15 @@ impl Btf {
                     }
                     12 * vlen
                 }
-                ENUM | FUNC_PROTO => 8 * vlen,
+                ENUM => {
+                    // Enumerators as (name offset, value, 0).
+                    for m in 0..vlen {
+                        let base = at + 8 * m;
+                        t.members.push((u32_at(type_data, base)?, u32_at(type_data, base + 4)?, 0));
+                    }
+                    8 * vlen
+                }
+                FUNC_PROTO => 8 * vlen,
                 DATASEC | ENUM64 => 12 * vlen,
                 other => return err(format!("unknown BTF kind {other} at type {}", types.len())),
             };
@@ -206,6 +214,14 @@ impl Btf {
     pub fn member(&self, name: &str, member: &str) -> Option<Member> {
         let id = *self.structs.get(name)?;
         self.find_member(id, member, 0, 0)
+    }
+
+    /// The enumerators of `enum name`, as (name, value).
+    pub fn enum_values(&self, name: &str) -> Vec<(String, u32)> {
+        let Some(e) = self.types.iter().find(|t| t.kind == ENUM && self.name(t.name_off) == name) else {
+            return Vec::new();
+        };
+        e.members.iter().map(|&(name_off, value, _)| (self.name(name_off).to_string(), value)).collect()
     }
 
     /// How many parameters kernel function `name` takes.

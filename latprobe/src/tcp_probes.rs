@@ -8,7 +8,7 @@ use anyhow::{anyhow, Context, Result};
 use aya::{programs::Program, Btf as AyaBtf, Ebpf};
 use latprobe_common::{
     hdr,
-    tcp::{globals, histograms, maps, programs, stage, MAX_PORTS, SKB_ENTRIES, SOCK_ENTRIES},
+    tcp::{globals, histograms, maps, programs, stage, MAX_DROP_REASONS, MAX_PORTS, SKB_ENTRIES, SOCK_ENTRIES},
 };
 
 use crate::{
@@ -52,6 +52,10 @@ pub struct Probes {
     pub losses: Availability,
     /// What an attached stage or the losses leave out on this kernel.
     pub partial: Vec<String>,
+    /// Names of the kernel's drop reasons by value (`enum skb_drop_reason`
+    /// from BTF, without its `SKB_DROP_REASON_` prefix); empty when drops
+    /// are not counted.
+    pub drop_reasons: Vec<(u32, String)>,
 }
 
 /// `net.ipv4.ip_local_port_range`, or Linux's default.
@@ -72,8 +76,13 @@ pub fn start(config: &Config) -> Result<Probes> {
     note(&format!("sock offsets from BTF: {offsets:?}"));
     // fexit's return value follows the arguments, whose count changed in 6.10.
     let accept_params = btf.function_params(programs::ACCEPT_FUNCTION);
-    drop(btf);
     let accept_program = accept_params.and_then(|n| programs::ACCEPT.iter().find(|(params, _)| *params == n));
+    let reasons: Vec<(u32, String)> = btf
+        .enum_values("skb_drop_reason")
+        .into_iter()
+        .map(|(name, value)| (value, name.strip_prefix("SKB_DROP_REASON_").unwrap_or(&name).to_string()))
+        .collect();
+    drop(btf);
 
     let mut ports = [0u32; MAX_PORTS];
     for (slot, port) in ports.iter_mut().zip(&config.ports) {
@@ -122,7 +131,8 @@ pub fn start(config: &Config) -> Result<Probes> {
             .map_max_entries(maps::KEY_COMMS, config.key_slots + 1)
             .map_max_entries(maps::SOCKS, SOCK_ENTRIES)
             .map_max_entries(maps::SKBS, SKB_ENTRIES)
-            .map_max_entries(maps::EVENTS, ring_bytes);
+            .map_max_entries(maps::EVENTS, ring_bytes)
+            .map_max_entries(maps::DROPS, MAX_DROP_REASONS as u32);
     })?;
 
     let kernel_btf = AyaBtf::from_sys_fs().context("reading kernel BTF")?;
@@ -184,7 +194,19 @@ pub fn start(config: &Config) -> Result<Probes> {
     stages[stage::HANDSHAKE as usize] = state;
     stages[stage::ACCEPT as usize] = accept;
     stages[stage::RXQUEUE as usize] = rxqueue;
-    Ok(Probes { ebpf, stages, losses, partial })
+    // Drop reasons came with Linux 5.17 ("net: skb: introduce kfree_skb_reason()").
+    let drop_reasons = match attach_all(&[programs::DROPS]) {
+        Availability::Attached(_) if !reasons.is_empty() => reasons,
+        Availability::Attached(_) => {
+            partial.push("losses: drops are counted, but this kernel's BTF names no drop reasons".into());
+            Vec::new()
+        }
+        Availability::Unavailable(why) => {
+            partial.push(format!("losses: drops by reason are not counted (needs Linux 5.17+: {why})"));
+            Vec::new()
+        }
+    };
+    Ok(Probes { ebpf, stages, losses, partial, drop_reasons })
 }
 
 /// The mechanism of a program, by its kind.
@@ -236,7 +258,7 @@ fn attach(ebpf: &mut Ebpf, btf: &AyaBtf, name: &str, target: &str) -> Result<()>
 pub fn unload_all(ebpf: &mut Ebpf) {
     let all = programs::SOFTIRQ.iter().chain(&programs::RXQUEUE).chain(&programs::LOSSES).chain(&programs::LISTEN);
     let accept = programs::ACCEPT.iter().map(|(_, p)| *p);
-    let single = [&programs::STATE, &programs::SERVER_HANDSHAKE];
+    let single = [&programs::STATE, &programs::SERVER_HANDSHAKE, &programs::DROPS];
     let kprobe = [programs::LISTEN_ACK_KPROBE];
     for name in all.chain(single).map(|(p, _)| *p).chain(accept).chain(kprobe) {
         let _ = match ebpf.program_mut(name) {

@@ -17,7 +17,8 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use latprobe_common::{
     tcp::{
-        by, event, histogram_index, loss, maps, stage, LossCounts, Lost, TcpEvent, MAX_PORTS, REMOTE_PORT, SOCK_ENTRIES,
+        by, event, histogram_index, loss, maps, stage, LossCounts, Lost, TcpEvent, MAX_DROP_REASONS, MAX_PORTS,
+        REMOTE_PORT, SOCK_ENTRIES,
     },
     COMM_LEN,
 };
@@ -82,6 +83,7 @@ struct Source {
     losses: PerCpuArray<MapData, LossCounts>,
     lost: PerCpuArray<MapData, Lost>,
     key_comms: PerCpuArray<MapData, [u8; COMM_LEN]>,
+    drops: PerCpuArray<MapData, u64>,
     max_keys: usize,
     /// Names of processes seen, kept after they exit.
     comms: HashMap<u32, String>,
@@ -104,6 +106,8 @@ struct LossRow {
 struct Snapshot {
     stages: Vec<StageRow>,
     losses: Vec<LossRow>,
+    /// Dropped packets by drop reason (the index).
+    drops: Vec<u64>,
     lost: Lost,
 }
 
@@ -116,7 +120,8 @@ impl Source {
         let losses = PerCpuArray::try_from(map(ebpf, maps::LOSSES)?).context("map TCP_LOSSES")?;
         let lost = PerCpuArray::try_from(map(ebpf, maps::LOST)?).context("map TCP_LOST")?;
         let key_comms = PerCpuArray::try_from(map(ebpf, maps::KEY_COMMS)?).context("map TCP_KEY_COMMS")?;
-        Ok(Self { hist, key_slots, losses, lost, key_comms, max_keys, comms: HashMap::new() })
+        let drops = PerCpuArray::try_from(map(ebpf, maps::DROPS)?).context("map TCP_DROPS")?;
+        Ok(Self { hist, key_slots, losses, lost, key_comms, drops, max_keys, comms: HashMap::new() })
     }
 
     /// (key, slot) of every key handed a slot, "other" first.
@@ -175,12 +180,17 @@ impl Source {
             }
             losses.push(LossRow { key: key.clone(), counts });
         }
+        let mut drops = vec![0u64; MAX_DROP_REASONS];
+        for (reason, count) in drops.iter_mut().enumerate() {
+            let per_cpu: PerCpuValues<u64> = self.drops.get(&(reason as u32), 0).context("reading TCP_DROPS")?;
+            *count = per_cpu.iter().sum();
+        }
         let lost_values: PerCpuValues<Lost> = self.lost.get(&0, 0).context("reading TCP_LOST")?;
         let lost = lost_values.iter().fold(Lost::default(), |a, l| Lost {
             sock_table_full: a.sock_table_full + l.sock_table_full,
             events: a.events + l.events,
         });
-        Ok(Snapshot { stages, losses, lost })
+        Ok(Snapshot { stages, losses, drops, lost })
     }
 
     fn comm_of(&self, key: &Key) -> Option<&str> {
@@ -221,11 +231,17 @@ impl Snapshot {
             sock_table_full: self.lost.sock_table_full.saturating_sub(earlier.lost.sock_table_full),
             events: self.lost.events.saturating_sub(earlier.lost.events),
         };
-        Ok(Snapshot { stages, losses, lost })
+        let drops = self
+            .drops
+            .iter()
+            .enumerate()
+            .map(|(i, n)| n.saturating_sub(earlier.drops.get(i).copied().unwrap_or(0)))
+            .collect();
+        Ok(Snapshot { stages, losses, drops, lost })
     }
 
     fn empty() -> Snapshot {
-        Snapshot { stages: Vec::new(), losses: Vec::new(), lost: Lost::default() }
+        Snapshot { stages: Vec::new(), losses: Vec::new(), drops: Vec::new(), lost: Lost::default() }
     }
 }
 
@@ -342,6 +358,30 @@ struct LossJson<'a> {
 }
 
 #[derive(Serialize)]
+struct DropsJson<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    period: &'a str,
+    /// Drop reason (the kernel's name, without SKB_DROP_REASON_) → packets,
+    /// of every protocol.
+    reasons: std::collections::BTreeMap<&'a str, u64>,
+}
+
+/// The drop reasons that dropped packets, busiest first, by name.
+fn drops_by_reason<'a>(drops: &[u64], probes: &'a Probes) -> Vec<(&'a str, u64)> {
+    let mut named: Vec<(&str, u64)> = probes
+        .drop_reasons
+        .iter()
+        .filter_map(|(value, name)| {
+            let n = drops.get(*value as usize).copied().unwrap_or(0);
+            (n > 0).then_some((name.as_str(), n))
+        })
+        .collect();
+    named.sort_by_key(|(name, n)| (std::cmp::Reverse(*n), *name));
+    named
+}
+
+#[derive(Serialize)]
 struct SummaryJson<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
@@ -423,6 +463,12 @@ fn render_json(
             listen_overflows: c[loss::LISTEN_OVERFLOW as usize],
         };
         out += &serde_json::to_string(&json).expect("losses serialize");
+        out.push('\n');
+    }
+    let reasons = drops_by_reason(&snapshot.drops, probes);
+    if !reasons.is_empty() {
+        let json = DropsJson { kind: "tcp_drops", period: period.name, reasons: reasons.into_iter().collect() };
+        out += &serde_json::to_string(&json).expect("drops serialize");
         out.push('\n');
     }
     let stages = probes
@@ -520,6 +566,12 @@ fn render_text(
                 c[loss::LISTEN_OVERFLOW as usize]
             );
         }
+    }
+    let reasons = drops_by_reason(&snapshot.drops, probes);
+    if !reasons.is_empty() {
+        let shown: Vec<String> = reasons.iter().take(8).map(|(name, n)| format!("{n} {name}")).collect();
+        let more = if reasons.len() > 8 { format!(", and {} more reasons", reasons.len() - 8) } else { String::new() };
+        let _ = writeln!(out, "  drops (all protocols): {}{more}", shown.join(", "));
     }
     if snapshot.lost.sock_table_full > 0 {
         let _ = writeln!(
