@@ -35,6 +35,13 @@
 //!                           clients connect at once, each giving up after
 //!                           DUR (those past the full accept queue see
 //!                           their SYNs dropped and retransmitted)
+//!   workers PORT N SLOW     two worker processes accept on 127.0.0.1:PORT
+//!                           (SO_REUSEPORT), one at once, the other SLOW
+//!                           after each connection is queued; N clients
+//!                           connect one after the other, each waiting to be
+//!                           served. Prints `workload: worker pid=P
+//!                           delay=NS` per worker
+//!   worker PORT DELAY       (a worker of `workers`, run as its own process)
 //!   refused PORT N          N connects to 127.0.0.1:PORT, where nothing
 //!                           listens (N resets sent and received)
 //!   dir-churn THREADS N     THREADS threads each create and unlink N files
@@ -326,6 +333,74 @@ fn mmap_churn(threads: usize, n: u64) {
     });
 }
 
+fn reuseport_listener(port: u16) -> TcpListener {
+    // SAFETY: plain socket calls on a descriptor this function owns until
+    // it hands it to TcpListener.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let one: libc::c_int = 1;
+        for option in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+            let size = size_of::<libc::c_int>() as libc::socklen_t;
+            libc::setsockopt(fd, libc::SOL_SOCKET, option, (&raw const one).cast(), size);
+        }
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be() },
+            sin_zero: [0; 8],
+        };
+        let bound = libc::bind(fd, (&raw const addr).cast(), size_of::<libc::sockaddr_in>() as libc::socklen_t);
+        assert!(bound == 0, "bind 127.0.0.1:{port}: {}", std::io::Error::last_os_error());
+        assert!(libc::listen(fd, 64) == 0, "listen: {}", std::io::Error::last_os_error());
+        std::os::fd::FromRawFd::from_raw_fd(fd)
+    }
+}
+
+/// A worker of `workers`: serves each connection DELAY after it is queued.
+fn worker(port: u16, delay: Duration) -> ! {
+    let listener = reuseport_listener(port);
+    eprintln!("workload: worker pid={} delay={}", std::process::id(), delay.as_nanos());
+    println!("ready");
+    loop {
+        // Wait for a connection to be queued, then make it wait DELAY.
+        let mut fds =
+            [libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&listener), events: libc::POLLIN, revents: 0 }];
+        // SAFETY: one valid pollfd, waited on without a timeout.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
+        sleep(delay);
+        let (mut served, _) = listener.accept().expect("accept");
+        served.write_all(b"k").expect("serve");
+    }
+}
+
+fn workers(port: u16, n: u64, slow: &str) {
+    let me = env::current_exe().expect("own path");
+    let mut children: Vec<std::process::Child> = ["0ms", slow]
+        .iter()
+        .map(|delay| {
+            let mut child = std::process::Command::new(&me)
+                .args(["worker", &port.to_string(), delay])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("start a worker");
+            // Its listener is bound once it says so.
+            let mut ready = [0u8; 6];
+            child.stdout.as_mut().expect("piped").read_exact(&mut ready).expect("worker ready");
+            child
+        })
+        .collect();
+    for _ in 0..n {
+        let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let mut byte = [0u8; 1];
+        client.read_exact(&mut byte).expect("served");
+    }
+    for child in &mut children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 fn accept_queue(port: u16, n: usize, every: Duration) {
     let listener = listen(port, n as i32 + 8);
     // Every client is connected (its handshake done, its connection in the
@@ -469,6 +544,11 @@ fn main() {
                 });
                 tail
             }
+            ("workers", [port, n, slow, tail @ ..]) => {
+                workers(port_number(port), number(n), slow);
+                tail
+            }
+            ("worker", [port, delay]) => worker(port_number(port), duration(delay)),
             ("refused", [port, n, tail @ ..]) => {
                 let port = port_number(port);
                 for _ in 0..number(n) {

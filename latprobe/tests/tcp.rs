@@ -233,3 +233,55 @@ fn tcp_listen_overflows_and_syn_retransmits_agree_with_the_kernels_counters() {
     assert_eq!(ours, retransmits, "as the kernel counted:\n{listener}\n{clients}");
     assert!(u64_of(&clients, "syn_retransmits") >= 4, "{clients}");
 }
+
+/// The `workload: worker pid=P delay=NS` lines: each worker's pid and delay.
+fn workers(stderr: &str) -> Vec<(u64, u64)> {
+    stderr
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("workload: worker pid=")?;
+            let (pid, delay) = rest.split_once(" delay=")?;
+            Some((pid.parse().ok()?, delay.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn tcp_by_pid_splits_the_accepts_of_two_workers_on_one_port() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("tcp_by_pid_splits_the_accepts_of_two_workers_on_one_port", &why);
+    }
+    let (w, port) = (workload(), test_port(1).to_string());
+    // Two processes, so latprobe watches the port, not one process.
+    let t = start_tracing(&["tcp", "--port", &port, "--by", "pid", "--format", "json"]);
+    let ran = std::process::Command::new(&w).args(["workers", &port, "20", "50ms"]).output().expect("run workload");
+    assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+    t.signal(libc::SIGINT);
+    let run = t.finish();
+    run.assert_success();
+    if let Some(why) = unavailable(&run, "accept") {
+        return skip("tcp_by_pid_splits_the_accepts_of_two_workers_on_one_port", &why);
+    }
+    let told = workers(&String::from_utf8_lossy(&ran.stderr));
+    assert_eq!(told.len(), 2, "{}", String::from_utf8_lossy(&ran.stderr));
+    let row = |pid: u64| {
+        run.records().into_iter().find(|r| {
+            r["type"] == "histogram"
+                && r["period"] == "final"
+                && r["function"] == "tcp:accept"
+                && r["key"] == format!("pid={pid}")
+        })
+    };
+    let (fast, slow) = (row(told[0].0), row(told[1].0));
+    let count = |r: &Option<Value>| r.as_ref().map_or(0, |r| u64_of(r, "count"));
+    // The kernel spreads the 20 connections over both listeners by hash:
+    // every one is counted, with the worker that took it.
+    assert_eq!(count(&fast) + count(&slow), 20, "{}", run.stdout);
+    if let Some(slow) = &slow {
+        assert!(u64_of(slow, "min_ns") >= 50 * MS, "the slow worker served each 50 ms late: {slow}");
+        assert_eq!(slow["comm"], "workload", "{slow}");
+    }
+    if let Some(fast) = &fast {
+        assert!(u64_of(fast, "p50_ns") < 50 * MS, "the fast worker served at once: {fast}");
+    }
+}
