@@ -231,7 +231,10 @@ fn tcp_listen_overflows_and_syn_retransmits_agree_with_the_kernels_counters() {
     // The kernel counts SYN and SYN-ACK retransmits together.
     let ours = u64_of(&clients, "syn_retransmits") + u64_of(&listener, "synack_retransmits");
     assert_eq!(ours, retransmits, "as the kernel counted:\n{listener}\n{clients}");
-    assert!(u64_of(&clients, "syn_retransmits") >= 4, "{clients}");
+    // How many rejected clients retransmit before they give up depends on
+    // the machine's speed (an emulated PREEMPT_RT guest is slow): the exact
+    // check is the kernel's own counter, above.
+    assert!(u64_of(&clients, "syn_retransmits") > 0, "{clients}");
 }
 
 /// The `workload: worker pid=P delay=NS` lines: each worker's pid and delay.
