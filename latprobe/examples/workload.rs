@@ -259,8 +259,9 @@ fn port_number(s: &str) -> u16 {
     s.parse().unwrap_or_else(|_| usage(&format!("bad port {s}")))
 }
 
-/// A listener on 127.0.0.1:`port` with room for `backlog` waiting connections.
-fn listen(port: u16, backlog: i32) -> TcpListener {
+/// A listener on 127.0.0.1:`port` with room for `backlog` waiting
+/// connections, shared with other processes' listeners when `reuse_port`.
+fn listen_with(port: u16, backlog: i32, reuse_port: bool) -> TcpListener {
     // std's listen() asks for a backlog of 128; ask for what the step needs.
     // SAFETY: plain socket calls on a descriptor this function owns until
     // it hands it to TcpListener.
@@ -268,13 +269,12 @@ fn listen(port: u16, backlog: i32) -> TcpListener {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
         let one: libc::c_int = 1;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&raw const one).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        );
+        let options: &[libc::c_int] =
+            if reuse_port { &[libc::SO_REUSEADDR, libc::SO_REUSEPORT] } else { &[libc::SO_REUSEADDR] };
+        for &option in options {
+            let size = size_of::<libc::c_int>() as libc::socklen_t;
+            libc::setsockopt(fd, libc::SOL_SOCKET, option, (&raw const one).cast(), size);
+        }
         let addr = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: port.to_be(),
@@ -286,6 +286,10 @@ fn listen(port: u16, backlog: i32) -> TcpListener {
         assert!(libc::listen(fd, backlog) == 0, "listen: {}", std::io::Error::last_os_error());
         std::os::fd::FromRawFd::from_raw_fd(fd)
     }
+}
+
+fn listen(port: u16, backlog: i32) -> TcpListener {
+    listen_with(port, backlog, false)
 }
 
 fn dir_churn(threads: usize, n: u64) {
@@ -333,33 +337,9 @@ fn mmap_churn(threads: usize, n: u64) {
     });
 }
 
-fn reuseport_listener(port: u16) -> TcpListener {
-    // SAFETY: plain socket calls on a descriptor this function owns until
-    // it hands it to TcpListener.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let one: libc::c_int = 1;
-        for option in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
-            let size = size_of::<libc::c_int>() as libc::socklen_t;
-            libc::setsockopt(fd, libc::SOL_SOCKET, option, (&raw const one).cast(), size);
-        }
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be() },
-            sin_zero: [0; 8],
-        };
-        let bound = libc::bind(fd, (&raw const addr).cast(), size_of::<libc::sockaddr_in>() as libc::socklen_t);
-        assert!(bound == 0, "bind 127.0.0.1:{port}: {}", std::io::Error::last_os_error());
-        assert!(libc::listen(fd, 64) == 0, "listen: {}", std::io::Error::last_os_error());
-        std::os::fd::FromRawFd::from_raw_fd(fd)
-    }
-}
-
 /// A worker of `workers`: serves each connection DELAY after it is queued.
 fn worker(port: u16, delay: Duration) -> ! {
-    let listener = reuseport_listener(port);
+    let listener = listen_with(port, 64, true);
     eprintln!("workload: worker pid={} delay={}", std::process::id(), delay.as_nanos());
     println!("ready");
     loop {

@@ -16,6 +16,15 @@ pub enum Format {
     Json,
 }
 
+/// What one report covers.
+pub struct Period {
+    /// `interval` or `final`.
+    pub name: &'static str,
+    pub elapsed: std::time::Duration,
+    /// Records measured but not printed (stdout too slow, or the run ended).
+    pub unprinted: u64,
+}
+
 /// One function's latencies (or, for runqlat, run-queue waits) over one
 /// report period.
 pub struct FunctionReport<'a> {

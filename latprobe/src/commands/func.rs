@@ -4,7 +4,7 @@
 //! them per function (see `attach`), then prints outliers as they arrive and
 //! a report per function every `--interval` and at the end.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Result};
 use latprobe_common::func::{globals, maps, Outlier, GROUPS_PER_FUNC, MAX_FUNCS};
@@ -20,7 +20,7 @@ use crate::{
     kernel_hist::{self, HistMaps, Totals},
     kretprobe::ReturnProbe,
     output::{self, text},
-    report::{Format, FunctionReport, OutlierReport},
+    report::{Format, FunctionReport, OutlierReport, Period},
     run::{Ring, Run, Step, BATCH, SETTLE_TIME},
 };
 
@@ -154,14 +154,6 @@ pub async fn run(args: FnArgs) -> Result<()> {
         output::report(cost.render("final", args.format));
     }
     Ok(())
-}
-
-/// What one report covers.
-struct Period {
-    name: &'static str,
-    elapsed: Duration,
-    /// Outliers measured but not printed (stdout too slow, or the run ended).
-    unprinted: u64,
 }
 
 fn render(t: &Traced, period: &Period, latencies: &Latencies, totals: &Totals, format: Format) -> String {

@@ -8,11 +8,7 @@
 //! one: its kernel symbol when it is a static lock, else its kind and the
 //! first function of its waiters' stack outside locking code.
 
-use std::{
-    collections::HashMap,
-    fmt::Write as _,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, fmt::Write as _, time::Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
@@ -40,7 +36,7 @@ use crate::{
     kallsyms::{self, KernelSymbols},
     kernel_hist::HistMaps,
     output::{self, text},
-    report::{frames_json, Format},
+    report::{frames_json, Format, Period},
     run::{Ring, Run, Step, BATCH, SETTLE_TIME},
     sched_probes::comm_prefix,
 };
@@ -439,12 +435,6 @@ fn since(rows: &[LockRow], previous: &HashMap<u64, LockRow>) -> Vec<LockRow> {
         .collect();
     delta.sort_by_key(|r| std::cmp::Reverse(r.total_ns));
     delta
-}
-
-struct Period {
-    name: &'static str,
-    elapsed: Duration,
-    unprinted: u64,
 }
 
 #[derive(Serialize)]

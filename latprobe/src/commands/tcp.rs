@@ -32,7 +32,7 @@ use crate::{
     histogram::{Latencies, QUANTILES},
     kernel_hist::{self, HistMaps},
     output::{self, text},
-    report::{Format, FunctionReport},
+    report::{Format, FunctionReport, Period},
     run::{Ring, Run, Step, BATCH, SETTLE_TIME},
     tcp_probes::{self, Availability, Config, Probes},
 };
@@ -333,14 +333,6 @@ pub async fn run(args: TcpArgs) -> Result<()> {
         output::report(cost.render("final", args.format));
     }
     Ok(())
-}
-
-/// What one report covers.
-struct Period {
-    name: &'static str,
-    elapsed: Duration,
-    /// Events measured but not printed (stdout too slow, or the run ended).
-    unprinted: u64,
 }
 
 #[derive(Serialize)]
