@@ -178,10 +178,13 @@ pub fn run_gate_if_asked() {
     let (Some(restore), false) = (restore, argv.is_empty()) else {
         gate_fail("malformed gate arguments", 125);
     };
-    // The gate keeps its own name until exec: a profiler tells an exec by
-    // the name changing (`flame` then re-reads the process's mappings). Named
-    // as the command, a sample taken in the gate made flame keep the gate's
-    // mappings for the command, whose frames were then all [unknown].
+    // Until exec, this process is the command: name it so (profiles and
+    // outliers of the first instants then carry the command's name).
+    if let Some(name) = std::path::Path::new(&argv[0]).file_name() {
+        let name = CString::new(name.as_bytes()).unwrap_or_default();
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string (truncated to 15 bytes).
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    }
     let mut byte = 0u8;
     // SAFETY: reading one byte into a valid buffer from the inherited fd.
     let got = unsafe { libc::read(fd, (&raw mut byte).cast(), 1) };
