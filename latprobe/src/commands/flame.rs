@@ -170,7 +170,9 @@ pub async fn run(args: FlameArgs) -> Result<()> {
     let counts: HashMap<MapData, StackKey, u64> =
         HashMap::try_from(ebpf.take_map(maps::COUNTS).context("map FL_COUNTS missing")?)?;
     let mut new_keys: Ring<StackKey> = Ring::take(&mut ebpf, maps::NEW_KEYS)?;
-    let mut processes = Processes::default();
+    // The traced process, while it may still be latprobe's gate for the
+    // command (see `Processes::gate`).
+    let mut processes = Processes { gate: (tgid != 0).then_some(tgid), ..Processes::default() };
     run.activate()?;
     let end = loop {
         match run.next(Some(&mut new_keys)).await? {
@@ -328,6 +330,10 @@ struct Processes {
     usyms: UserSymbols,
     /// The name each process had when its mappings were read.
     names: std::collections::HashMap<u32, [u8; latprobe_common::COMM_LEN]>,
+    /// `-- COMMAND`'s process until it has exec'd the command: before, it
+    /// runs latprobe's gate under the command's name, so its mappings are
+    /// not the command's and no change of name would tell the exec.
+    gate: Option<u32>,
 }
 
 impl Processes {
@@ -335,6 +341,15 @@ impl Processes {
     /// us, again if its main thread has a new name (threads have names of
     /// their own: only the main thread's says exec).
     fn seen(&mut self, key: &StackKey) {
+        if self.gate == Some(key.tgid) {
+            if still_the_gate(key.tgid) {
+                return;
+            }
+            self.gate = None;
+            self.names.insert(key.tgid, key.comm);
+            self.usyms.refresh(key.tgid);
+            return;
+        }
         let renamed = key.pid == key.tgid && self.names.insert(key.tgid, key.comm).is_some_and(|c| c != key.comm);
         if renamed {
             self.usyms.refresh(key.tgid);
@@ -342,6 +357,14 @@ impl Processes {
             self.usyms.remember(key.tgid);
         }
     }
+}
+
+/// Whether process `tgid` still runs latprobe's own executable (the gate
+/// of `-- COMMAND`, before its exec). A process gone counts as exec'd.
+fn still_the_gate(tgid: u32) -> bool {
+    let ours = std::fs::read_link("/proc/self/exe");
+    let theirs = std::fs::read_link(format!("/proc/{tgid}/exe"));
+    matches!((ours, theirs), (Ok(a), Ok(b)) if a == b)
 }
 
 fn fold_counts(
