@@ -78,6 +78,8 @@ pub const MAX_KEY_SLOTS: usize = 32;
 pub const MAX_PORTS: usize = 8;
 /// Key bit of a remote port (outgoing handshakes), next to local ports.
 pub const REMOTE_PORT: u32 = 1 << 16;
+/// Key bit of a process (`by::PID`), next to ports.
+pub const PID_KEY: u32 = 1 << 30;
 /// Sockets whose start (SYN sent, established awaiting accept) can be held
 /// at once. Beyond it, waits are counted as untimed, never mistimed.
 pub const SOCK_ENTRIES: u32 = 16_384;

@@ -38,7 +38,7 @@ use latprobe_common::{
     func::{BucketGroup, FuncStats},
     tcp::{
         by, event, histogram_index, loss, stage, start, state, LossCounts, Lost, SkbStart, SockStart, TcpEvent,
-        MAX_DROP_REASONS, MAX_PORTS, REMOTE_PORT,
+        MAX_DROP_REASONS, MAX_PORTS, PID_KEY, REMOTE_PORT,
     },
     COMM_LEN,
 };
@@ -137,8 +137,6 @@ const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u16 = 6;
 const NET_RX_SOFTIRQ: u32 = 3;
-/// Key bit of a process, next to ports.
-const PID_KEY: u32 = 1 << 30;
 
 #[inline(always)]
 fn now() -> u64 {

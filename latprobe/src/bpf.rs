@@ -105,16 +105,19 @@ pub fn load<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
 
 /// Loads the lock object's maps with `configure` applied.
 pub fn load_lock<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
-    let mut loader = EbpfLoader::new();
-    configure(&mut loader);
-    loader.load(LOCK_OBJECT).context("loading latprobe's BPF maps for lock failed")
+    load_own_object(LOCK_OBJECT, "lock", configure)
 }
 
 /// Loads the tcp object's maps with `configure` applied.
 pub fn load_tcp<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
+    load_own_object(TCP_OBJECT, "tcp", configure)
+}
+
+/// Loads the maps of a command's own object (no task storage in it).
+fn load_own_object<'a>(object: &[u8], command: &str, configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     configure(&mut loader);
-    loader.load(TCP_OBJECT).context("loading latprobe's BPF maps for tcp failed")
+    loader.load(object).with_context(|| format!("loading latprobe's BPF maps for {command} failed"))
 }
 
 /// How many times the kernel skipped program `fd` because it would have
@@ -196,10 +199,15 @@ mod tests {
 
     /// Every map, global and program name userspace asks for is in the
     /// embedded object: a misspelt or renamed one fails here, not at run time.
+    /// The `names` an embedded object lacks.
+    fn missing_from<'a>(object: &[u8], names: &[&'a str]) -> Vec<&'a str> {
+        let file = object::File::parse(object).expect("the embedded object is ELF");
+        let symbols: std::collections::HashSet<&str> = file.symbols().filter_map(|s| s.name().ok()).collect();
+        names.iter().copied().filter(|n| !symbols.contains(n)).collect()
+    }
+
     #[test]
     fn every_name_userspace_uses_is_in_the_object() {
-        let file = object::File::parse(super::OBJECT).expect("the embedded object is ELF");
-        let symbols: std::collections::HashSet<&str> = file.symbols().filter_map(|s| s.name().ok()).collect();
         let mut names: Vec<&str> = Vec::new();
         names.extend(func::maps::ALL);
         names.extend(func::globals::ALL);
@@ -220,29 +228,25 @@ mod tests {
         names.extend(flame::maps::ALL);
         names.extend(flame::globals::ALL);
         names.extend(flame::programs::ALL);
-        let missing: Vec<&&str> = names.iter().filter(|n| !symbols.contains(**n)).collect();
+        let missing = missing_from(super::OBJECT, &names);
         assert!(missing.is_empty(), "names missing from the kernel object: {missing:?}");
     }
 
     #[test]
     fn every_lock_name_userspace_uses_is_in_the_lock_object() {
         use latprobe_common::lock;
-        let file = object::File::parse(super::LOCK_OBJECT).expect("the embedded lock object is ELF");
-        let symbols: std::collections::HashSet<&str> = file.symbols().filter_map(|s| s.name().ok()).collect();
         let mut names: Vec<&str> = Vec::new();
         names.extend(lock::maps::ALL);
         names.extend(lock::globals::ALL);
         names.extend(lock::programs::ALL.iter().map(|(p, _)| *p));
         names.extend(lock::programs::DURING_FENTRY.iter().chain(&lock::programs::DURING_KPROBE));
-        let missing: Vec<&&str> = names.iter().filter(|n| !symbols.contains(**n)).collect();
+        let missing = missing_from(super::LOCK_OBJECT, &names);
         assert!(missing.is_empty(), "names missing from the lock kernel object: {missing:?}");
     }
 
     #[test]
     fn every_tcp_name_userspace_uses_is_in_the_tcp_object() {
         use latprobe_common::tcp;
-        let file = object::File::parse(super::TCP_OBJECT).expect("the embedded tcp object is ELF");
-        let symbols: std::collections::HashSet<&str> = file.symbols().filter_map(|s| s.name().ok()).collect();
         let mut names: Vec<&str> = Vec::new();
         names.extend(tcp::maps::ALL);
         names.extend(tcp::globals::ALL);
@@ -255,7 +259,7 @@ mod tests {
         names.extend(programs.map(|(p, _)| *p));
         names.extend(tcp::programs::ACCEPT.iter().map(|(_, p)| *p));
         names.push(tcp::programs::LISTEN_ACK_KPROBE);
-        let missing: Vec<&&str> = names.iter().filter(|n| !symbols.contains(**n)).collect();
+        let missing = missing_from(super::TCP_OBJECT, &names);
         assert!(missing.is_empty(), "names missing from the tcp kernel object: {missing:?}");
     }
 }

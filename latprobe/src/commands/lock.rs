@@ -98,6 +98,14 @@ fn kind(f: u32) -> &'static str {
     }
 }
 
+/// `--during`'s calls: those counted, and those whose entry or return the
+/// kernel ran no program for (it never re-enters a program on one CPU).
+struct Calls {
+    counts: CallCounts,
+    entries_missed: u64,
+    exits_missed: u64,
+}
+
 /// One lock's waits since tracing began (or over an interval).
 #[derive(Clone, Debug)]
 struct LockRow {
@@ -121,10 +129,6 @@ struct Source {
     calls: PerCpuArray<MapData, CallCounts>,
     /// `--during` FUNC and its slow-call threshold.
     during: Option<(String, u64)>,
-    /// Calls of FUNC the kernel ran no entry, or no return, program for:
-    /// their programs' recursion misses, read at the end.
-    entries_missed: std::cell::Cell<u64>,
-    exits_missed: std::cell::Cell<u64>,
     text: Option<KernelSymbols>,
     data: Option<KernelSymbols>,
     max_locks: usize,
@@ -174,14 +178,23 @@ impl Source {
         }))
     }
 
-    fn call_counts(&self) -> Result<CallCounts> {
+    /// `--during`'s calls so far. Read while the programs are loaded: the
+    /// calls the kernel skipped are their programs' recursion misses.
+    fn calls(&self, ebpf: &Ebpf) -> Result<Calls> {
         let values: PerCpuValues<CallCounts> = self.calls.get(&0, 0).context("reading LOCK_CALL_COUNTS")?;
-        Ok(values.iter().fold(CallCounts::default(), |a, c| CallCounts {
+        let counts = values.iter().fold(CallCounts::default(), |a, c| CallCounts {
             calls: a.calls + c.calls,
             slow_calls: a.slow_calls + c.slow_calls,
             waits_dropped: a.waits_dropped + c.waits_dropped,
             untimed: a.untimed + c.untimed,
-        }))
+        });
+        let [entry, exit] = programs::DURING_FENTRY;
+        let [kprobe, kretprobe] = programs::DURING_KPROBE;
+        Ok(Calls {
+            counts,
+            entries_missed: recursion_misses(ebpf, [entry, kprobe]),
+            exits_missed: recursion_misses(ebpf, [exit, kretprobe]),
+        })
     }
 
     /// The waiter's stack, symbolized, innermost first, without the
@@ -272,8 +285,6 @@ pub async fn run(args: LockArgs) -> Result<()> {
         lost: PerCpuArray::try_from(take(&mut ebpf, maps::LOST)?).context("map LOCK_LOST")?,
         calls: PerCpuArray::try_from(take(&mut ebpf, maps::CALL_COUNTS)?).context("map LOCK_CALL_COUNTS")?,
         during: args.during.clone().zip(args.slower),
-        entries_missed: std::cell::Cell::new(0),
-        exits_missed: std::cell::Cell::new(0),
         text: kallsyms::for_stacks(),
         data: KernelSymbols::load_data().ok(),
         max_locks: args.max_locks as usize,
@@ -303,7 +314,7 @@ pub async fn run(args: LockArgs) -> Result<()> {
                 let rows = source.rows()?;
                 let delta = since(&rows, &previous);
                 let period = Period { name: "interval", elapsed: now - last_report, unprinted: 0 };
-                let (lost, calls) = (source.lost()?, source.call_counts()?);
+                let (lost, calls) = (source.lost()?, source.calls(&ebpf)?);
                 output::report(render(&delta, &source, &lost, &calls, &period, &args, false));
                 if let Some(cost) = cost.as_mut() {
                     output::report(cost.since_last(&ebpf).render("interval", args.format));
@@ -317,14 +328,12 @@ pub async fn run(args: LockArgs) -> Result<()> {
 
     run.end(&end);
     let final_cost = cost.as_ref().map(|c| c.whole_run(&ebpf));
-    source.entries_missed.set(recursion_misses(&ebpf, [programs::DURING_FENTRY[0], programs::DURING_KPROBE[0]]));
-    source.exits_missed.set(recursion_misses(&ebpf, [programs::DURING_FENTRY[1], programs::DURING_KPROBE[1]]));
+    let calls = source.calls(&ebpf)?;
     unload_all(&mut ebpf);
     let discarded = ring.drain_until(run.drain_deadline(), |e| printer.print(&e))?;
     let unprinted = discarded + output::settle_records(run.drain_deadline() + SETTLE_TIME);
     let period = Period { name: "final", elapsed: run.elapsed(), unprinted };
-    let (lost, calls) = (source.lost()?, source.call_counts()?);
-    output::report(render(&source.rows()?, &source, &lost, &calls, &period, &args, true));
+    output::report(render(&source.rows()?, &source, &source.lost()?, &calls, &period, &args, true));
     if let Some(cost) = final_cost {
         output::report(cost.render("final", args.format));
     }
@@ -386,18 +395,16 @@ fn attach_during(ebpf: &mut Ebpf, func: &str) -> Result<&'static str> {
 /// How many runs of `names` the kernel skipped (see `bpf::recursion_misses`).
 fn recursion_misses(ebpf: &Ebpf, names: [&str; 2]) -> u64 {
     use std::os::fd::AsFd;
-    names
-        .iter()
-        .filter_map(|name| {
-            let fd = match ebpf.program(name)? {
-                Program::FEntry(p) => p.fd().ok()?.as_fd().try_clone_to_owned().ok()?,
-                Program::FExit(p) => p.fd().ok()?.as_fd().try_clone_to_owned().ok()?,
-                Program::KProbe(p) => p.fd().ok()?.as_fd().try_clone_to_owned().ok()?,
-                _ => return None,
-            };
-            bpf::recursion_misses(fd.as_fd())
-        })
-        .sum()
+    let misses = |name: &str| {
+        let fd = match ebpf.program(name)? {
+            Program::FEntry(p) => p.fd().ok()?,
+            Program::FExit(p) => p.fd().ok()?,
+            Program::KProbe(p) => p.fd().ok()?,
+            _ => return None,
+        };
+        bpf::recursion_misses(fd.as_fd())
+    };
+    names.iter().filter_map(|name| misses(name)).sum()
 }
 
 fn unload_during(ebpf: &mut Ebpf) {
@@ -501,7 +508,7 @@ fn render(
     rows: &[LockRow],
     source: &Source,
     lost: &Lost,
-    calls: &CallCounts,
+    calls: &Calls,
     period: &Period,
     args: &LockArgs,
     whole_run: bool,
@@ -558,12 +565,12 @@ fn render(
                 during: source.during.as_ref().map(|(function, slower_ns)| DuringJson {
                     function,
                     slower_ns: *slower_ns,
-                    calls: calls.calls,
-                    slow_calls: calls.slow_calls,
-                    waits_dropped: calls.waits_dropped,
-                    untimed_calls: calls.untimed,
-                    exits_missed: source.exits_missed.get(),
-                    entries_missed: source.entries_missed.get(),
+                    calls: calls.counts.calls,
+                    slow_calls: calls.counts.slow_calls,
+                    waits_dropped: calls.counts.waits_dropped,
+                    untimed_calls: calls.counts.untimed,
+                    exits_missed: calls.exits_missed,
+                    entries_missed: calls.entries_missed,
                 }),
             };
             out += &serde_json::to_string(&summary).expect("summary serializes");
@@ -583,18 +590,18 @@ fn render(
                     out,
                     "  only inside calls of {function} that took {} or more: {} of {} calls{}",
                     format_ns(*slower_ns),
-                    calls.slow_calls,
-                    calls.calls,
-                    if calls.waits_dropped + calls.untimed + source.exits_missed.get() + source.entries_missed.get() > 0
+                    calls.counts.slow_calls,
+                    calls.counts.calls,
+                    if calls.counts.waits_dropped + calls.counts.untimed + calls.exits_missed + calls.entries_missed > 0
                     {
                         format!(
                             " (LOST: {} waits past {} per call, {} calls untimed, {} calls whose entry and {} whose \
                              return the kernel skipped)",
-                            calls.waits_dropped,
+                            calls.counts.waits_dropped,
                             latprobe_common::lock::MAX_CALL_WAITS,
-                            calls.untimed,
-                            source.entries_missed.get(),
-                            source.exits_missed.get()
+                            calls.counts.untimed,
+                            calls.entries_missed,
+                            calls.exits_missed
                         )
                     } else {
                         String::new()

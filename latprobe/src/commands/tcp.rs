@@ -18,7 +18,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use latprobe_common::{
     tcp::{
         by, event, histogram_index, loss, maps, stage, LossCounts, Lost, TcpEvent, MAX_DROP_REASONS, MAX_PORTS,
-        REMOTE_PORT, SOCK_ENTRIES,
+        PID_KEY, REMOTE_PORT, SOCK_ENTRIES,
     },
     COMM_LEN,
 };
@@ -36,9 +36,6 @@ use crate::{
     run::{Ring, Run, Step, BATCH, SETTLE_TIME},
     tcp_probes::{self, Availability, Config, Probes},
 };
-
-/// Key bit of a process (see the kernel side).
-const PID_KEY: u32 = 1 << 30;
 
 /// What a key slot stands for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
