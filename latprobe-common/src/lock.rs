@@ -66,8 +66,7 @@ pub struct LockStats {
     pub max_ns: u64,
     /// The flags of its last wait.
     pub flags: u32,
-    /// A waiter's stack, taken once per lock and CPU (see
-    /// `Waiting::stack_id`): where the lock is taken.
+    /// The last waiter's stack (see `Waiting::stack_id`).
     pub stack_id: i32,
     /// The last waiter.
     pub tgid: u32,

@@ -165,17 +165,9 @@ pub fn lock_begin(ctx: RawTracePointContext) -> i32 {
         waits.depth += 1;
         return 0;
     }
-    // The stack only names the lock (where it is taken): walking it is most
-    // of a wait's cost, so it is taken once per lock and CPU, not per wait.
-    // SAFETY: this CPU's value of a live entry of our per-CPU hash.
-    let named = LOCK_LOCKS.get_ptr(lock).is_some_and(|s| unsafe { (*s).stack_id } >= 0);
-    let stack_id = if named {
-        -1
-    } else {
-        match ctx.get_stackid(&LOCK_STACK_MAP, 0) {
-            Ok(id) => id as i32,
-            Err(e) => e,
-        }
+    let stack_id = match ctx.get_stackid(&LOCK_STACK_MAP, 0) {
+        Ok(id) => id as i32,
+        Err(e) => e,
     };
     // SAFETY: masked into range.
     let slot = unsafe { waits.waits.get_unchecked_mut(masked(depth, MAX_DEPTH)) };
@@ -393,9 +385,7 @@ fn count(w: &Waiting, wait: u64, tgid: u32) {
         s.max_ns = wait;
     }
     s.flags = w.flags;
-    if w.stack_id >= 0 {
-        s.stack_id = w.stack_id;
-    }
+    s.stack_id = w.stack_id;
     s.tgid = tgid;
     s.comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     let slot = helpers::key_slot(&LOCK_SLOT_OF, &LOCK_NEXT_SLOT, global(&LOCK_SLOTS_N), w.lock);
