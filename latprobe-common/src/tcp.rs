@@ -21,8 +21,15 @@ pub mod stage {
     pub const ACCEPT: u32 = 2;
     /// Data received on an established socket → copied to the process.
     pub const RXQUEUE: u32 = 3;
-    pub const COUNT: u32 = 4;
-    pub const NAMES: [&str; COUNT as usize] = ["softirq", "handshake", "accept", "rxqueue"];
+    /// A socket's receive queue pruned: the kernel's first `tcp_collapse`
+    /// of one `tcp_prune_queue` → the end of the prune (`tcp_prune_queue`
+    /// is inlined into `tcp_try_rmem_schedule`, whose return ends it). The
+    /// collapses of out-of-order ranges and of the receive queue in one
+    /// prune are one wait, the packet that found the buffer full waiting
+    /// through all of them.
+    pub const COLLAPSE: u32 = 4;
+    pub const COUNT: u32 = 5;
+    pub const NAMES: [&str; COUNT as usize] = ["softirq", "handshake", "accept", "rxqueue", "collapse"];
 }
 
 /// The histogram of `stage` for key slot `slot` (0 is "other"), with
@@ -57,9 +64,20 @@ pub mod loss {
     /// A SYN or a handshake's last ACK dropped by a listener whose accept
     /// queue was full (the kernel's ListenOverflows).
     pub const LISTEN_OVERFLOW: u32 = 5;
-    pub const COUNT: u32 = 6;
-    pub const NAMES: [&str; COUNT as usize] =
-        ["syn_retransmits", "synack_retransmits", "retransmits", "resets_sent", "resets_received", "listen_overflows"];
+    /// A received segment merged away while its receive queue was
+    /// collapsed (`tcp_collapse_one`, the kernel's TCPRcvCollapsed): not a
+    /// loss, but the work a prune did.
+    pub const COLLAPSED: u32 = 6;
+    pub const COUNT: u32 = 7;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "syn_retransmits",
+        "synack_retransmits",
+        "retransmits",
+        "resets_sent",
+        "resets_received",
+        "listen_overflows",
+        "collapsed_skbs",
+    ];
 }
 
 /// How waits are keyed (`globals::BY`).
@@ -87,6 +105,9 @@ pub const SOCK_ENTRIES: u32 = 16_384;
 /// least-recently-used: a segment never copied (merged into another, pruned,
 /// or its socket closed) makes room for newer ones.
 pub const SKB_ENTRIES: u32 = 65_536;
+/// Sockets whose receive queue can be in a prune at once (one per CPU
+/// doing a prune, in practice). Beyond it, prunes are counted as untimed.
+pub const COLLAPSE_ENTRIES: u32 = 1024;
 /// Drop reasons counted (`enum skb_drop_reason` has about 120 in 6.12);
 /// a larger reason is counted in the last slot.
 pub const MAX_DROP_REASONS: usize = 256;
@@ -140,6 +161,8 @@ pub struct Lost {
     pub sock_table_full: u64,
     /// Events that did not fit in the ring buffer.
     pub events: u64,
+    /// A prune not timed: `COLLAPSE_ENTRIES` sockets were being pruned.
+    pub collapse_table_full: u64,
 }
 
 /// Per-CPU loss counts of one key slot, indexed by `loss::*`.
@@ -151,7 +174,8 @@ pub struct LossCounts {
 
 /// What an event is (`TcpEvent::kind`).
 pub mod event {
-    /// A stage wait over `--slower`; `detail` is the stage.
+    /// A stage wait over `--slower` (or, with `--losses`, any prune);
+    /// `detail` is the stage.
     pub const SLOW: u32 = 1;
     /// A loss; `detail` is one of `loss::*`.
     pub const LOSS: u32 = 2;
@@ -178,6 +202,9 @@ pub struct TcpEvent {
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],
     pub comm: [u8; COMM_LEN],
+    /// The socket's receive buffer (`sk_rcvbuf`) in bytes at the event.
+    pub rcvbuf: u32,
+    pub _pad: u32,
 }
 
 /// Names of the load-time globals of the `tcp_` programs.
@@ -216,8 +243,9 @@ pub mod globals {
     pub const SK_MAX_ACK_BACKLOG_OFF: &str = "TCP_SK_MAX_ACK_BACKLOG_OFF";
     /// `tcp_request_sock.snt_synack`: when its first SYN-ACK left, in µs.
     pub const REQ_SNT_SYNACK_OFF: &str = "TCP_REQ_SNT_SYNACK_OFF";
+    pub const SK_RCVBUF_OFF: &str = "TCP_SK_RCVBUF_OFF";
 
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 23] = [
         TARGET_TGID,
         PORTS,
         PORTS_N,
@@ -240,6 +268,7 @@ pub mod globals {
         SK_ACK_BACKLOG_OFF,
         SK_MAX_ACK_BACKLOG_OFF,
         REQ_SNT_SYNACK_OFF,
+        SK_RCVBUF_OFF,
     ];
 }
 
@@ -262,9 +291,28 @@ pub mod maps {
     pub const KEY_COMMS: &str = "TCP_KEY_COMMS";
     /// Packets dropped, per CPU, by the kernel's drop reason.
     pub const DROPS: &str = "TCP_DROPS";
+    /// Socket address → the start of its prune's first collapse.
+    pub const COLLAPSES: &str = "TCP_COLLAPSES";
+    /// How many prunes are under way: the end of every `tcp_try_rmem_schedule`
+    /// looks at the table only when there is one.
+    pub const COLLAPSES_OPEN: &str = "TCP_COLLAPSES_OPEN";
 
-    pub const ALL: [&str; 12] =
-        [STATS, BUCKETS, KEY_SLOTS, NEXT_SLOT, LOSSES, LOST, SOCKS, SKBS, RAISED, EVENTS, KEY_COMMS, DROPS];
+    pub const ALL: [&str; 14] = [
+        STATS,
+        BUCKETS,
+        KEY_SLOTS,
+        NEXT_SLOT,
+        LOSSES,
+        LOST,
+        SOCKS,
+        SKBS,
+        RAISED,
+        EVENTS,
+        KEY_COMMS,
+        DROPS,
+        COLLAPSES,
+        COLLAPSES_OPEN,
+    ];
 }
 
 /// The `tcp_` programs, as (program, tracepoint or function), by the stage
@@ -294,6 +342,17 @@ pub mod programs {
     /// tp_btf `kfree_skb`: every packet the kernel drops, with its reason
     /// (Linux 5.17+).
     pub const DROPS: (&str, &str) = ("tcp_drop", "kfree_skb");
+    /// fentry on each collapse of a socket's receive queue (or of an
+    /// out-of-order range of it): the first of a prune starts its wait.
+    pub const COLLAPSE_START: (&str, &str) = ("tcp_collapse_start", "tcp_collapse");
+    /// The kprobe taken where fentry there is refused (6.1: tcp_collapse
+    /// takes 7 arguments, more than its trampolines carry before 6.6).
+    pub const COLLAPSE_START_KPROBE: &str = "tcp_collapse_start_kprobe";
+    /// fentry on each segment merged away by a collapse.
+    pub const COLLAPSED: (&str, &str) = ("tcp_collapsed", "tcp_collapse_one");
+    /// fexit of the function `tcp_prune_queue` is inlined into: the prune
+    /// is over.
+    pub const PRUNE_END: (&str, &str) = ("tcp_prune_end", "tcp_try_rmem_schedule");
     pub const LOSSES: [(&str, &str); 4] = [
         ("tcp_retransmit", "tcp_retransmit_skb"),
         ("tcp_retransmit_synack", "tcp_retransmit_synack"),
@@ -320,7 +379,7 @@ mod pod {
 
 const _: () = assert!(core::mem::size_of::<SockStart>() == 16);
 const _: () = assert!(core::mem::size_of::<SkbStart>() == 24);
-const _: () = assert!(core::mem::size_of::<Lost>() == 16);
+const _: () = assert!(core::mem::size_of::<Lost>() == 24);
 const _: () = assert!(core::mem::size_of::<LossCounts>() == 64);
-const _: () = assert!(core::mem::size_of::<TcpEvent>() == 8 * 2 + 4 * 4 + 2 * 4 + 16 * 2 + COMM_LEN);
+const _: () = assert!(core::mem::size_of::<TcpEvent>() == 8 * 2 + 4 * 4 + 2 * 4 + 16 * 2 + COMM_LEN + 4 * 2);
 const _: () = assert!(loss::COUNT as usize <= 8);

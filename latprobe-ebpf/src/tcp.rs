@@ -11,6 +11,13 @@
 //! - rxqueue: `tcp_probe` (every segment an established socket receives)
 //!   stores a data segment's arrival by `sk_buff` address, the first
 //!   `skb_copy_datagram_iovec` of that segment ends it.
+//! - collapse: fentry (else a kprobe) on `tcp_collapse` stores, for the
+//!   first collapse of a prune, its start by socket address; fexit of
+//!   `tcp_try_rmem_schedule` (which `tcp_prune_queue` is inlined into) ends
+//!   it, so the collapses of one prune are one wait. fentry on
+//!   `tcp_collapse_one` counts the segments merged away (TCPRcvCollapsed).
+//!   Nothing runs per packet but that fexit, which reads one shared counter
+//!   of prunes under way and returns when there is none.
 //! - losses: the `tcp_retransmit_*` and reset tracepoints count per port and
 //!   send the connection through the ring buffer; fentry where a listener
 //!   takes a SYN or a last ACK counts those it drops with a full accept queue.
@@ -25,7 +32,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_NO_COMMON_LRU},
+    bindings::{BPF_ANY, BPF_F_NO_COMMON_LRU, BPF_NOEXIST},
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
@@ -90,6 +97,8 @@ static TCP_SK_ACK_BACKLOG_OFF: u32 = 0;
 static TCP_SK_MAX_ACK_BACKLOG_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static TCP_REQ_SNT_SYNACK_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SK_RCVBUF_OFF: u32 = 0;
 
 /// Running totals per stage and key slot.
 #[btf_map]
@@ -132,6 +141,14 @@ static TCP_RAISED: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 #[btf_map]
 static TCP_EVENTS: RingBuf<TcpEvent, 4096> = RingBuf::new();
+
+/// Socket address → when its prune's first collapse began.
+#[btf_map]
+static TCP_COLLAPSES: HashMap<u64, u64, 1> = HashMap::new();
+
+/// Prunes under way, machine-wide: written only when one starts or ends.
+#[btf_map]
+static TCP_COLLAPSES_OPEN: Array<u64, 1> = Array::new();
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -277,6 +294,8 @@ fn send(sk: *const c_void, kind: u32, detail: u32, duration: u64, tgid: u32) {
         (*e).state = 0;
         (*e).local_addr = [0; 16];
         (*e).remote_addr = [0; 16];
+        (*e).rcvbuf = 0;
+        (*e)._pad = 0;
         if !sk.is_null() {
             let family = field::<u16>(sk, &TCP_SK_FAMILY_OFF).unwrap_or(0);
             let (local, remote) = ports(sk);
@@ -284,6 +303,11 @@ fn send(sk: *const c_void, kind: u32, detail: u32, duration: u64, tgid: u32) {
             (*e).local_port = local as u16;
             (*e).remote_port = remote as u16;
             (*e).state = u16::from(field::<u8>(sk, &TCP_SK_STATE_OFF).unwrap_or(0));
+            // A request socket (SYN-ACK retransmits) ends before sk_rcvbuf:
+            // only prunes print it.
+            if kind == event::SLOW && detail == stage::COLLAPSE {
+                (*e).rcvbuf = field::<u32>(sk, &TCP_SK_RCVBUF_OFF).unwrap_or(0);
+            }
             if family == AF_INET6 {
                 (*e).local_addr = field::<[u8; 16]>(sk, &TCP_SK_V6_RCV_SADDR_OFF).unwrap_or([0; 16]);
                 (*e).remote_addr = field::<[u8; 16]>(sk, &TCP_SK_V6_DADDR_OFF).unwrap_or([0; 16]);
@@ -490,12 +514,21 @@ pub fn tcp_copy(ctx: BtfTracePointContext) -> i32 {
 /// Counts a loss on connection `sk` (or on no known one) and sends it.
 #[inline(always)]
 fn count_loss(sk: *const c_void, what: u32) {
+    if count(sk, what) && global(&TCP_LOSS_EVENTS) != 0 {
+        send(sk, event::LOSS, what, 0, 0);
+    }
+}
+
+/// Adds one to counter `what` of connection `sk`'s key (or "other"), if
+/// `--port` keeps it; whether it did.
+#[inline(always)]
+fn count(sk: *const c_void, what: u32) -> bool {
     let key = if sk.is_null() {
         0
     } else {
         let (local, remote) = ports(sk);
         if !port_wanted(local, remote) {
-            return;
+            return false;
         }
         service_key(local, remote)
     };
@@ -505,9 +538,7 @@ fn count_loss(sk: *const c_void, what: u32) {
         // SAFETY: masked to the array's length.
         add(unsafe { c.counts.get_unchecked_mut(masked(what as usize, 8)) }, 1);
     }
-    if global(&TCP_LOSS_EVENTS) != 0 {
-        send(sk, event::LOSS, what, 0, 0);
-    }
+    true
 }
 
 // tp_btf `tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb)`.
@@ -630,6 +661,93 @@ pub fn tcp_drop(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: per-CPU array slots are valid for the program's lifetime.
     if let Some(count) = TCP_DROPS.get_ptr_mut(slot).and_then(|p| unsafe { p.as_mut() }) {
         add(count, 1);
+    }
+    0
+}
+
+/// Adds `n` (wrapping: `u64::MAX` takes one away) to the count of prunes
+/// under way.
+#[inline(always)]
+fn prunes_open(n: u64) {
+    if let Some(open) = TCP_COLLAPSES_OPEN.get_ptr_mut(0) {
+        // SAFETY: the array's only value, valid for the program's lifetime.
+        add(unsafe { &mut *open }, n);
+    }
+}
+
+/// A collapse of `sk`'s receive queue (or an out-of-order range of it)
+/// begins: the first of its prune starts the wait.
+#[inline(always)]
+fn on_collapse(sk: *const c_void) {
+    let (local, remote) = ports(sk);
+    if !port_wanted(local, remote) {
+        return;
+    }
+    // A later collapse of the same prune: its wait is already running.
+    if TCP_COLLAPSES.get_ptr(sk as u64).is_some() {
+        return;
+    }
+    if TCP_COLLAPSES.insert(sk as u64, now(), u64::from(BPF_NOEXIST)).is_ok() {
+        prunes_open(1);
+    } else if let Some(l) = lost() {
+        add(&mut l.collapse_table_full, 1);
+    }
+}
+
+// fentry `tcp_collapse(struct sock *sk, struct sk_buff_head *list, struct
+// rb_root *root, struct sk_buff *head, struct sk_buff *tail, u32 start, u32
+// end)`: called by the prune for each out-of-order range, then for the
+// receive queue.
+#[fentry(function = "tcp_collapse")]
+pub fn tcp_collapse_start(ctx: FEntryContext) -> i32 {
+    on_collapse(ctx.arg(0));
+    0
+}
+
+/// The same as a kprobe, where fentry is refused (6.1: seven arguments).
+#[kprobe]
+pub fn tcp_collapse_start_kprobe(ctx: ProbeContext) -> i32 {
+    if let Some(sk) = ctx.arg::<*const c_void>(0) {
+        on_collapse(sk);
+    }
+    0
+}
+
+// fentry `tcp_collapse_one(struct sock *sk, struct sk_buff *skb, …)`: one
+// segment merged away, where the kernel counts TCPRcvCollapsed.
+#[fentry(function = "tcp_collapse_one")]
+pub fn tcp_collapsed(ctx: FEntryContext) -> i32 {
+    let _ = count(ctx.arg(0), loss::COLLAPSED);
+    0
+}
+
+// fexit `tcp_try_rmem_schedule(struct sock *sk, const struct sk_buff *skb,
+// unsigned int size)`: where `tcp_prune_queue` is inlined; once it returns,
+// the prune of `sk` (if it collapsed anything) is over.
+#[fexit(function = "tcp_try_rmem_schedule")]
+pub fn tcp_prune_end(ctx: FExitContext) -> i32 {
+    // Every segment taken the slow way comes here: with no prune under way
+    // anywhere, one read of a shared, rarely written counter is all it costs.
+    let Some(open) = TCP_COLLAPSES_OPEN.get_ptr(0) else { return 0 };
+    // SAFETY: the array's only value; volatile, as other CPUs write it.
+    if unsafe { core::ptr::read_volatile(open) } == 0 {
+        return 0;
+    }
+    let sk: *const c_void = ctx.arg(0);
+    // SAFETY: a live value of our map, copied out before removal.
+    let Some(start_ns) = TCP_COLLAPSES.get_ptr(sk as u64).map(|p| unsafe { *p }) else { return 0 };
+    if TCP_COLLAPSES.remove(sk as u64).is_err() {
+        return 0;
+    }
+    prunes_open(u64::MAX);
+    let duration = now().saturating_sub(start_ns);
+    let (local, remote) = ports(sk);
+    // In softirq, or in the process that releases the socket: no process to
+    // key a prune by.
+    let slot = if global(&TCP_BY) == by::PID { 0 } else { slot_of(service_key(local, remote)) };
+    record(stage::COLLAPSE, slot, duration);
+    if duration >= global(&TCP_THRESHOLD_NS) || global(&TCP_LOSS_EVENTS) != 0 {
+        send(sk, event::SLOW, stage::COLLAPSE, duration, 0);
     }
     0
 }

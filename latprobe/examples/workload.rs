@@ -44,6 +44,15 @@
 //!   worker PORT DELAY       (a worker of `workers`, run as its own process)
 //!   refused PORT N          N connects to 127.0.0.1:PORT, where nothing
 //!                           listens (N resets sent and received)
+//!   collapse PORT DUR       one connection to 127.0.0.1:PORT whose server
+//!                           side's receive queue the kernel collapses: the
+//!                           client sends 64 KiB chunks the server reads at
+//!                           once (its receive window grows), then for DUR
+//!                           1-byte TCP_NODELAY writes while the server reads
+//!                           512 bytes every 500 ms. Sets
+//!                           net.ipv4.tcp_autocorking to 0 meanwhile (root),
+//!                           so each byte is a segment of its own; prints
+//!                           `workload: collapse sent N bytes`
 //!   dir-churn THREADS N     THREADS threads each create and unlink N files
 //!                           in one new directory (its inode lock contended)
 //!   mmap-churn THREADS N    THREADS threads each map, touch and unmap
@@ -412,6 +421,75 @@ fn rx_delay(port: u16, n: u64, delay: Duration) {
     }
 }
 
+/// Sets a sysctl under /proc/sys for as long as it lives, then puts the
+/// old value back.
+struct Sysctl {
+    path: &'static str,
+    old: String,
+}
+
+impl Sysctl {
+    fn set(path: &'static str, value: &str) -> Sysctl {
+        let old = fs::read_to_string(path).unwrap_or_else(|e| usage(&format!("{path}: {e}")));
+        fs::write(path, value).unwrap_or_else(|e| usage(&format!("{path}: {e} (needs root)")));
+        Sysctl { path, old }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = fs::write(self.path, self.old.trim());
+    }
+}
+
+/// Makes the kernel collapse the receive queue of the server's side of one
+/// connection on `port`: many 1-byte segments (each an skb whose truesize is
+/// hundreds of bytes) fill the receive buffer long before they fill the
+/// window a bulk phase grew, so the kernel prunes the queue, collapsing the
+/// small skbs into full ones, again each time it fills up.
+fn collapse(port: u16, small_for: Duration) {
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 64;
+    // Autocorking would merge the 1-byte writes into larger segments.
+    let _corking = Sysctl::set("/proc/sys/net/ipv4/tcp_autocorking", "0");
+    let listener = listen(port, 8);
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let (mut server, _) = listener.accept().expect("accept");
+    let reader = thread::spawn(move || {
+        let mut bulk = vec![0u8; CHUNK];
+        for _ in 0..CHUNKS {
+            server.read_exact(&mut bulk).expect("server read");
+        }
+        // Slow reads of the small writes, so that they pile up.
+        let mut some = [0u8; 512];
+        let end = Instant::now() + small_for;
+        while Instant::now() < end {
+            sleep(Duration::from_millis(500));
+            let _ = server.read(&mut some).expect("server read");
+        }
+        server
+    });
+    let chunk = vec![b'b'; CHUNK];
+    for _ in 0..CHUNKS {
+        client.write_all(&chunk).expect("send");
+    }
+    client.set_nodelay(true).expect("TCP_NODELAY");
+    client.set_nonblocking(true).expect("non-blocking");
+    let end = Instant::now() + small_for;
+    let mut sent = 0u64;
+    while Instant::now() < end {
+        match client.write(b"s") {
+            Ok(n) => sent += n as u64,
+            // The window or the send buffer is full: the reader catches up.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => sleep(Duration::from_millis(1)),
+            Err(e) => panic!("send: {e}"),
+        }
+    }
+    let server = reader.join().expect("reader");
+    eprintln!("workload: collapse sent {sent} bytes");
+    drop((client, server));
+}
+
 fn main() {
     let started = Instant::now();
     let args: Vec<String> = env::args().skip(1).collect();
@@ -535,6 +613,10 @@ fn main() {
                     let refused = TcpStream::connect(("127.0.0.1", port));
                     assert!(refused.is_err(), "something listens on port {port}");
                 }
+                tail
+            }
+            ("collapse", [port, d, tail @ ..]) => {
+                collapse(port_number(port), duration(d));
                 tail
             }
             ("dir-churn", [threads, n, tail @ ..]) => {

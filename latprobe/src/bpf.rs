@@ -255,10 +255,12 @@ mod tests {
             .chain(&tcp::programs::RXQUEUE)
             .chain(&tcp::programs::LOSSES)
             .chain(&tcp::programs::LISTEN)
-            .chain([&tcp::programs::STATE, &tcp::programs::SERVER_HANDSHAKE, &tcp::programs::DROPS]);
+            .chain([&tcp::programs::STATE, &tcp::programs::SERVER_HANDSHAKE, &tcp::programs::DROPS])
+            .chain([&tcp::programs::COLLAPSE_START, &tcp::programs::COLLAPSED, &tcp::programs::PRUNE_END]);
         names.extend(programs.map(|(p, _)| *p));
         names.extend(tcp::programs::ACCEPT.iter().map(|(_, p)| *p));
         names.push(tcp::programs::LISTEN_ACK_KPROBE);
+        names.push(tcp::programs::COLLAPSE_START_KPROBE);
         let missing = missing_from(super::TCP_OBJECT, &names);
         assert!(missing.is_empty(), "names missing from the tcp kernel object: {missing:?}");
     }

@@ -308,6 +308,8 @@ pub struct SockOffsets {
     pub max_ack_backlog: u32,
     /// `tcp_request_sock.snt_synack`.
     pub snt_synack: u32,
+    /// `sock.sk_rcvbuf`, bytes.
+    pub rcvbuf: u32,
 }
 
 impl SockOffsets {
@@ -334,6 +336,7 @@ impl SockOffsets {
             ack_backlog: field("sock", "sk_ack_backlog", 4)?,
             max_ack_backlog: field("sock", "sk_max_ack_backlog", 4)?,
             snt_synack: field("tcp_request_sock", "snt_synack", 8)?,
+            rcvbuf: field("sock", "sk_rcvbuf", 4)?,
         })
     }
 }

@@ -8,7 +8,10 @@ use anyhow::{anyhow, Context, Result};
 use aya::{programs::Program, Btf as AyaBtf, Ebpf};
 use latprobe_common::{
     hdr,
-    tcp::{globals, histograms, maps, programs, stage, MAX_DROP_REASONS, MAX_PORTS, SKB_ENTRIES, SOCK_ENTRIES},
+    tcp::{
+        globals, histograms, maps, programs, stage, COLLAPSE_ENTRIES, MAX_DROP_REASONS, MAX_PORTS, SKB_ENTRIES,
+        SOCK_ENTRIES,
+    },
 };
 
 use crate::{
@@ -124,6 +127,7 @@ pub fn start(config: &Config) -> Result<Probes> {
             .override_global(globals::SK_ACK_BACKLOG_OFF, &o.ack_backlog, true)
             .override_global(globals::SK_MAX_ACK_BACKLOG_OFF, &o.max_ack_backlog, true)
             .override_global(globals::REQ_SNT_SYNACK_OFF, &o.snt_synack, true)
+            .override_global(globals::SK_RCVBUF_OFF, &o.rcvbuf, true)
             .map_max_entries(maps::STATS, histograms)
             .map_max_entries(maps::BUCKETS, histograms * hdr::GROUPS as u32)
             .map_max_entries(maps::KEY_SLOTS, config.key_slots.max(1))
@@ -131,6 +135,7 @@ pub fn start(config: &Config) -> Result<Probes> {
             .map_max_entries(maps::KEY_COMMS, config.key_slots + 1)
             .map_max_entries(maps::SOCKS, SOCK_ENTRIES)
             .map_max_entries(maps::SKBS, SKB_ENTRIES)
+            .map_max_entries(maps::COLLAPSES, COLLAPSE_ENTRIES)
             .map_max_entries(maps::EVENTS, ring_bytes)
             .map_max_entries(maps::DROPS, MAX_DROP_REASONS as u32);
     })?;
@@ -189,11 +194,13 @@ pub fn start(config: &Config) -> Result<Probes> {
         }
         other => other,
     };
+    let collapse = attach_collapse(&mut attach_all);
     let mut stages = vec![Availability::Unavailable(String::new()); stage::COUNT as usize];
     stages[stage::SOFTIRQ as usize] = softirq;
     stages[stage::HANDSHAKE as usize] = state;
     stages[stage::ACCEPT as usize] = accept;
     stages[stage::RXQUEUE as usize] = rxqueue;
+    stages[stage::COLLAPSE as usize] = collapse;
     // Drop reasons came with Linux 5.17 ("net: skb: introduce kfree_skb_reason()").
     let drop_reasons = match attach_all(&[programs::DROPS]) {
         Availability::Attached(_) if !reasons.is_empty() => reasons,
@@ -209,15 +216,38 @@ pub fn start(config: &Config) -> Result<Probes> {
     Ok(Probes { ebpf, stages, losses, partial, drop_reasons })
 }
 
+/// The collapse stage: its end first (fexit of the function the prune is
+/// inlined into), then the merged-segment counter, then its start, fentry
+/// or else a kprobe; a start without an end would leave prunes open.
+fn attach_collapse(attach_all: &mut impl FnMut(&[(&'static str, &'static str)]) -> Availability) -> Availability {
+    let needs = |how: &str, why: String| Availability::Unavailable(format!("needs {how} on {why}"));
+    if let Availability::Unavailable(why) = attach_all(&[programs::PRUNE_END, programs::COLLAPSED]) {
+        return needs("fexit and fentry", why);
+    }
+    match attach_all(&[programs::COLLAPSE_START]) {
+        Availability::Attached(_) => Availability::Attached("fentry, fexit"),
+        Availability::Unavailable(refused) => {
+            match attach_all(&[(programs::COLLAPSE_START_KPROBE, programs::COLLAPSE_START.1)]) {
+                Availability::Attached(_) => Availability::Attached("kprobe, fexit"),
+                Availability::Unavailable(why) => needs("fentry or a kprobe", format!("{refused}; {why}")),
+            }
+        }
+    }
+}
+
 /// The mechanism of a program, by its kind.
 fn mechanism_of(program: &str) -> &'static str {
     if programs::SOFTIRQ.iter().any(|(p, _)| *p == program) {
         "raw_tp"
     } else if programs::ACCEPT.iter().any(|(_, p)| *p == program) {
         "fexit"
-    } else if program == programs::LISTEN_ACK_KPROBE {
+    } else if program == programs::LISTEN_ACK_KPROBE || program == programs::COLLAPSE_START_KPROBE {
         "kprobe"
-    } else if program == programs::SERVER_HANDSHAKE.0 || programs::LISTEN.iter().any(|(p, _)| *p == program) {
+    } else if program == programs::SERVER_HANDSHAKE.0
+        || program == programs::COLLAPSE_START.0
+        || program == programs::COLLAPSED.0
+        || programs::LISTEN.iter().any(|(p, _)| *p == program)
+    {
         "fentry"
     } else {
         "tp_btf"
@@ -258,8 +288,15 @@ fn attach(ebpf: &mut Ebpf, btf: &AyaBtf, name: &str, target: &str) -> Result<()>
 pub fn unload_all(ebpf: &mut Ebpf) {
     let all = programs::SOFTIRQ.iter().chain(&programs::RXQUEUE).chain(&programs::LOSSES).chain(&programs::LISTEN);
     let accept = programs::ACCEPT.iter().map(|(_, p)| *p);
-    let single = [&programs::STATE, &programs::SERVER_HANDSHAKE, &programs::DROPS];
-    let kprobe = [programs::LISTEN_ACK_KPROBE];
+    let single = [
+        &programs::STATE,
+        &programs::SERVER_HANDSHAKE,
+        &programs::DROPS,
+        &programs::COLLAPSE_START,
+        &programs::COLLAPSED,
+        &programs::PRUNE_END,
+    ];
+    let kprobe = [programs::LISTEN_ACK_KPROBE, programs::COLLAPSE_START_KPROBE];
     for name in all.chain(single).map(|(p, _)| *p).chain(accept).chain(kprobe) {
         let _ = match ebpf.program_mut(name) {
             Some(Program::BtfTracePoint(p)) => p.unload(),

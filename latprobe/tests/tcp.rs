@@ -288,3 +288,57 @@ fn tcp_by_pid_splits_the_accepts_of_two_workers_on_one_port() {
         assert!(u64_of(fast, "p50_ns") < 50 * MS, "the fast worker served at once: {fast}");
     }
 }
+
+#[test]
+fn tcp_collapses_are_counted_on_their_port_as_the_kernel_counts_them() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("tcp_collapses_are_counted_on_their_port_as_the_kernel_counts_them", &why);
+    }
+    let (w, port) = (workload(), test_port(0).to_string());
+    // `fn` beside it counts every call of tcp_collapse, as a second witness,
+    // where kernel functions can be traced at all.
+    let calls =
+        kernel_probes_unavailable().is_none().then(|| start_tracing(&["fn", "tcp_collapse", "--format", "json"]));
+    let (collapsed, prunes) = (tcp_ext("TCPRcvCollapsed"), tcp_ext("PruneCalled"));
+    let run = latprobe(&["tcp", "--port", &port, "--losses", "--format", "json", "--", &w, "collapse", &port, "3s"]);
+    let (collapsed, prunes) = (tcp_ext("TCPRcvCollapsed") - collapsed, tcp_ext("PruneCalled") - prunes);
+    let calls = calls.map(|c| {
+        c.signal(libc::SIGINT);
+        c.finish()
+    });
+    run.assert_success();
+    if let Some(why) = unavailable(&run, "collapse") {
+        return skip("tcp_collapses_are_counted_on_their_port_as_the_kernel_counts_them", &why);
+    }
+    let key = format!("port={port}");
+    let pruned = final_stage(&run, "tcp:collapse", &key);
+    let episodes = u64_of(&pruned, "count");
+    assert!(episodes > 0, "the workload makes the kernel collapse: {pruned}\n{}", run.stderr);
+    // Every segment merged away, as the kernel counted it (no other socket
+    // on the machine collapses meanwhile).
+    let losses = run
+        .records()
+        .into_iter()
+        .find(|r| r["type"] == "tcp_losses" && r["period"] == "final" && r["key"] == key)
+        .unwrap_or_else(|| panic!("no losses for {key}:\n{}", run.stdout));
+    assert_eq!(u64_of(&losses, "collapsed_skbs"), collapsed, "TCPRcvCollapsed is {collapsed}: {losses}");
+    // The kernel counts a prune each time the buffer fills, also when it only
+    // grows the buffer (tcp_clamp_window) and collapses nothing.
+    assert!(episodes <= prunes, "{episodes} prunes that collapsed, PruneCalled {prunes}");
+    // In order, on loopback, a prune collapses only the receive queue: one
+    // call of tcp_collapse each.
+    let calls = calls.expect("the collapse stage is measured only where kernel functions can be traced");
+    calls.assert_success();
+    let called = calls.final_histogram("tcp_collapse");
+    assert_eq!(u64_of(&called, "count"), episodes, "fn counted {called}\n{pruned}");
+    // And each prune came as an event, with its connection and buffer.
+    let events: Vec<Value> =
+        run.records().into_iter().filter(|r| r["type"] == "tcp_slow" && r["stage"] == "collapse").collect();
+    assert_eq!(events.len() as u64, episodes, "{}", run.stdout);
+    for e in &events {
+        assert_eq!(e["local"], format!("127.0.0.1:{port}"), "{e}");
+        assert!(u64_of(e, "rcvbuf") > 64 * 1024, "the bulk phase grew the buffer: {e}");
+    }
+    let longest = events.iter().map(|e| u64_of(e, "duration_ns")).max().unwrap();
+    assert_eq!(longest, u64_of(&pruned, "max_ns"), "{pruned}");
+}

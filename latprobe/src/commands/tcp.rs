@@ -17,8 +17,8 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use latprobe_common::{
     tcp::{
-        by, event, histogram_index, loss, maps, stage, LossCounts, Lost, TcpEvent, MAX_DROP_REASONS, MAX_PORTS,
-        PID_KEY, REMOTE_PORT, SOCK_ENTRIES,
+        by, event, histogram_index, loss, maps, stage, LossCounts, Lost, TcpEvent, COLLAPSE_ENTRIES, MAX_DROP_REASONS,
+        MAX_PORTS, PID_KEY, REMOTE_PORT, SOCK_ENTRIES,
     },
     COMM_LEN,
 };
@@ -160,7 +160,7 @@ impl Source {
             key: Key::All,
             latencies: self.hist.totals(histogram_index(stage::SOFTIRQ, 0, self.max_keys))?.latencies,
         });
-        for s in [stage::HANDSHAKE, stage::ACCEPT, stage::RXQUEUE] {
+        for s in [stage::HANDSHAKE, stage::ACCEPT, stage::RXQUEUE, stage::COLLAPSE] {
             for (key, slot) in &keys {
                 let latencies = self.hist.totals(histogram_index(s, *slot, self.max_keys))?.latencies;
                 stages.push(StageRow { stage: s, key: key.clone(), latencies });
@@ -186,6 +186,7 @@ impl Source {
         let lost = lost_values.iter().fold(Lost::default(), |a, l| Lost {
             sock_table_full: a.sock_table_full + l.sock_table_full,
             events: a.events + l.events,
+            collapse_table_full: a.collapse_table_full + l.collapse_table_full,
         });
         Ok(Snapshot { stages, losses, drops, lost })
     }
@@ -227,6 +228,7 @@ impl Snapshot {
         let lost = Lost {
             sock_table_full: self.lost.sock_table_full.saturating_sub(earlier.lost.sock_table_full),
             events: self.lost.events.saturating_sub(earlier.lost.events),
+            collapse_table_full: self.lost.collapse_table_full.saturating_sub(earlier.lost.collapse_table_full),
         };
         let drops = self
             .drops
@@ -344,6 +346,8 @@ struct LossJson<'a> {
     resets_sent: u64,
     resets_received: u64,
     listen_overflows: u64,
+    /// Segments merged away by collapses (the kernel's TCPRcvCollapsed).
+    collapsed_skbs: u64,
 }
 
 #[derive(Serialize)]
@@ -381,6 +385,8 @@ struct SummaryJson<'a> {
     /// What this kernel does not let latprobe see of a measured stage.
     partial: &'a [String],
     untimed_sockets: u64,
+    /// Prunes not timed: too many sockets were being pruned at once.
+    untimed_prunes: u64,
     events_lost: u64,
     events_unprinted: u64,
 }
@@ -450,6 +456,7 @@ fn render_json(
             resets_sent: c[loss::RESET_SENT as usize],
             resets_received: c[loss::RESET_RECEIVED as usize],
             listen_overflows: c[loss::LISTEN_OVERFLOW as usize],
+            collapsed_skbs: c[loss::COLLAPSED as usize],
         };
         out += &serde_json::to_string(&json).expect("losses serialize");
         out.push('\n');
@@ -483,6 +490,7 @@ fn render_json(
         stages,
         partial: &probes.partial,
         untimed_sockets: snapshot.lost.sock_table_full,
+        untimed_prunes: snapshot.lost.collapse_table_full,
         events_lost: snapshot.lost.events,
         events_unprinted: period.unprinted,
     };
@@ -538,21 +546,22 @@ fn render_text(
     if !losses.is_empty() {
         let _ = writeln!(
             out,
-            "  {:<24} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
-            "losses", "syn_rtx", "synack_rtx", "rtx", "rst_sent", "rst_recv", "overflows"
+            "  {:<24} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "losses", "syn_rtx", "synack_rtx", "rtx", "rst_sent", "rst_recv", "overflows", "collapsed"
         );
         for row in losses {
             let c = &row.counts;
             let _ = writeln!(
                 out,
-                "  {:<24} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                "  {:<24} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
                 row.key.label(),
                 c[loss::SYN_RETRANS as usize],
                 c[loss::SYNACK_RETRANS as usize],
                 c[loss::RETRANS as usize],
                 c[loss::RESET_SENT as usize],
                 c[loss::RESET_RECEIVED as usize],
-                c[loss::LISTEN_OVERFLOW as usize]
+                c[loss::LISTEN_OVERFLOW as usize],
+                c[loss::COLLAPSED as usize]
             );
         }
     }
@@ -567,6 +576,13 @@ fn render_text(
             out,
             "  LOST: {} handshakes or accepts untimed ({SOCK_ENTRIES} sockets were already waiting)",
             snapshot.lost.sock_table_full
+        );
+    }
+    if snapshot.lost.collapse_table_full > 0 {
+        let _ = writeln!(
+            out,
+            "  LOST: {} prunes untimed ({COLLAPSE_ENTRIES} sockets were already being pruned)",
+            snapshot.lost.collapse_table_full
         );
     }
     if snapshot.lost.events > 0 || period.unprinted > 0 {
@@ -608,6 +624,9 @@ struct EventJson<'a> {
     pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     comm: Option<String>,
+    /// A pruned socket's receive buffer (`sk_rcvbuf`), bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rcvbuf: Option<u32>,
 }
 
 /// `include/net/tcp_states.h`.
@@ -656,6 +675,7 @@ impl EventPrinter {
                 cpu: e.cpu,
                 pid: (e.tgid != 0).then_some(e.tgid),
                 comm: (e.tgid != 0).then(|| text::comm(&e.comm)),
+                rcvbuf: (slow && e.detail == stage::COLLAPSE).then_some(e.rcvbuf),
             };
             match self.format {
                 Format::Json => format!("{}\n", serde_json::to_string(&json).expect("event serializes")),
@@ -671,6 +691,9 @@ impl EventPrinter {
                     }
                     if let Some(s) = json.state {
                         line += &format!(" state={s}");
+                    }
+                    if let Some(bytes) = json.rcvbuf {
+                        line += &format!(" rcvbuf={bytes}");
                     }
                     line += &format!(" cpu={}", e.cpu);
                     if let (Some(pid), Some(comm)) = (json.pid, &json.comm) {
