@@ -68,7 +68,11 @@ pub mod loss {
     /// collapsed (`tcp_collapse_one`, the kernel's TCPRcvCollapsed): not a
     /// loss, but the work a prune did.
     pub const COLLAPSED: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// A TCP packet of the connection the kernel dropped (tp_btf
+    /// `kfree_skb`, any reason): known by its socket, else by its TCP
+    /// header (a received segment: its destination is the local port).
+    pub const DROPPED: u32 = 7;
+    pub const COUNT: u32 = 8;
     pub const NAMES: [&str; COUNT as usize] = [
         "syn_retransmits",
         "synack_retransmits",
@@ -77,6 +81,7 @@ pub mod loss {
         "resets_received",
         "listen_overflows",
         "collapsed_skbs",
+        "drops",
     ];
 }
 
@@ -244,8 +249,15 @@ pub mod globals {
     /// `tcp_request_sock.snt_synack`: when its first SYN-ACK left, in µs.
     pub const REQ_SNT_SYNACK_OFF: &str = "TCP_REQ_SNT_SYNACK_OFF";
     pub const SK_RCVBUF_OFF: &str = "TCP_SK_RCVBUF_OFF";
+    /// `sk_buff` fields a dropped packet is attributed to a port by: its
+    /// socket, else its headers.
+    pub const SKB_SK_OFF: &str = "TCP_SKB_SK_OFF";
+    pub const SKB_HEAD_OFF: &str = "TCP_SKB_HEAD_OFF";
+    pub const SKB_PROTOCOL_OFF: &str = "TCP_SKB_PROTOCOL_OFF";
+    pub const SKB_NETWORK_HEADER_OFF: &str = "TCP_SKB_NETWORK_HEADER_OFF";
+    pub const SKB_TRANSPORT_HEADER_OFF: &str = "TCP_SKB_TRANSPORT_HEADER_OFF";
 
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 28] = [
         TARGET_TGID,
         PORTS,
         PORTS_N,
@@ -269,6 +281,11 @@ pub mod globals {
         SK_MAX_ACK_BACKLOG_OFF,
         REQ_SNT_SYNACK_OFF,
         SK_RCVBUF_OFF,
+        SKB_SK_OFF,
+        SKB_HEAD_OFF,
+        SKB_PROTOCOL_OFF,
+        SKB_NETWORK_HEADER_OFF,
+        SKB_TRANSPORT_HEADER_OFF,
     ];
 }
 

@@ -99,6 +99,16 @@ static TCP_SK_MAX_ACK_BACKLOG_OFF: u32 = 0;
 static TCP_REQ_SNT_SYNACK_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static TCP_SK_RCVBUF_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SKB_SK_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SKB_HEAD_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SKB_PROTOCOL_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SKB_NETWORK_HEADER_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SKB_TRANSPORT_HEADER_OFF: u32 = 0;
 
 /// Running totals per stage and key slot.
 #[btf_map]
@@ -523,22 +533,32 @@ fn count_loss(sk: *const c_void, what: u32) {
 /// `--port` keeps it; whether it did.
 #[inline(always)]
 fn count(sk: *const c_void, what: u32) -> bool {
-    let key = if sk.is_null() {
-        0
-    } else {
-        let (local, remote) = ports(sk);
-        if !port_wanted(local, remote) {
-            return false;
-        }
-        service_key(local, remote)
-    };
-    let slot = if key == 0 { 0 } else { slot_of(key) };
+    if sk.is_null() {
+        count_slot(0, what);
+        return true;
+    }
+    let (local, remote) = ports(sk);
+    count_ports(local, remote, what)
+}
+
+/// Adds one to counter `what` of the key of a connection with these ports,
+/// if `--port` keeps it; whether it did.
+#[inline(always)]
+fn count_ports(local: u32, remote: u32, what: u32) -> bool {
+    if !port_wanted(local, remote) {
+        return false;
+    }
+    count_slot(slot_of(service_key(local, remote)), what);
+    true
+}
+
+#[inline(always)]
+fn count_slot(slot: usize, what: u32) {
     // SAFETY: per-CPU array slots are valid for the program's lifetime.
     if let Some(c) = TCP_LOSSES.get_ptr_mut(slot as u32).and_then(|p| unsafe { p.as_mut() }) {
         // SAFETY: masked to the array's length.
         add(unsafe { c.counts.get_unchecked_mut(masked(what as usize, 8)) }, 1);
     }
-    true
 }
 
 // tp_btf `tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb)`.
@@ -662,7 +682,62 @@ pub fn tcp_drop(ctx: BtfTracePointContext) -> i32 {
     if let Some(count) = TCP_DROPS.get_ptr_mut(slot).and_then(|p| unsafe { p.as_mut() }) {
         add(count, 1);
     }
+    let skb: *const c_void = ctx.arg(0);
+    if let Some((local, remote)) = dropped_ports(skb) {
+        let _ = count_ports(local, remote, loss::DROPPED);
+    }
     0
+}
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP_BYTE: u8 = 6;
+/// `skb->transport_header` when no header was set (`(u16)~0U`).
+const NO_HEADER: u16 = 0xffff;
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_NEW_SYN_RECV: u8 = 12;
+
+/// The (local, remote) ports of the TCP connection a dropped packet
+/// belongs to: its socket's, else, for a packet no socket took (a SYN to a
+/// closed port), its TCP header's destination and source.
+#[inline(always)]
+fn dropped_ports(skb: *const c_void) -> Option<(u32, u32)> {
+    let sk = field::<u64>(skb, &TCP_SKB_SK_OFF).unwrap_or(0) as *const c_void;
+    if !sk.is_null() {
+        let family = field::<u16>(sk, &TCP_SK_FAMILY_OFF)?;
+        if family != AF_INET && family != AF_INET6 {
+            return None;
+        }
+        // TIME_WAIT and request sockets are TCP's alone, and end after
+        // `sock_common`: only a full socket has a protocol to check.
+        let state = field::<u8>(sk, &TCP_SK_STATE_OFF)?;
+        if state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV || is_tcp(sk) {
+            return Some(ports(sk));
+        }
+        return None;
+    }
+    let head = field::<u64>(skb, &TCP_SKB_HEAD_OFF)? as *const u8;
+    let network = field::<u16>(skb, &TCP_SKB_NETWORK_HEADER_OFF)?;
+    let transport = field::<u16>(skb, &TCP_SKB_TRANSPORT_HEADER_OFF)?;
+    if transport == NO_HEADER || transport <= network {
+        return None;
+    }
+    // The IPv4 protocol byte, or the IPv6 next header (no extension headers).
+    let protocol_at = match u16::from_be(field::<u16>(skb, &TCP_SKB_PROTOCOL_OFF)?) {
+        ETH_P_IP => 9,
+        ETH_P_IPV6 => 6,
+        _ => return None,
+    };
+    let ip = head.wrapping_add(usize::from(network));
+    // SAFETY: the helper reads kernel memory and fails cleanly on a bad
+    // address; `head` and the header offsets are the skb's own.
+    let protocol = unsafe { bpf_probe_read_kernel(ip.wrapping_add(protocol_at)) }.ok()?;
+    if protocol != IPPROTO_TCP_BYTE {
+        return None;
+    }
+    // SAFETY: as above; a TCP header opens with source and destination ports.
+    let tcp: [u16; 2] = unsafe { bpf_probe_read_kernel(head.wrapping_add(usize::from(transport)).cast()) }.ok()?;
+    Some((u32::from(u16::from_be(tcp[1])), u32::from(u16::from_be(tcp[0]))))
 }
 
 /// Adds `n` (wrapping: `u64::MAX` takes one away) to the count of prunes

@@ -310,6 +310,13 @@ pub struct SockOffsets {
     pub snt_synack: u32,
     /// `sock.sk_rcvbuf`, bytes.
     pub rcvbuf: u32,
+    /// `sk_buff.sk`, `.head`, `.protocol` (network order), and the offsets
+    /// from `head` of its network and transport headers.
+    pub skb_sk: u32,
+    pub skb_head: u32,
+    pub skb_protocol: u32,
+    pub skb_network_header: u32,
+    pub skb_transport_header: u32,
 }
 
 impl SockOffsets {
@@ -337,6 +344,11 @@ impl SockOffsets {
             max_ack_backlog: field("sock", "sk_max_ack_backlog", 4)?,
             snt_synack: field("tcp_request_sock", "snt_synack", 8)?,
             rcvbuf: field("sock", "sk_rcvbuf", 4)?,
+            skb_sk: field("sk_buff", "sk", 8)?,
+            skb_head: field("sk_buff", "head", 8)?,
+            skb_protocol: field("sk_buff", "protocol", 2)?,
+            skb_network_header: field("sk_buff", "network_header", 2)?,
+            skb_transport_header: field("sk_buff", "transport_header", 2)?,
         })
     }
 }

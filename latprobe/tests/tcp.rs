@@ -194,6 +194,15 @@ fn tcp_refused_connections_count_resets_on_their_port() {
     let no_socket = u64_of(&drops["reasons"], "NO_SOCKET");
     // Other traffic on the machine may add a few (the VMs have none).
     assert!((4..=20).contains(&no_socket), "4 SYNs dropped with no socket: {drops}");
+    // And those four on the closed port's row, known by their TCP headers
+    // (no socket took them); nothing else of the port was dropped.
+    let port_row = run
+        .records()
+        .into_iter()
+        .find(|r| r["type"] == "tcp_losses" && r["period"] == "final" && r["key"] == format!("port={port}"))
+        .unwrap_or_else(|| panic!("no losses for port={port}:\n{}", run.stdout));
+    assert_eq!(u64_of(&port_row, "drops"), 4, "{port_row}");
+    assert_eq!(u64_of(&losses, "drops"), 0, "the clients' side lost nothing: {losses}");
 }
 
 #[test]

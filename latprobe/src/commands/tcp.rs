@@ -348,6 +348,8 @@ struct LossJson<'a> {
     listen_overflows: u64,
     /// Segments merged away by collapses (the kernel's TCPRcvCollapsed).
     collapsed_skbs: u64,
+    /// Packets of the key's connections the kernel dropped, any reason.
+    drops: u64,
 }
 
 #[derive(Serialize)]
@@ -457,6 +459,7 @@ fn render_json(
             resets_received: c[loss::RESET_RECEIVED as usize],
             listen_overflows: c[loss::LISTEN_OVERFLOW as usize],
             collapsed_skbs: c[loss::COLLAPSED as usize],
+            drops: c[loss::DROPPED as usize],
         };
         out += &serde_json::to_string(&json).expect("losses serialize");
         out.push('\n');
@@ -546,14 +549,14 @@ fn render_text(
     if !losses.is_empty() {
         let _ = writeln!(
             out,
-            "  {:<24} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
-            "losses", "syn_rtx", "synack_rtx", "rtx", "rst_sent", "rst_recv", "overflows", "collapsed"
+            "  {:<24} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "losses", "syn_rtx", "synack_rtx", "rtx", "rst_sent", "rst_recv", "overflows", "drops", "collapsed"
         );
         for row in losses {
             let c = &row.counts;
             let _ = writeln!(
                 out,
-                "  {:<24} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                "  {:<24} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
                 row.key.label(),
                 c[loss::SYN_RETRANS as usize],
                 c[loss::SYNACK_RETRANS as usize],
@@ -561,6 +564,7 @@ fn render_text(
                 c[loss::RESET_SENT as usize],
                 c[loss::RESET_RECEIVED as usize],
                 c[loss::LISTEN_OVERFLOW as usize],
+                c[loss::DROPPED as usize],
                 c[loss::COLLAPSED as usize]
             );
         }
