@@ -348,6 +348,13 @@ fn tcp_collapses_are_counted_on_their_port_as_the_kernel_counts_them() {
         assert_eq!(e["local"], format!("127.0.0.1:{port}"), "{e}");
         assert!(u64_of(e, "rcvbuf") > 64 * 1024, "the bulk phase grew the buffer: {e}");
     }
+    eprintln!(
+        "collapse on {}: {episodes} prunes, {} segments merged; TCPRcvCollapsed {collapsed}, PruneCalled {prunes}, \
+         fn counted {} tcp_collapse calls",
+        kernel_name(),
+        u64_of(&losses, "collapsed_skbs"),
+        u64_of(&called, "count")
+    );
     let longest = events.iter().map(|e| u64_of(e, "duration_ns")).max().unwrap();
     assert_eq!(longest, u64_of(&pruned, "max_ns"), "{pruned}");
 }
