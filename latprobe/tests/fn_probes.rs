@@ -431,14 +431,6 @@ fn wait_for_bpf_links(pid: u32, n: usize) {
     }
 }
 
-/// Sum of the counts in a bcc/libbpf-tools log2 histogram.
-fn histogram_total(text: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.contains("->") && l.contains(':'))
-        .filter_map(|l| l.split(':').nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
-}
-
 #[test]
 fn counts_agree_with_funclatency() {
     if let Some(why) = bpf_unavailable() {

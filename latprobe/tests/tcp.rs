@@ -358,3 +358,61 @@ fn tcp_collapses_are_counted_on_their_port_as_the_kernel_counts_them() {
     let longest = events.iter().map(|e| u64_of(e, "duration_ns")).max().unwrap();
     assert_eq!(longest, u64_of(&pruned, "max_ns"), "{pruned}");
 }
+
+#[test]
+fn tcp_listener_handshakes_agree_with_libbpf_tools_tcpsynbl() {
+    let name = "tcp_listener_handshakes_agree_with_libbpf_tools_tcpsynbl";
+    if let Some(why) = bpf_unavailable() {
+        return skip(name, &why);
+    }
+    let Some(peer_bin) = libbpf_tool("tcpsynbl") else {
+        return skip(name, "libbpf-tools' tcpsynbl is not installed (Debian package libbpf-tools)");
+    };
+    // tcpsynbl records the accept queue's length at every handshake's last
+    // ACK (tcp_v4_syn_recv_sock): one entry per handshake a listener ends.
+    let peer_programs = || programs_loaded("tcp_v4_syn_recv");
+    let before = peer_programs();
+    let peer = std::process::Command::new(&peer_bin)
+        .arg("-4")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start tcpsynbl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while peer_programs() <= before {
+        if std::time::Instant::now() > deadline {
+            panic!("{} loaded nothing in 60 s", peer_bin.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if peer_programs() <= before && !alive(peer.id()) {
+            let out = peer.wait_with_output().expect("tcpsynbl ends");
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            let why = format!("tcpsynbl cannot run here: {}", err.lines().last().unwrap_or(""));
+            return skip(name, &why);
+        }
+    }
+    // Loaded, then attached.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (w, port) = (workload(), test_port(1).to_string());
+    let run = latprobe(&["tcp", "--port", &port, "--format", "json", "--", &w, "accept-queue", &port, "5", "20ms"]);
+    // SAFETY: kill on our own child.
+    unsafe { libc::kill(peer.id() as i32, libc::SIGINT) };
+    let out = peer.wait_with_output().expect("tcpsynbl ends");
+    let peer_text = String::from_utf8_lossy(&out.stdout).into_owned();
+    run.assert_success();
+    if let Some(why) = partial(&run, "handshake") {
+        return skip(name, &why);
+    }
+    let ours = u64_of(&final_stage(&run, "tcp:handshake", &format!("port={port}")), "count");
+    let theirs = histogram_total(&peer_text);
+    eprintln!("listener handshakes on {}: latprobe {ours}, tcpsynbl {theirs}", kernel_name());
+    assert_eq!(ours, 5, "five clients connected: {}", run.stdout);
+    // Nothing else on the machine makes connections meanwhile (the VMs).
+    assert_eq!(theirs, ours, "tcpsynbl saw:\n{peer_text}");
+}
+
+/// Whether process `pid` still runs (not yet a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+}

@@ -14,7 +14,7 @@ use crate::vm::{self, kernels::workspace_root};
 const TARGET: &str = "x86_64-unknown-linux-musl";
 
 /// Peer tools compared against inside the VM, when installed on the host.
-const PEERS: &[&str] = &["/usr/sbin/funclatency", "/usr/sbin/runqlat", "/usr/sbin/runqslower"];
+const PEERS: &[&str] = &["/usr/sbin/funclatency", "/usr/sbin/runqlat", "/usr/sbin/runqslower", "/usr/sbin/tcpsynbl"];
 
 /// Builds latprobe as a static (musl) binary, the one to copy to servers,
 /// and returns its path.

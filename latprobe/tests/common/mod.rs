@@ -289,3 +289,21 @@ pub fn assert_one_line_error(run: &Run, needle: &str) {
     assert!(lines.len() <= 2, "one error line expected: {}", run.stderr);
     assert!(lines.iter().any(|l| l.contains(needle)), "error should mention {needle:?}: {}", run.stderr);
 }
+
+/// Sum of the counts in a bcc/libbpf-tools log2 histogram.
+pub fn histogram_total(text: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.contains("->") && l.contains(':'))
+        .filter_map(|l| l.split(':').nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A libbpf-tools peer: /usr/sbin on Debian, /bin inside the test VMs.
+pub fn libbpf_tool(name: &str) -> Option<PathBuf> {
+    let path = env::var_os("PATH").unwrap_or_default();
+    std::iter::once(PathBuf::from("/usr/sbin"))
+        .chain(std::iter::once(PathBuf::from("/bin")))
+        .chain(env::split_paths(&path))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
