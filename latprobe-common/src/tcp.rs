@@ -350,11 +350,16 @@ pub mod programs {
     /// fentry on the end of a listener's handshake (the connection is
     /// created and queued for accept): the server side of `handshake`.
     pub const SERVER_HANDSHAKE: (&str, &str) = ("tcp_server_handshake", "inet_csk_complete_hashdance");
-    /// fentry where a listener takes a SYN and where it takes a handshake's
-    /// last ACK: either drops it when its accept queue is full.
-    pub const LISTEN: [(&str, &str); 2] =
-        [("tcp_listen_syn", "tcp_conn_request"), ("tcp_listen_ack", "tcp_v4_syn_recv_sock")];
-    /// The kprobe taken where fentry on the last-ACK drop point is refused.
+    /// fentry where a listener takes a SYN (IPv4 and IPv6 alike) and where
+    /// it takes a handshake's last ACK (IPv4, IPv6): each drops it when its
+    /// accept queue is full.
+    pub const LISTEN: [(&str, &str); 3] = [
+        ("tcp_listen_syn", "tcp_conn_request"),
+        ("tcp_listen_ack", "tcp_v4_syn_recv_sock"),
+        ("tcp_listen_ack6", "tcp_v6_syn_recv_sock"),
+    ];
+    /// The kprobe taken where fentry on a last-ACK drop point is refused,
+    /// attached to each that needs it.
     pub const LISTEN_ACK_KPROBE: &str = "tcp_listen_ack_kprobe";
     /// tp_btf `kfree_skb`: every packet the kernel drops, with its reason
     /// (Linux 5.17+).

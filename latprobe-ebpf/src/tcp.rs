@@ -655,7 +655,14 @@ pub fn tcp_listen_ack(ctx: FEntryContext) -> i32 {
     0
 }
 
-/// The same as a kprobe, where the kernel refuses fentry there (6.1:
+// fentry `tcp_v6_syn_recv_sock`, the IPv6 twin with the same arguments.
+#[fentry(function = "tcp_v6_syn_recv_sock")]
+pub fn tcp_listen_ack6(ctx: FEntryContext) -> i32 {
+    on_last_ack(ctx.arg(0));
+    0
+}
+
+/// Either as a kprobe, where the kernel refuses fentry there (6.1:
 /// ENOTSUPP).
 #[kprobe]
 pub fn tcp_listen_ack_kprobe(ctx: ProbeContext) -> i32 {

@@ -35,6 +35,8 @@
 //!                           clients connect at once, each giving up after
 //!                           DUR (those past the full accept queue see
 //!                           their SYNs dropped and retransmitted)
+//!   no-accept6 PORT BACKLOG N DUR
+//!                           the same on [::1]:PORT (IPv6)
 //!   workers PORT N SLOW     two worker processes accept on 127.0.0.1:PORT
 //!                           (SO_REUSEPORT), one at once, the other SLOW
 //!                           after each connection is queued; N clients
@@ -390,6 +392,15 @@ fn workers(port: u16, n: u64, slow: &str) {
     }
 }
 
+/// `n` clients connect to `to` at once, each giving up after `patience`.
+fn connect_all(to: std::net::SocketAddr, n: usize, patience: Duration) {
+    thread::scope(|s| {
+        for _ in 0..n {
+            s.spawn(|| TcpStream::connect_timeout(&to, patience).ok());
+        }
+    });
+}
+
 fn accept_queue(port: u16, n: usize, every: Duration) {
     let listener = listen(port, n as i32 + 8);
     // Every client is connected (its handshake done, its connection in the
@@ -593,13 +604,19 @@ fn main() {
             ("no-accept", [port, backlog, n, d, tail @ ..]) => {
                 let port = port_number(port);
                 let _listener = listen(port, number(backlog) as i32);
-                let (n, patience) = (number(n) as usize, duration(d));
                 let to = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
-                thread::scope(|s| {
-                    for _ in 0..n {
-                        s.spawn(|| TcpStream::connect_timeout(&to, patience).ok());
-                    }
-                });
+                connect_all(to, number(n) as usize, duration(d));
+                tail
+            }
+            ("no-accept6", [port, backlog, n, d, tail @ ..]) => {
+                let to = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port_number(port)));
+                let listener = TcpListener::bind(to).unwrap_or_else(|e| usage(&format!("bind {to}: {e}")));
+                // listen() again sets the backlog std chose (128).
+                // SAFETY: listen on a socket the listener owns.
+                let relisten =
+                    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), number(backlog) as i32) };
+                assert!(relisten == 0, "listen: {}", std::io::Error::last_os_error());
+                connect_all(to, number(n) as usize, duration(d));
                 tail
             }
             ("workers", [port, n, slow, tail @ ..]) => {

@@ -180,9 +180,10 @@ pub fn start(config: &Config) -> Result<Probes> {
     }
     // Each drop point on its own: 6.1 refuses fentry on the six-argument
     // tcp_v4_syn_recv_sock (ENOTSUPP), yet takes tcp_conn_request.
-    for (program, what) in programs::LISTEN.iter().zip(["SYNs", "handshakes' last ACKs"]) {
+    let whats = ["SYNs", "handshakes' last ACKs", "IPv6 handshakes' last ACKs"];
+    for (program, what) in programs::LISTEN.iter().zip(whats) {
         let mut attached = attach_all(&[*program]);
-        if !attached.attached() && program.0 == programs::LISTEN[1].0 {
+        if !attached.attached() && program.0 != programs::LISTEN[0].0 {
             let fallback = attach_all(&[(programs::LISTEN_ACK_KPROBE, program.1)]);
             if fallback.attached() {
                 attached = fallback;
@@ -281,7 +282,10 @@ fn attach(ebpf: &mut Ebpf, btf: &AyaBtf, name: &str, target: &str) -> Result<()>
             p.attach().map_err(described)?;
         }
         Program::KProbe(p) => {
-            p.load().map_err(described)?;
+            // One kprobe program may serve several functions: loaded once.
+            if p.fd().is_err() {
+                p.load().map_err(described)?;
+            }
             p.attach(target, 0).map_err(described)?;
         }
         _ => return Err(anyhow!("program {name} has an unexpected kind")),

@@ -207,14 +207,30 @@ fn tcp_refused_connections_count_resets_on_their_port() {
 
 #[test]
 fn tcp_listen_overflows_and_syn_retransmits_agree_with_the_kernels_counters() {
+    listen_overflows_agree("tcp_listen_overflows_and_syn_retransmits_agree_with_the_kernels_counters", "no-accept");
+}
+
+#[test]
+fn tcp_ipv6_listen_overflows_agree_with_the_kernels_counters() {
+    let name = "tcp_ipv6_listen_overflows_agree_with_the_kernels_counters";
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        return skip(name, "no IPv6 loopback (::1) here");
+    }
+    listen_overflows_agree(name, "no-accept6");
+}
+
+/// A listener with backlog 1 that never accepts (workload `step`, IPv4 or
+/// IPv6) and six clients: overflows and SYN retransmits as the kernel counts
+/// them.
+fn listen_overflows_agree(name: &str, step: &str) {
     if let Some(why) = bpf_unavailable() {
-        return skip("tcp_listen_overflows_and_syn_retransmits_agree_with_the_kernels_counters", &why);
+        return skip(name, &why);
     }
     let (w, port) = (workload(), test_port(0).to_string());
     let (overflows, retransmits) = (tcp_ext("ListenOverflows"), tcp_ext("TCPSynRetrans"));
     // Backlog 1: two connections fit (the queue is full past its backlog),
     // the SYNs of the other four are dropped, and retransmitted after 1 s.
-    let run = latprobe(&["tcp", "--port", &port, "--format", "json", "--", &w, "no-accept", &port, "1", "6", "1500ms"]);
+    let run = latprobe(&["tcp", "--port", &port, "--format", "json", "--", &w, step, &port, "1", "6", "1500ms"]);
     run.assert_success();
     let (overflows, retransmits) = (tcp_ext("ListenOverflows") - overflows, tcp_ext("TCPSynRetrans") - retransmits);
     let summary = run
@@ -225,7 +241,7 @@ fn tcp_listen_overflows_and_syn_retransmits_agree_with_the_kernels_counters() {
     if let Some(why) =
         summary["partial"].as_array().and_then(|p| p.iter().find_map(|n| n.as_str()?.strip_prefix("losses: ")))
     {
-        return skip("tcp_listen_overflows_and_syn_retransmits_agree_with_the_kernels_counters", why);
+        return skip(name, why);
     }
     let losses = |key: String| {
         run.records()
@@ -235,6 +251,12 @@ fn tcp_listen_overflows_and_syn_retransmits_agree_with_the_kernels_counters() {
     };
     let listener = losses(format!("port={port}"));
     let clients = losses(format!("to_port={port}"));
+    eprintln!(
+        "{step} on {}: listen overflows {} (ListenOverflows {overflows}), SYN retransmits {}",
+        kernel_name(),
+        u64_of(&listener, "listen_overflows"),
+        u64_of(&clients, "syn_retransmits")
+    );
     assert!(overflows >= 4, "four SYNs dropped at least, the kernel says {overflows}");
     assert_eq!(u64_of(&listener, "listen_overflows"), overflows, "as the kernel counted: {listener}");
     // The kernel counts SYN and SYN-ACK retransmits together.
