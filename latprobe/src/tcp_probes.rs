@@ -227,8 +227,11 @@ pub fn start(config: &Config) -> Result<Probes> {
 /// or else a kprobe; a start without an end would leave prunes open.
 fn attach_collapse(attach_all: &mut impl FnMut(&[(&'static str, &'static str)]) -> Availability) -> Availability {
     let needs = |how: &str, why: String| Availability::Unavailable(format!("needs {how} on {why}"));
-    if let Availability::Unavailable(why) = attach_all(&[programs::PRUNE_END, programs::COLLAPSED]) {
-        return needs("fexit and fentry", why);
+    if let Availability::Unavailable(why) = attach_all(&[programs::PRUNE_END]) {
+        return needs("fexit", why);
+    }
+    if let Availability::Unavailable(why) = attach_all(&[programs::COLLAPSED]) {
+        return needs("fentry", why);
     }
     match attach_all(&[programs::COLLAPSE_START]) {
         Availability::Attached(_) => Availability::Attached("fentry, fexit"),
