@@ -690,7 +690,9 @@ pub fn tcp_drop(ctx: BtfTracePointContext) -> i32 {
         add(count, 1);
     }
     let skb: *const c_void = ctx.arg(0);
-    if let Some((local, remote)) = dropped_ports(skb) {
+    // Ports 0 and 0: the kernel's own control socket (resets it sends for
+    // no connection), which no key stands for.
+    if let Some((local, remote)) = dropped_ports(skb).filter(|&(l, r)| l != 0 || r != 0) {
         let _ = count_ports(local, remote, loss::DROPPED);
     }
     0
