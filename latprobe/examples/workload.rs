@@ -51,7 +51,8 @@
 //!                           client sends 64 KiB chunks the server reads at
 //!                           once (its receive window grows), then for DUR
 //!                           1-byte TCP_NODELAY writes while the server reads
-//!                           512 bytes every 500 ms. Sets
+//!                           512 bytes every 500 ms (longer, up to 3 x DUR,
+//!                           until the kernel has collapsed once). Sets
 //!                           net.ipv4.tcp_autocorking to 0 meanwhile (root),
 //!                           so each byte is a segment of its own; prints
 //!                           `workload: collapse sent N bytes`
@@ -453,6 +454,20 @@ impl Drop for Sysctl {
     }
 }
 
+/// The kernel's counter `name` of `TcpExt` in /proc/net/netstat (0 where
+/// it has none).
+fn tcp_ext(name: &str) -> u64 {
+    let text = fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut rows = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (rows.next(), rows.next()) else { return 0 };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Makes the kernel collapse the receive queue of the server's side of one
 /// connection on `port`: many 1-byte segments (each an skb whose truesize is
 /// hundreds of bytes) fill the receive buffer long before they fill the
@@ -466,6 +481,8 @@ fn collapse(port: u16, small_for: Duration) {
     let listener = listen(port, 8);
     let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let (mut server, _) = listener.accept().expect("accept");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = stop.clone();
     let reader = thread::spawn(move || {
         let mut bulk = vec![0u8; CHUNK];
         for _ in 0..CHUNKS {
@@ -473,8 +490,7 @@ fn collapse(port: u16, small_for: Duration) {
         }
         // Slow reads of the small writes, so that they pile up.
         let mut some = [0u8; 512];
-        let end = Instant::now() + small_for;
-        while Instant::now() < end {
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
             sleep(Duration::from_millis(500));
             let _ = server.read(&mut some).expect("server read");
         }
@@ -486,9 +502,17 @@ fn collapse(port: u16, small_for: Duration) {
     }
     client.set_nodelay(true).expect("TCP_NODELAY");
     client.set_nonblocking(true).expect("non-blocking");
-    let end = Instant::now() + small_for;
+    // DUR, and then, on a machine too slow to have filled the buffer by
+    // then, until the kernel has collapsed once (TCPRcvCollapsed moved),
+    // for at most 3 x DUR.
+    let collapsed = tcp_ext("TCPRcvCollapsed");
+    let (end, last) = (Instant::now() + small_for, Instant::now() + small_for * 3);
     let mut sent = 0u64;
-    while Instant::now() < end {
+    loop {
+        let now = Instant::now();
+        if now >= last || (now >= end && tcp_ext("TCPRcvCollapsed") != collapsed) {
+            break;
+        }
         match client.write(b"s") {
             Ok(n) => sent += n as u64,
             // The window or the send buffer is full: the reader catches up.
@@ -496,6 +520,7 @@ fn collapse(port: u16, small_for: Duration) {
             Err(e) => panic!("send: {e}"),
         }
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let server = reader.join().expect("reader");
     eprintln!("workload: collapse sent {sent} bytes");
     drop((client, server));
