@@ -94,7 +94,7 @@ pub mod by {
 }
 
 /// The most keys (ports or processes) with histograms of their own; later
-/// ones share slot 0, "other". Each key costs 3 histograms (one per stage
+/// ones share slot 0, "other". Each key costs 4 histograms (one per stage
 /// but softirq) of `hdr::GROUPS` 1 KiB groups per CPU.
 pub const MAX_KEY_SLOTS: usize = 32;
 /// Ports `--port` can name.

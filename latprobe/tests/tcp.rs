@@ -370,9 +370,12 @@ fn tcp_collapses_are_counted_on_their_port_as_the_kernel_counts_them() {
         assert_eq!(e["local"], format!("127.0.0.1:{port}"), "{e}");
         assert!(u64_of(e, "rcvbuf") > 64 * 1024, "the bulk phase grew the buffer: {e}");
     }
+    let summary = run.records().into_iter().find(|r| r["type"] == "tcp_summary" && r["period"] == "final").unwrap();
+    let how =
+        summary["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "collapse").unwrap()["attach"].clone();
     eprintln!(
-        "collapse on {}: {episodes} prunes, {} segments merged; TCPRcvCollapsed {collapsed}, PruneCalled {prunes}, \
-         fn counted {} tcp_collapse calls",
+        "collapse on {} ({how}): {episodes} prunes, {} segments merged; TCPRcvCollapsed {collapsed}, PruneCalled \
+         {prunes}, fn counted {} tcp_collapse calls",
         kernel_name(),
         u64_of(&losses, "collapsed_skbs"),
         u64_of(&called, "count")
