@@ -313,8 +313,11 @@ pub mod maps {
     /// How many prunes are under way: the end of every `tcp_try_rmem_schedule`
     /// looks at the table only when there is one.
     pub const COLLAPSES_OPEN: &str = "TCP_COLLAPSES_OPEN";
+    /// Task → the socket whose prune it began: what a return probe, which
+    /// has no arguments, ends.
+    pub const PRUNING: &str = "TCP_PRUNING";
 
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         STATS,
         BUCKETS,
         KEY_SLOTS,
@@ -329,6 +332,7 @@ pub mod maps {
         DROPS,
         COLLAPSES,
         COLLAPSES_OPEN,
+        PRUNING,
     ];
 }
 
@@ -370,11 +374,15 @@ pub mod programs {
     /// The kprobe taken where fentry there is refused (6.1: tcp_collapse
     /// takes 7 arguments, more than its trampolines carry before 6.6).
     pub const COLLAPSE_START_KPROBE: &str = "tcp_collapse_start_kprobe";
-    /// fentry on each segment merged away by a collapse.
+    /// fentry on each segment merged away by a collapse, and its kprobe.
     pub const COLLAPSED: (&str, &str) = ("tcp_collapsed", "tcp_collapse_one");
+    pub const COLLAPSED_KPROBE: &str = "tcp_collapsed_kprobe";
     /// fexit of the function `tcp_prune_queue` is inlined into: the prune
-    /// is over.
+    /// is over; and its kretprobe.
     pub const PRUNE_END: (&str, &str) = ("tcp_prune_end", "tcp_try_rmem_schedule");
+    pub const PRUNE_END_KRETPROBE: &str = "tcp_prune_end_kretprobe";
+    /// The kprobe on `tcp_conn_request` (`LISTEN[0]`).
+    pub const LISTEN_SYN_KPROBE: &str = "tcp_listen_syn_kprobe";
     pub const LOSSES: [(&str, &str); 4] = [
         ("tcp_retransmit", "tcp_retransmit_skb"),
         ("tcp_retransmit_synack", "tcp_retransmit_synack"),

@@ -38,8 +38,10 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
     },
-    macros::{btf_map, btf_tracepoint, fentry, fexit, kprobe, raw_tracepoint},
-    programs::{BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext},
+    macros::{btf_map, btf_tracepoint, fentry, fexit, kprobe, kretprobe, raw_tracepoint},
+    programs::{
+        BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext, RetProbeContext,
+    },
 };
 use latprobe_common::{
     func::{BucketGroup, FuncStats},
@@ -155,6 +157,10 @@ static TCP_EVENTS: RingBuf<TcpEvent, 4096> = RingBuf::new();
 /// Socket address → when its prune's first collapse began.
 #[btf_map]
 static TCP_COLLAPSES: HashMap<u64, u64, 1> = HashMap::new();
+
+/// Task (see `task_key`) → the socket whose prune it began.
+#[btf_map]
+static TCP_PRUNING: HashMap<u64, u64, 1> = HashMap::new();
 
 /// Prunes under way, machine-wide: written only when one starts or ends.
 #[btf_map]
@@ -639,9 +645,15 @@ fn accept_queue_full(sk: *const c_void) -> bool {
 // for listener `sk`, dropped if its accept queue is full.
 #[fentry(function = "tcp_conn_request")]
 pub fn tcp_listen_syn(ctx: FEntryContext) -> i32 {
-    let sk: *const c_void = ctx.arg(2);
-    if accept_queue_full(sk) {
-        count_loss(sk, loss::LISTEN_OVERFLOW);
+    on_last_ack(ctx.arg(2));
+    0
+}
+
+/// The same as a kprobe.
+#[kprobe]
+pub fn tcp_listen_syn_kprobe(ctx: ProbeContext) -> i32 {
+    if let Some(sk) = ctx.arg::<*const c_void>(2) {
+        on_last_ack(sk);
     }
     0
 }
@@ -672,6 +684,7 @@ pub fn tcp_listen_ack_kprobe(ctx: ProbeContext) -> i32 {
     0
 }
 
+/// A SYN or a last ACK for listener `sk`: dropped if its queue is full.
 #[inline(always)]
 fn on_last_ack(sk: *const c_void) {
     if accept_queue_full(sk) {
@@ -773,6 +786,8 @@ fn on_collapse(sk: *const c_void) {
     }
     if TCP_COLLAPSES.insert(sk as u64, now(), u64::from(BPF_NOEXIST)).is_ok() {
         prunes_open(1);
+        // For a return probe, which has no arguments to find the socket by.
+        let _ = TCP_PRUNING.insert(task_key(), sk as u64, u64::from(BPF_ANY));
     } else if let Some(l) = lost() {
         add(&mut l.collapse_table_full, 1);
     }
@@ -797,6 +812,15 @@ pub fn tcp_collapse_start_kprobe(ctx: ProbeContext) -> i32 {
     0
 }
 
+/// `tcp_collapse_one` as a kprobe.
+#[kprobe]
+pub fn tcp_collapsed_kprobe(ctx: ProbeContext) -> i32 {
+    if let Some(sk) = ctx.arg::<*const c_void>(0) {
+        let _ = count(sk, loss::COLLAPSED);
+    }
+    0
+}
+
 // fentry `tcp_collapse_one(struct sock *sk, struct sk_buff *skb, …)`: one
 // segment merged away, where the kernel counts TCPRcvCollapsed.
 #[fentry(function = "tcp_collapse_one")]
@@ -810,19 +834,59 @@ pub fn tcp_collapsed(ctx: FEntryContext) -> i32 {
 // the prune of `sk` (if it collapsed anything) is over.
 #[fexit(function = "tcp_try_rmem_schedule")]
 pub fn tcp_prune_end(ctx: FExitContext) -> i32 {
-    // Every segment taken the slow way comes here: with no prune under way
-    // anywhere, one read of a shared, rarely written counter is all it costs.
-    let Some(open) = TCP_COLLAPSES_OPEN.get_ptr(0) else { return 0 };
+    if prunes_under_way() {
+        end_prune(ctx.arg(0));
+    }
+    0
+}
+
+/// The same as a kretprobe, where fexit is refused or not asked for: the
+/// return has no arguments, so the socket is the one whose prune this task
+/// began.
+#[kretprobe]
+pub fn tcp_prune_end_kretprobe(_ctx: RetProbeContext) -> i32 {
+    if !prunes_under_way() {
+        return 0;
+    }
+    // SAFETY: a live value of our map, copied out.
+    if let Some(sk) = TCP_PRUNING.get_ptr(task_key()).map(|p| unsafe { *p }) {
+        end_prune(sk as *const c_void);
+    }
+    0
+}
+
+/// Every segment taken the slow way into the receive queue ends in a prune
+/// end: with no prune under way anywhere, one read of a shared, rarely
+/// written counter is all it costs.
+#[inline(always)]
+fn prunes_under_way() -> bool {
+    let Some(open) = TCP_COLLAPSES_OPEN.get_ptr(0) else { return false };
     // SAFETY: the array's only value; volatile, as other CPUs write it.
-    if unsafe { core::ptr::read_volatile(open) } == 0 {
-        return 0;
+    unsafe { core::ptr::read_volatile(open) != 0 }
+}
+
+/// The running task, or on an idle CPU (pid 0 on every CPU) the CPU: what a
+/// return probe finds its prune by.
+#[inline(always)]
+fn task_key() -> u64 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if tid != 0 {
+        u64::from(tid)
+    } else {
+        // SAFETY: a helper without arguments.
+        (1 << 63) | u64::from(unsafe { bpf_get_smp_processor_id() })
     }
-    let sk: *const c_void = ctx.arg(0);
+}
+
+/// The prune of `sk`, if one is under way, is over.
+#[inline(always)]
+fn end_prune(sk: *const c_void) {
     // SAFETY: a live value of our map, copied out before removal.
-    let Some(start_ns) = TCP_COLLAPSES.get_ptr(sk as u64).map(|p| unsafe { *p }) else { return 0 };
+    let Some(start_ns) = TCP_COLLAPSES.get_ptr(sk as u64).map(|p| unsafe { *p }) else { return };
     if TCP_COLLAPSES.remove(sk as u64).is_err() {
-        return 0;
+        return;
     }
+    let _ = TCP_PRUNING.remove(task_key());
     prunes_open(u64::MAX);
     let duration = now().saturating_sub(start_ns);
     let (local, remote) = ports(sk);
@@ -833,5 +897,4 @@ pub fn tcp_prune_end(ctx: FExitContext) -> i32 {
     if duration >= global(&TCP_THRESHOLD_NS) || global(&TCP_LOSS_EVENTS) != 0 {
         send(sk, event::SLOW, stage::COLLAPSE, duration, 0);
     }
-    0
 }

@@ -261,6 +261,9 @@ mod tests {
         names.extend(tcp::programs::ACCEPT.iter().map(|(_, p)| *p));
         names.push(tcp::programs::LISTEN_ACK_KPROBE);
         names.push(tcp::programs::COLLAPSE_START_KPROBE);
+        names.push(tcp::programs::COLLAPSED_KPROBE);
+        names.push(tcp::programs::PRUNE_END_KRETPROBE);
+        names.push(tcp::programs::LISTEN_SYN_KPROBE);
         let missing = missing_from(super::TCP_OBJECT, &names);
         assert!(missing.is_empty(), "names missing from the tcp kernel object: {missing:?}");
     }

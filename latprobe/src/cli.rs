@@ -173,6 +173,10 @@ pub struct TcpArgs {
     /// Print every loss (retransmit, reset) as it happens, with its connection
     #[arg(long)]
     pub losses: bool,
+    /// How to attach to the kernel functions of collapse and of listen
+    /// overflows (accept and a listener's handshakes need fexit and fentry)
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    pub attach: AttachMode,
     /// Also print a report of each interval, e.g. 10s
     #[arg(long, value_name = "DUR", value_parser = duration::parse_interval)]
     pub interval: Option<u64>,

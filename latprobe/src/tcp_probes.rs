@@ -15,6 +15,7 @@ use latprobe_common::{
 };
 
 use crate::{
+    attach::AttachMode,
     bpf,
     btf_offsets::{Btf, SockOffsets},
     output,
@@ -31,6 +32,8 @@ pub struct Config {
     pub threshold_ns: Option<u64>,
     /// Send every loss to userspace, not only its count.
     pub loss_events: bool,
+    /// How to attach to the kernel functions that have a kprobe fallback.
+    pub attach: AttachMode,
 }
 
 /// How one stage (or the loss counters) is measured on this kernel.
@@ -141,6 +144,7 @@ pub fn start(config: &Config) -> Result<Probes> {
             .map_max_entries(maps::SOCKS, SOCK_ENTRIES)
             .map_max_entries(maps::SKBS, SKB_ENTRIES)
             .map_max_entries(maps::COLLAPSES, COLLAPSE_ENTRIES)
+            .map_max_entries(maps::PRUNING, COLLAPSE_ENTRIES)
             .map_max_entries(maps::EVENTS, ring_bytes)
             .map_max_entries(maps::DROPS, MAX_DROP_REASONS as u32);
     })?;
@@ -182,16 +186,22 @@ pub fn start(config: &Config) -> Result<Probes> {
     // tcp_v4_syn_recv_sock (ENOTSUPP), yet takes tcp_conn_request.
     let whats = ["SYNs", "handshakes' last ACKs", "IPv6 handshakes' last ACKs"];
     for (program, what) in programs::LISTEN.iter().zip(whats) {
-        let mut attached = attach_all(&[*program]);
-        if !attached.attached() && program.0 != programs::LISTEN[0].0 {
-            let fallback = attach_all(&[(programs::LISTEN_ACK_KPROBE, program.1)]);
+        let kprobe =
+            if program.0 == programs::LISTEN[0].0 { programs::LISTEN_SYN_KPROBE } else { programs::LISTEN_ACK_KPROBE };
+        let mut attached = match config.attach {
+            AttachMode::Kprobe => Availability::Unavailable(format!("{}: --attach kprobe", program.1)),
+            _ => attach_all(&[*program]),
+        };
+        if !attached.attached() && config.attach != AttachMode::Fentry {
+            let fallback = attach_all(&[(kprobe, program.1)]);
             if fallback.attached() {
                 attached = fallback;
             }
         }
         if let Availability::Unavailable(why) = attached {
-            partial
-                .push(format!("losses: {what} dropped by a full accept queue are not counted (needs fentry on {why})"));
+            partial.push(format!(
+                "losses: {what} dropped by a full accept queue are not counted (needs fentry or a kprobe on {why})"
+            ));
         }
     }
     let accept = match accept {
@@ -200,7 +210,7 @@ pub fn start(config: &Config) -> Result<Probes> {
         }
         other => other,
     };
-    let collapse = attach_collapse(&mut attach_all);
+    let collapse = attach_collapse(config.attach, &mut attach_all);
     let mut stages = vec![Availability::Unavailable(String::new()); stage::COUNT as usize];
     stages[stage::SOFTIRQ as usize] = softirq;
     stages[stage::HANDSHAKE as usize] = state;
@@ -223,25 +233,47 @@ pub fn start(config: &Config) -> Result<Probes> {
 }
 
 /// The collapse stage: its end first (fexit of the function the prune is
-/// inlined into), then the merged-segment counter, then its start, fentry
-/// or else a kprobe; a start without an end would leave prunes open.
-fn attach_collapse(attach_all: &mut impl FnMut(&[(&'static str, &'static str)]) -> Availability) -> Availability {
-    let needs = |how: &str, why: String| Availability::Unavailable(format!("needs {how} on {why}"));
-    if let Availability::Unavailable(why) = attach_all(&[programs::PRUNE_END]) {
-        return needs("fexit", why);
-    }
-    if let Availability::Unavailable(why) = attach_all(&[programs::COLLAPSED]) {
-        return needs("fentry", why);
-    }
-    match attach_all(&[programs::COLLAPSE_START]) {
-        Availability::Attached(_) => Availability::Attached("fentry, fexit"),
-        Availability::Unavailable(refused) => {
-            match attach_all(&[(programs::COLLAPSE_START_KPROBE, programs::COLLAPSE_START.1)]) {
-                Availability::Attached(_) => Availability::Attached("kprobe, fexit"),
-                Availability::Unavailable(why) => needs("fentry or a kprobe", format!("{refused}; {why}")),
+/// inlined into, else a kretprobe), then the merged-segment counter, then
+/// its start (fentry, else a kprobe), each as `mode` allows; a start without
+/// an end would leave prunes open.
+fn attach_collapse(
+    mode: AttachMode,
+    attach_all: &mut impl FnMut(&[(&'static str, &'static str)]) -> Availability,
+) -> Availability {
+    let parts = [
+        (programs::PRUNE_END, programs::PRUNE_END_KRETPROBE, "fexit", "a kretprobe"),
+        (programs::COLLAPSED, programs::COLLAPSED_KPROBE, "fentry", "a kprobe"),
+        (programs::COLLAPSE_START, programs::COLLAPSE_START_KPROBE, "fentry", "a kprobe"),
+    ];
+    let mut probed = [false; 3];
+    for (i, ((program, target), kprobe, trampoline, probe)) in parts.into_iter().enumerate() {
+        let mut refused = Vec::new();
+        let mut attached = false;
+        if mode != AttachMode::Kprobe {
+            match attach_all(&[(program, target)]) {
+                Availability::Attached(_) => attached = true,
+                Availability::Unavailable(why) => refused.push(format!("{trampoline}: {why}")),
             }
         }
+        if !attached && mode != AttachMode::Fentry {
+            match attach_all(&[(kprobe, target)]) {
+                Availability::Attached(_) => (attached, probed[i]) = (true, true),
+                Availability::Unavailable(why) => refused.push(format!("{probe}: {why}")),
+            }
+        }
+        if !attached {
+            return Availability::Unavailable(format!(
+                "needs {trampoline} or {probe} on {target} ({})",
+                refused.join("; ")
+            ));
+        }
     }
+    Availability::Attached(match (probed[2], probed[0]) {
+        (false, false) => "fentry, fexit",
+        (true, false) => "kprobe, fexit",
+        (false, true) => "fentry, kretprobe",
+        (true, true) => "kprobe, kretprobe",
+    })
 }
 
 /// The mechanism of a program, by its kind.
@@ -250,7 +282,16 @@ fn mechanism_of(program: &str) -> &'static str {
         "raw_tp"
     } else if programs::ACCEPT.iter().any(|(_, p)| *p == program) {
         "fexit"
-    } else if program == programs::LISTEN_ACK_KPROBE || program == programs::COLLAPSE_START_KPROBE {
+    } else if program == programs::PRUNE_END_KRETPROBE {
+        "kretprobe"
+    } else if [
+        programs::LISTEN_ACK_KPROBE,
+        programs::LISTEN_SYN_KPROBE,
+        programs::COLLAPSE_START_KPROBE,
+        programs::COLLAPSED_KPROBE,
+    ]
+    .contains(&program)
+    {
         "kprobe"
     } else if program == programs::SERVER_HANDSHAKE.0
         || program == programs::COLLAPSE_START.0
@@ -308,7 +349,13 @@ pub fn unload_all(ebpf: &mut Ebpf) {
         &programs::COLLAPSED,
         &programs::PRUNE_END,
     ];
-    let kprobe = [programs::LISTEN_ACK_KPROBE, programs::COLLAPSE_START_KPROBE];
+    let kprobe = [
+        programs::LISTEN_ACK_KPROBE,
+        programs::LISTEN_SYN_KPROBE,
+        programs::COLLAPSE_START_KPROBE,
+        programs::COLLAPSED_KPROBE,
+        programs::PRUNE_END_KRETPROBE,
+    ];
     for name in all.chain(single).map(|(p, _)| *p).chain(accept).chain(kprobe) {
         let _ = match ebpf.program_mut(name) {
             Some(Program::BtfTracePoint(p)) => p.unload(),

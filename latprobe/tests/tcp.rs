@@ -322,8 +322,19 @@ fn tcp_by_pid_splits_the_accepts_of_two_workers_on_one_port() {
 
 #[test]
 fn tcp_collapses_are_counted_on_their_port_as_the_kernel_counts_them() {
+    collapses_agree("tcp_collapses_are_counted_on_their_port_as_the_kernel_counts_them", "auto");
+}
+
+#[test]
+fn tcp_collapses_traced_by_kprobes_are_counted_alike() {
+    collapses_agree("tcp_collapses_traced_by_kprobes_are_counted_alike", "kprobe");
+}
+
+/// The workload's collapse mode traced with `--attach attach`: prunes,
+/// merged segments and events as the kernel and `fn` count them.
+fn collapses_agree(name: &str, attach: &str) {
     if let Some(why) = bpf_unavailable() {
-        return skip("tcp_collapses_are_counted_on_their_port_as_the_kernel_counts_them", &why);
+        return skip(name, &why);
     }
     let (w, port) = (workload(), test_port(0).to_string());
     // `fn` beside it counts every call of tcp_collapse, as a second witness,
@@ -331,7 +342,9 @@ fn tcp_collapses_are_counted_on_their_port_as_the_kernel_counts_them() {
     let calls =
         kernel_probes_unavailable().is_none().then(|| start_tracing(&["fn", "tcp_collapse", "--format", "json"]));
     let (collapsed, prunes) = (tcp_ext("TCPRcvCollapsed"), tcp_ext("PruneCalled"));
-    let run = latprobe(&["tcp", "--port", &port, "--losses", "--format", "json", "--", &w, "collapse", &port, "3s"]);
+    let run = latprobe(&[
+        "tcp", "--port", &port, "--attach", attach, "--losses", "--format", "json", "--", &w, "collapse", &port, "3s",
+    ]);
     let (collapsed, prunes) = (tcp_ext("TCPRcvCollapsed") - collapsed, tcp_ext("PruneCalled") - prunes);
     let calls = calls.map(|c| {
         c.signal(libc::SIGINT);
@@ -339,7 +352,7 @@ fn tcp_collapses_are_counted_on_their_port_as_the_kernel_counts_them() {
     });
     run.assert_success();
     if let Some(why) = unavailable(&run, "collapse") {
-        return skip("tcp_collapses_are_counted_on_their_port_as_the_kernel_counts_them", &why);
+        return skip(name, &why);
     }
     let key = format!("port={port}");
     let pruned = final_stage(&run, "tcp:collapse", &key);
@@ -373,6 +386,9 @@ fn tcp_collapses_are_counted_on_their_port_as_the_kernel_counts_them() {
     let summary = run.records().into_iter().find(|r| r["type"] == "tcp_summary" && r["period"] == "final").unwrap();
     let how =
         summary["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "collapse").unwrap()["attach"].clone();
+    if attach == "kprobe" {
+        assert_eq!(how, "kprobe, kretprobe", "{summary}");
+    }
     eprintln!(
         "collapse on {} ({how}): {episodes} prunes, {} segments merged; TCPRcvCollapsed {collapsed}, PruneCalled \
          {prunes}, fn counted {} tcp_collapse calls",

@@ -259,6 +259,7 @@ pub async fn run(args: TcpArgs) -> Result<()> {
         key_slots: args.max_keys,
         threshold_ns: args.slower,
         loss_events: args.losses,
+        attach: args.attach,
     };
     let mut cost = cost::start_or_explain();
     let mut probes = tcp_probes::start(&config)?;
