@@ -134,16 +134,20 @@ Stages, each an HDR histogram per port (or per process with --by pid):
              SYN received -> established (a listener's; needs fentry)
   accept     established -> returned by accept() (time in the accept queue)
   rxqueue    data received -> first copied to the process (time in the receive queue)
+  collapse   a prune of a socket's receive buffer (tcp_collapse), first collapse
+             -> the prune's end; with --losses each prune and the socket's rcvbuf
 Losses per port: SYN and SYN-ACK retransmits, retransmits, resets sent and
 received, listen overflows (SYNs and last ACKs dropped by a full accept queue;
-needs fentry). A stage the kernel cannot show (accept needs fexit) is listed
-as unavailable, with the reason; the others still run.
+needs fentry or kprobes), dropped packets, and segments merged by collapses.
+A stage the kernel cannot show (accept needs fexit) is listed as unavailable,
+with the reason; the others still run.
 
 Examples:
   latprobe tcp --secs 30
   latprobe tcp --port 80 --port 443 --interval 10s
   latprobe tcp --by pid --port 8080 --secs 60       which worker accepted how many, how late
   latprobe tcp --slower 50ms --losses --format json  every wait over 50 ms, and every loss
+  latprobe tcp --port 9092 --slower 5ms             waits over 5 ms, receive-buffer prunes among them
   latprobe tcp -- ./load-test";
 
 /// How `latprobe tcp` keys its histograms.
