@@ -209,7 +209,8 @@ pub struct TcpEvent {
     pub comm: [u8; COMM_LEN],
     /// The socket's receive buffer (`sk_rcvbuf`) in bytes at the event.
     pub rcvbuf: u32,
-    pub _pad: u32,
+    /// A drop's reason (`enum skb_drop_reason`), else 0.
+    pub reason: u32,
 }
 
 /// Names of the load-time globals of the `tcp_` programs.

@@ -287,6 +287,27 @@ fn record(stage: u32, slot: usize, duration: u64) {
 /// Sends one event, with the connection of `sk` when there is one.
 #[inline(always)]
 fn send(sk: *const c_void, kind: u32, detail: u32, duration: u64, tgid: u32) {
+    emit(if sk.is_null() { Conn::None } else { Conn::Sock(sk) }, kind, detail, duration, tgid, 0);
+}
+
+/// Where an event's connection is read from.
+#[derive(Clone, Copy)]
+enum Conn {
+    None,
+    Sock(*const c_void),
+    /// A received packet no socket holds: its IP header (`family`), and its
+    /// ports, destination first.
+    Packet {
+        family: u16,
+        ip: *const u8,
+        local: u32,
+        remote: u32,
+    },
+}
+
+/// Sends one event with its connection, and a drop's `reason`.
+#[inline(always)]
+fn emit(conn: Conn, kind: u32, detail: u32, duration: u64, tgid: u32, reason: u32) {
     let Some(mut entry) = TCP_EVENTS.reserve(0) else {
         if let Some(l) = lost() {
             add(&mut l.events, 1);
@@ -311,8 +332,28 @@ fn send(sk: *const c_void, kind: u32, detail: u32, duration: u64, tgid: u32) {
         (*e).local_addr = [0; 16];
         (*e).remote_addr = [0; 16];
         (*e).rcvbuf = 0;
-        (*e)._pad = 0;
-        if !sk.is_null() {
+        (*e).reason = reason;
+        if let Conn::Packet { family, ip, local, remote } = conn {
+            (*e).family = family;
+            (*e).local_port = local as u16;
+            (*e).remote_port = remote as u16;
+            // Received: the destination is this machine's end.
+            let (to, from, len) = if family == AF_INET6 { (24, 8, 16) } else { (16, 12, 4) };
+            let mut l = [0u8; 16];
+            let mut r = [0u8; 16];
+            if len == 16 {
+                l = bpf_probe_read_kernel(ip.wrapping_add(to).cast::<[u8; 16]>()).unwrap_or([0; 16]);
+                r = bpf_probe_read_kernel(ip.wrapping_add(from).cast::<[u8; 16]>()).unwrap_or([0; 16]);
+            } else {
+                let l4 = bpf_probe_read_kernel(ip.wrapping_add(to).cast::<[u8; 4]>()).unwrap_or([0; 4]);
+                let r4 = bpf_probe_read_kernel(ip.wrapping_add(from).cast::<[u8; 4]>()).unwrap_or([0; 4]);
+                l[..4].copy_from_slice(&l4);
+                r[..4].copy_from_slice(&r4);
+            }
+            (*e).local_addr = l;
+            (*e).remote_addr = r;
+        }
+        if let Conn::Sock(sk) = conn {
             let family = field::<u16>(sk, &TCP_SK_FAMILY_OFF).unwrap_or(0);
             let (local, remote) = ports(sk);
             (*e).family = family;
@@ -705,8 +746,9 @@ pub fn tcp_drop(ctx: BtfTracePointContext) -> i32 {
     let skb: *const c_void = ctx.arg(0);
     // Ports 0 and 0: the kernel's own control socket (resets it sends for
     // no connection), which no key stands for.
-    if let Some((local, remote)) = dropped_ports(skb).filter(|&(l, r)| l != 0 || r != 0) {
-        let _ = count_ports(local, remote, loss::DROPPED);
+    let Some((conn, local, remote)) = dropped_conn(skb).filter(|&(_, l, r)| l != 0 || r != 0) else { return 0 };
+    if count_ports(local, remote, loss::DROPPED) && global(&TCP_LOSS_EVENTS) != 0 {
+        emit(conn, event::LOSS, loss::DROPPED, 0, 0, reason as u32);
     }
     0
 }
@@ -719,11 +761,11 @@ const NO_HEADER: u16 = 0xffff;
 const TCP_TIME_WAIT: u8 = 6;
 const TCP_NEW_SYN_RECV: u8 = 12;
 
-/// The (local, remote) ports of the TCP connection a dropped packet
-/// belongs to: its socket's, else, for a packet no socket took (a SYN to a
-/// closed port), its TCP header's destination and source.
+/// The TCP connection a dropped packet belongs to, and its (local, remote)
+/// ports: its socket's, else, for a packet no socket took (a SYN to a
+/// closed port), its headers', destination first.
 #[inline(always)]
-fn dropped_ports(skb: *const c_void) -> Option<(u32, u32)> {
+fn dropped_conn(skb: *const c_void) -> Option<(Conn, u32, u32)> {
     let sk = field::<u64>(skb, &TCP_SKB_SK_OFF).unwrap_or(0) as *const c_void;
     if !sk.is_null() {
         let family = field::<u16>(sk, &TCP_SK_FAMILY_OFF)?;
@@ -734,7 +776,8 @@ fn dropped_ports(skb: *const c_void) -> Option<(u32, u32)> {
         // `sock_common`: only a full socket has a protocol to check.
         let state = field::<u8>(sk, &TCP_SK_STATE_OFF)?;
         if state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV || is_tcp(sk) {
-            return Some(ports(sk));
+            let (local, remote) = ports(sk);
+            return Some((Conn::Sock(sk), local, remote));
         }
         return None;
     }
@@ -745,9 +788,9 @@ fn dropped_ports(skb: *const c_void) -> Option<(u32, u32)> {
         return None;
     }
     // The IPv4 protocol byte, or the IPv6 next header (no extension headers).
-    let protocol_at = match u16::from_be(field::<u16>(skb, &TCP_SKB_PROTOCOL_OFF)?) {
-        ETH_P_IP => 9,
-        ETH_P_IPV6 => 6,
+    let (family, protocol_at) = match u16::from_be(field::<u16>(skb, &TCP_SKB_PROTOCOL_OFF)?) {
+        ETH_P_IP => (AF_INET, 9),
+        ETH_P_IPV6 => (AF_INET6, 6),
         _ => return None,
     };
     let ip = head.wrapping_add(usize::from(network));
@@ -759,7 +802,8 @@ fn dropped_ports(skb: *const c_void) -> Option<(u32, u32)> {
     }
     // SAFETY: as above; a TCP header opens with source and destination ports.
     let tcp: [u16; 2] = unsafe { bpf_probe_read_kernel(head.wrapping_add(usize::from(transport)).cast()) }.ok()?;
-    Some((u32::from(u16::from_be(tcp[1])), u32::from(u16::from_be(tcp[0]))))
+    let (local, remote) = (u32::from(u16::from_be(tcp[1])), u32::from(u16::from_be(tcp[0])));
+    Some((Conn::Packet { family, ip, local, remote }, local, remote))
 }
 
 /// Adds `n` (wrapping: `u64::MAX` takes one away) to the count of prunes

@@ -202,6 +202,17 @@ fn tcp_refused_connections_count_resets_on_their_port() {
         .find(|r| r["type"] == "tcp_losses" && r["period"] == "final" && r["key"] == format!("port={port}"))
         .unwrap_or_else(|| panic!("no losses for port={port}:\n{}", run.stdout));
     assert_eq!(u64_of(&port_row, "drops"), 4, "{port_row}");
+    // With --losses, each with its connection, from its headers, and its reason.
+    let dropped: Vec<Value> = run
+        .records()
+        .into_iter()
+        .filter(|r| r["type"] == "tcp_loss" && r["loss"] == "drops" && r["local"] == format!("127.0.0.1:{port}"))
+        .collect();
+    assert_eq!(dropped.len(), 4, "{}", run.stdout);
+    for d in &dropped {
+        assert_eq!(d["reason"], "NO_SOCKET", "{d}");
+        assert!(d["remote"].as_str().is_some_and(|r| r.starts_with("127.0.0.1:")), "{d}");
+    }
     assert_eq!(u64_of(&losses, "drops"), 0, "the clients' side lost nothing: {losses}");
 }
 

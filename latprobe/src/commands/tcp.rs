@@ -266,7 +266,7 @@ pub async fn run(args: TcpArgs) -> Result<()> {
     output::verbose(&kernel_hist::memory(latprobe_common::tcp::histograms(args.max_keys as usize), "histogram"));
     let mut source = Source::take(&mut probes, args.max_keys as usize)?;
     let mut ring: Ring<TcpEvent> = Ring::take(&mut probes.ebpf, maps::EVENTS)?;
-    let printer = EventPrinter { clock: WallClock::new(), format: args.format };
+    let printer = EventPrinter { clock: WallClock::new(), format: args.format, reasons: probes.drop_reasons.clone() };
 
     let attached: Vec<String> = (0..stage::COUNT)
         .map(|s| match &probes.stages[s as usize] {
@@ -605,6 +605,8 @@ fn render_text(
 struct EventPrinter {
     clock: WallClock,
     format: Format,
+    /// The kernel's drop reasons by value, to name a drop's.
+    reasons: Vec<(u32, String)>,
 }
 
 #[derive(Serialize)]
@@ -632,6 +634,9 @@ struct EventJson<'a> {
     /// A pruned socket's receive buffer (`sk_rcvbuf`), bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
     rcvbuf: Option<u32>,
+    /// A dropped packet's drop reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
 }
 
 /// `include/net/tcp_states.h`.
@@ -676,11 +681,14 @@ impl EventPrinter {
                 local: endpoint(e.family, &e.local_addr, e.local_port),
                 // A listener has no remote end.
                 remote: (e.remote_port != 0).then(|| endpoint(e.family, &e.remote_addr, e.remote_port)).flatten(),
-                state: (e.family != 0).then(|| STATES.get(e.state as usize).copied().unwrap_or("?")),
+                // A packet no socket took has no state.
+                state: (e.family != 0 && e.state != 0).then(|| STATES.get(e.state as usize).copied().unwrap_or("?")),
                 cpu: e.cpu,
                 pid: (e.tgid != 0).then_some(e.tgid),
                 comm: (e.tgid != 0).then(|| text::comm(&e.comm)),
                 rcvbuf: (slow && e.detail == stage::COLLAPSE).then_some(e.rcvbuf),
+                reason: (!slow && e.detail == loss::DROPPED)
+                    .then(|| self.reasons.iter().find(|(v, _)| *v == e.reason).map_or("?", |(_, name)| name.as_str())),
             };
             match self.format {
                 Format::Json => format!("{}\n", serde_json::to_string(&json).expect("event serializes")),
@@ -699,6 +707,9 @@ impl EventPrinter {
                     }
                     if let Some(bytes) = json.rcvbuf {
                         line += &format!(" rcvbuf={bytes}");
+                    }
+                    if let Some(reason) = json.reason {
+                        line += &format!(" reason={reason}");
                     }
                     line += &format!(" cpu={}", e.cpu);
                     if let (Some(pid), Some(comm)) = (json.pid, &json.comm) {
