@@ -14,7 +14,13 @@ Examples:
   latprobe runqslower 50ms --secs 60           which task held the CPU while others waited
   latprobe runqlat --per-cpu --secs 10         run-queue latency percentiles per CPU
   latprobe tcp --port 443 --secs 30            where connections wait, and where packets are lost
-  latprobe lock --secs 10                      which kernel locks were contended, and who waited";
+  latprobe lock --secs 10                      which kernel locks were contended, and who waited
+  latprobe merge web-*.json                    the same function across hosts, the sick ones first";
+
+/// What `--hdr-log` writes, said once for every command that has it.
+const HDR_LOG_HELP: &str = "Also write each interval's histograms to FILE as an HdrHistogram interval log \
+(one tagged entry per histogram per --interval, or one for the whole run), for HdrHistogram's tools and \
+`latprobe merge`";
 
 /// Longest run `--secs` accepts: 100 days.
 pub const MAX_SECS: u64 = 100 * 24 * 3600;
@@ -72,6 +78,32 @@ pub enum Command {
     /// Which kernel locks tasks waited on, how long, and who waited
     #[command(after_help = LOCK_EXAMPLES)]
     Lock(LockArgs),
+    /// Merge histograms from many hosts (a JSON report or HDR log per host): the sick hosts first
+    #[command(after_help = MERGE_EXAMPLES)]
+    Merge(MergeArgs),
+}
+
+const MERGE_EXAMPLES: &str = "\
+Each FILE is one host, named by the file (web-07.json is host web-07): the
+JSON of `--format json` (its final histograms) or an HdrHistogram interval
+log (`--hdr-log`, all its intervals). Histograms are merged by adding their
+buckets: the merged percentiles are those of every call on every host.
+Merged JSON (`--format json`) can itself be merged again.
+
+Examples:
+  latprobe fn net_rx_action --secs 60 --format json > $(hostname).json   on each host, then:
+  latprobe merge web-*.json
+  latprobe merge --format json region-a.json region-b.json | jq 'select(.type==\"histogram\")'
+  latprobe merge *.hlog";
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// One file per host: JSON reports or HdrHistogram interval logs
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<std::path::PathBuf>,
+    /// text for people, json for one JSON object per line
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
 }
 
 const LOCK_EXAMPLES: &str = "\
@@ -257,7 +289,8 @@ Examples:
   latprobe fn tcp_v4_rcv --cpu 3 --format json | jq .p999_ns
   latprobe fn inet_csk_accept --attach kprobe
   latprobe fn /usr/sbin/nginx:ngx_process_events_and_timers --pid 4242
-  latprobe fn do_nanosleep -- sleep 1";
+  latprobe fn do_nanosleep -- sleep 1
+  latprobe fn tcp_v4_rcv --interval 10s --hdr-log $(hostname).hlog";
 
 #[derive(Args, Debug)]
 pub struct FnArgs {
@@ -282,6 +315,8 @@ pub struct FnArgs {
     /// text for people, json for one JSON object per line
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    #[arg(long, value_name = "FILE", help = HDR_LOG_HELP)]
+    pub hdr_log: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -339,6 +374,7 @@ Examples:
   latprobe runqlat --per-cpu --interval 1s --secs 10
   latprobe runqlat --per-pid --max-pids 8 --secs 30 --format json
   latprobe runqlat --pid 4242 --secs 10
+  latprobe runqlat --secs 60 --format json > $(hostname).json   then: latprobe merge *.json
   latprobe runqlat -- ./my-benchmark";
 
 #[derive(Args, Debug)]
@@ -362,6 +398,8 @@ pub struct RunqlatArgs {
     /// text for people, json for one JSON object per line
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    #[arg(long, value_name = "FILE", help = HDR_LOG_HELP)]
+    pub hdr_log: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
 }

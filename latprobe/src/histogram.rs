@@ -89,6 +89,51 @@ impl Latencies {
         Ok(Latencies { hist, sum_ns: self.sum_ns.saturating_sub(earlier.sum_ns), exact_min_max: None })
     }
 
+    /// The HDR histogram itself, for encoding (`hdr_codec`).
+    pub fn hdr(&self) -> &Histogram<u64> {
+        &self.hist
+    }
+
+    /// Adds `other`'s counts bucket by bucket: merging is exact. `exact` is
+    /// its exact `(sum, min, max)` when known; the merged sum and extremes
+    /// stay exact only while every part's are, else they come from the
+    /// buckets. Values past the tracked range count as its top.
+    pub fn merge(&mut self, other: &Histogram<u64>, exact: Option<(u64, u64, u64)>) -> Result<()> {
+        if other.is_empty() {
+            return Ok(());
+        }
+        let exact_so_far = self.count() == 0 || self.exact_min_max.is_some();
+        let mut bucket_sum = 0u64;
+        for v in other.iter_recorded() {
+            let value = v.value_iterated_to().clamp(1, hdr::MAX_TRACKED_NS);
+            let count = v.count_at_value();
+            self.hist.record_n(value, count).with_context(|| format!("adding {count} values of {value} ns"))?;
+            bucket_sum = bucket_sum.saturating_add(self.hist.median_equivalent(value).saturating_mul(count));
+        }
+        match exact.filter(|_| exact_so_far) {
+            Some((sum, min, max)) => {
+                let (old_min, old_max) = self.exact_min_max.unwrap_or((u64::MAX, 0));
+                self.sum_ns = self.sum_ns.saturating_add(sum);
+                self.exact_min_max = Some((old_min.min(min), old_max.max(max)));
+            }
+            None => {
+                self.sum_ns = self.sum_ns.saturating_add(bucket_sum);
+                self.exact_min_max = None;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn sum_ns(&self) -> u64 {
+        self.sum_ns
+    }
+
+    /// The exact `(sum, min, max)`, when known: what [`Latencies::merge`]
+    /// keeps exact.
+    pub fn exact_totals(&self) -> Option<(u64, u64, u64)> {
+        self.exact_min_max.map(|(min, max)| (self.sum_ns, min, max))
+    }
+
     /// Counts per power-of-two range of `value / unit_ns`, as SystemTap and bcc
     /// print them: `(low, high, count)` from the first non-empty range to the
     /// last. Exact, since no kernel bucket straddles a power of two of ns; with
@@ -205,6 +250,28 @@ mod tests {
         assert_eq!(b.iter().map(|x| x.2).sum::<u64>(), 5);
         let us = Latencies::of(&[5_000_000, 5_100_000]).log2_buckets(1000);
         assert_eq!(us, vec![(4096, 8191, 2)]);
+    }
+
+    /// Two hosts with known distributions merge to the known combined
+    /// percentiles, counts and extremes: 900 calls of 1 ms on one, 100 of
+    /// 50 ms on the other → p50 1 ms, p90 1 ms, p99 50 ms, max 50 ms.
+    #[test]
+    fn merging_two_hosts_is_exact() {
+        let a = Latencies::of(&vec![1_000_000; 900]);
+        let b = Latencies::of(&vec![50_000_000; 100]);
+        let mut merged = Latencies::new();
+        merged.merge(a.hdr(), Some((a.sum_ns(), a.min_ns(), a.max_ns()))).unwrap();
+        merged.merge(b.hdr(), Some((b.sum_ns(), b.min_ns(), b.max_ns()))).unwrap();
+        assert_eq!(merged.count(), 1000);
+        assert_eq!((merged.min_ns(), merged.max_ns()), (1_000_000, 50_000_000));
+        assert_eq!(merged.mean_ns(), (900 * 1_000_000 + 100 * 50_000_000) / 1000);
+        assert!((1_000_000..=1_008_000).contains(&merged.quantile_ns(0.5)));
+        assert!((1_000_000..=1_008_000).contains(&merged.quantile_ns(0.9)));
+        assert_eq!(merged.quantile_ns(0.99), 50_000_000);
+        // A part read back from its buckets alone makes the extremes approximate.
+        merged.merge(a.hdr(), None).unwrap();
+        assert_eq!(merged.count(), 1900);
+        assert!(merged.max_ns() >= 50_000_000 && merged.max_ns() <= 50_400_000, "{}", merged.max_ns());
     }
 
     #[test]

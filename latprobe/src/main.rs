@@ -9,10 +9,12 @@ mod commands;
 mod cost;
 mod duration;
 mod folded;
+mod hdr_codec;
 mod histogram;
 mod kallsyms;
 mod kernel_hist;
 mod kretprobe;
+mod merge_input;
 mod output;
 mod report;
 mod run;
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
             cli::Command::Flame(args) => commands::flame::run(args).await,
             cli::Command::Tcp(args) => commands::tcp::run(args).await,
             cli::Command::Lock(args) => commands::lock::run(args).await,
+            cli::Command::Merge(args) => commands::merge::run(args).await,
         }
     });
     // Probes are detached by now; what is left is writing out. A stalled

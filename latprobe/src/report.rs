@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::{
     duration::format_ns,
+    hdr_codec,
     histogram::{log2_unit, Latencies, QUANTILES},
 };
 
@@ -62,20 +63,50 @@ struct HistogramJson<'a> {
     attach: &'a str,
     period: &'a str,
     seconds: f64,
-    count: u64,
-    min_ns: u64,
-    mean_ns: u64,
-    max_ns: u64,
-    p50_ns: u64,
-    p90_ns: u64,
-    p99_ns: u64,
-    p999_ns: u64,
-    p9999_ns: u64,
+    #[serde(flatten)]
+    summary: SummaryJson,
     lost: u64,
     missed: u64,
     outliers_lost: u64,
     outliers_unprinted: u64,
     log2_ns: Vec<Log2Json>,
+    /// The whole histogram, HdrHistogram's compressed V2 in base64: what
+    /// `latprobe merge` adds up across hosts.
+    hdr: String,
+}
+
+/// Count, extremes, sum and percentiles of a histogram: the fields every
+/// JSON histogram record has (reports, and `merge`'s rows).
+#[derive(Serialize)]
+pub struct SummaryJson {
+    count: u64,
+    min_ns: u64,
+    mean_ns: u64,
+    max_ns: u64,
+    sum_ns: u64,
+    p50_ns: u64,
+    p90_ns: u64,
+    p99_ns: u64,
+    p999_ns: u64,
+    p9999_ns: u64,
+}
+
+impl SummaryJson {
+    pub fn of(l: &Latencies) -> Self {
+        let q = |i: usize| l.quantile_ns(QUANTILES[i].0);
+        SummaryJson {
+            count: l.count(),
+            min_ns: l.min_ns(),
+            mean_ns: l.mean_ns(),
+            max_ns: l.max_ns(),
+            sum_ns: l.sum_ns(),
+            p50_ns: q(0),
+            p90_ns: q(1),
+            p99_ns: q(2),
+            p999_ns: q(3),
+            p9999_ns: q(4),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -92,7 +123,6 @@ impl FunctionReport<'_> {
 
     pub fn to_json(&self) -> String {
         let l = self.latencies;
-        let q = |i: usize| l.quantile_ns(QUANTILES[i].0);
         let json = HistogramJson {
             kind: "histogram",
             function: self.function,
@@ -101,15 +131,7 @@ impl FunctionReport<'_> {
             attach: self.attach,
             period: self.period,
             seconds: (self.seconds * 1000.0).round() / 1000.0,
-            count: l.count(),
-            min_ns: l.min_ns(),
-            mean_ns: l.mean_ns(),
-            max_ns: l.max_ns(),
-            p50_ns: q(0),
-            p90_ns: q(1),
-            p99_ns: q(2),
-            p999_ns: q(3),
-            p9999_ns: q(4),
+            summary: SummaryJson::of(l),
             lost: self.lost(),
             missed: self.missed,
             outliers_lost: self.outliers_lost,
@@ -119,6 +141,7 @@ impl FunctionReport<'_> {
                 .into_iter()
                 .map(|(low_ns, high_ns, count)| Log2Json { low_ns, high_ns, count })
                 .collect(),
+            hdr: hdr_codec::encode(l.hdr()),
         };
         serde_json::to_string(&json).expect("report serializes")
     }
@@ -265,25 +288,33 @@ impl OutlierReport<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn json_has_the_documented_fields() {
-        let l = Latencies::of(&[1000, 2000, 3000, 4000]);
-        let r = FunctionReport {
-            function: "net_rx_action",
+impl<'a> FunctionReport<'a> {
+    /// A final report of one second with nothing lost, for tests.
+    pub fn final_of(function: &'a str, latencies: &'a Latencies) -> Self {
+        FunctionReport {
+            function,
             key: None,
             comm: None,
             noun: "calls",
             attach: "fentry",
             period: "final",
             seconds: 1.0,
-            latencies: &l,
-            missed: 1,
-            outliers_lost: 2,
+            latencies,
+            missed: 0,
+            outliers_lost: 0,
             outliers_unprinted: 0,
-        };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_has_the_documented_fields() {
+        let l = Latencies::of(&[1000, 2000, 3000, 4000]);
+        let r = FunctionReport { missed: 1, outliers_lost: 2, ..FunctionReport::final_of("net_rx_action", &l) };
         let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(v["type"], "histogram");
         assert_eq!(v["function"], "net_rx_action");
@@ -297,6 +328,9 @@ mod tests {
         assert_eq!(v["p999_ns"], 4000);
         assert_eq!(v["lost"], 3);
         assert_eq!(v["log2_ns"][0]["low_ns"], 512);
+        assert_eq!(v["sum_ns"], 10_000);
+        let back = hdr_codec::decode(v["hdr"].as_str().unwrap()).unwrap();
+        assert_eq!(back.len(), 4, "the encoded histogram holds every call");
     }
 
     #[test]

@@ -19,7 +19,11 @@ use crate::{
     kallsyms::{self, KernelSymbols},
     kernel_hist::{self, HistMaps, Totals},
     kretprobe::ReturnProbe,
-    output::{self, text},
+    output::{
+        self,
+        hdr_log::{series_tag, HdrLog},
+        text,
+    },
     report::{Format, FunctionReport, OutlierReport, Period},
     run::{Ring, Run, Step, BATCH, SETTLE_TIME},
 };
@@ -51,6 +55,7 @@ pub async fn run(args: FnArgs) -> Result<()> {
     }
     let targets = args.functions.iter().map(|f| Target::parse(f)).collect::<Result<Vec<_>>>()?;
     let mut run = Run::prepare(&args.run, args.cpu, None)?;
+    let mut hdr_log = args.hdr_log.as_deref().map(HdrLog::create).transpose()?;
     let btf = BtfLater::start();
 
     let tgid = run.tgid();
@@ -110,6 +115,9 @@ pub async fn run(args: FnArgs) -> Result<()> {
     output::say(&format!("tracing {}; Ctrl-C to end", described.join(", ")));
     run.report_every(args.interval);
     run.activate()?;
+    if let Some(log) = hdr_log.as_mut() {
+        log.begin(&format!("fn {}", described.join(", ")));
+    }
     let mut last_report = Instant::now();
     let end = loop {
         match run.next(Some(&mut ring)).await? {
@@ -119,12 +127,17 @@ pub async fn run(args: FnArgs) -> Result<()> {
             }
             Step::Interval => {
                 let now = Instant::now();
+                let mut deltas = Vec::new();
                 for (slot, t) in traced.iter_mut().enumerate() {
                     let totals = maps.totals(slot)?;
                     let delta = totals.latencies.since(&t.previous)?;
                     let period = Period { name: "interval", elapsed: now - last_report, unprinted: 0 };
                     output::report(render(t, &period, &delta, &totals, args.format));
                     t.previous = totals.latencies;
+                    deltas.push((series_tag(&t.name, None), delta));
+                }
+                if let Some(log) = hdr_log.as_mut() {
+                    log.interval(&deltas);
                 }
                 if let Some(cost) = cost.as_mut() {
                     output::report(cost.since_last(&ebpf).render("interval", args.format));
@@ -146,14 +159,16 @@ pub async fn run(args: FnArgs) -> Result<()> {
         elapsed: run.elapsed(),
         unprinted: discarded + output::settle_records(run.drain_deadline() + SETTLE_TIME),
     };
+    let mut deltas = Vec::new();
     for (slot, t) in traced.iter().enumerate() {
         let totals = maps.totals(slot)?;
         output::report(render(t, &period, &totals.latencies, &totals, args.format));
+        deltas.push((series_tag(&t.name, None), totals.latencies.since(&t.previous)?));
     }
     if let Some(cost) = final_cost {
         output::report(cost.render("final", args.format));
     }
-    Ok(())
+    hdr_log.map_or(Ok(()), |log| log.end(&deltas))
 }
 
 fn render(t: &Traced, period: &Period, latencies: &Latencies, totals: &Totals, format: Format) -> String {

@@ -3,6 +3,7 @@
 pub mod flame;
 pub mod func;
 pub mod lock;
+pub mod merge;
 pub mod runqlat;
 pub mod runqslower;
 pub mod tcp;

@@ -22,7 +22,11 @@ use crate::{
     cost,
     histogram::Latencies,
     kernel_hist::{HistMaps, Totals},
-    output::{self, text},
+    output::{
+        self,
+        hdr_log::{series_tag, HdrLog},
+        text,
+    },
     report::{Format, FunctionReport},
     run::{Run, Step},
     sched_probes::{self, Config, Probes},
@@ -115,6 +119,7 @@ impl Source {
 
 pub async fn run(args: RunqlatArgs) -> Result<()> {
     let mut run = Run::prepare(&args.run, None, None)?;
+    let mut hdr_log = args.hdr_log.as_deref().map(HdrLog::create).transpose()?;
     let grouping = if args.per_cpu {
         Grouping::PerCpu
     } else if args.per_pid {
@@ -154,6 +159,9 @@ pub async fn run(args: RunqlatArgs) -> Result<()> {
         run.poll_every(Duration::from_millis(500));
     }
     run.activate()?;
+    if let Some(log) = hdr_log.as_mut() {
+        log.begin(&format!("runqlat ({attach})"));
+    }
     let mut last_report = Instant::now();
     let mut previous: HashMap<Option<String>, Latencies> = HashMap::new();
     let end = loop {
@@ -163,11 +171,16 @@ pub async fn run(args: RunqlatArgs) -> Result<()> {
             Step::Interval => {
                 let now = Instant::now();
                 let mut out = String::new();
+                let mut deltas = Vec::new();
                 for row in source.rows(&probes)? {
                     let before = previous.get(&row.key).cloned().unwrap_or_else(Latencies::new);
                     let delta = row.totals.latencies.since(&before)?;
                     out += &render(&row, &delta, &attach, "interval", now - last_report, args.format);
+                    deltas.push((series_tag("runqlat", row.key.as_deref()), delta));
                     previous.insert(row.key, row.totals.latencies);
+                }
+                if let Some(log) = hdr_log.as_mut() {
+                    log.interval(&deltas);
                 }
                 if let Some(cost) = cost.as_mut() {
                     out += &cost.since_last(&probes.ebpf).render("interval", args.format);
@@ -188,14 +201,17 @@ pub async fn run(args: RunqlatArgs) -> Result<()> {
     if rows.is_empty() && args.format == Format::Text {
         out += "runqlat: no waits seen\n";
     }
+    let mut deltas = Vec::new();
     for row in &rows {
         out += &render(row, &row.totals.latencies, &attach, "final", elapsed, args.format);
+        let before = previous.get(&row.key).cloned().unwrap_or_else(Latencies::new);
+        deltas.push((series_tag("runqlat", row.key.as_deref()), row.totals.latencies.since(&before)?));
     }
     if let Some(cost) = final_cost {
         out += &cost.render("final", args.format);
     }
     output::report(out);
-    Ok(())
+    hdr_log.map_or(Ok(()), |log| log.end(&deltas))
 }
 
 fn render(row: &Row, latencies: &Latencies, attach: &str, period: &str, elapsed: Duration, format: Format) -> String {

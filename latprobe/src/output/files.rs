@@ -12,6 +12,11 @@
 //! A character device or a FIFO named as the target (`/dev/null`, a named
 //! pipe) is a stream, not a file to replace: it is written in place.
 //! Renaming over it would replace the device node itself.
+//!
+//! Output written as a run goes (`--hdr-log`, through `io::Write`) goes
+//! straight into the unnamed file, so memory stays flat however long the
+//! run; for a stream it is held (up to [`MAX_STREAM_PENDING`]) and written
+//! at commit, so a stalled reader can never block the run.
 
 use std::{
     ffi::CString,
@@ -33,7 +38,12 @@ pub struct OutputFile {
     file: File,
     /// Where the finished file is renamed to; None for a stream.
     place: Option<Place>,
+    /// What a stream was given before commit.
+    pending: Vec<u8>,
 }
+
+/// Most bytes held for a stream until commit.
+pub const MAX_STREAM_PENDING: usize = 64 << 20;
 
 /// The directory and name a finished file is renamed to.
 struct Place {
@@ -67,7 +77,7 @@ impl OutputFile {
             bail!("{}: is a directory; name a file, e.g. {}", path.display(), path.join("out.svg").display());
         }
         if let Some(file) = open_stream(path)? {
-            return Ok(Self { path: path.to_path_buf(), file, place: None });
+            return Ok(Self { path: path.to_path_buf(), file, place: None, pending: Vec::new() });
         }
         let dir_c = cstring(parent.as_os_str().as_bytes(), path)?;
         // SAFETY: a NUL-terminated path; the returned fd is checked below.
@@ -86,7 +96,7 @@ impl OutputFile {
         let name = cstring(name.as_bytes(), path)?;
         let (file, temp_name) = open_unnamed(&dir, path).or_else(|_| open_hidden(&dir, path, &name))?;
         give_to_invoking_user(&file);
-        Ok(Self { path: path.to_path_buf(), file, place: Some(Place { dir, name, temp_name }) })
+        Ok(Self { path: path.to_path_buf(), file, place: Some(Place { dir, name, temp_name }), pending: Vec::new() })
     }
 
     pub fn path(&self) -> &Path {
@@ -96,6 +106,8 @@ impl OutputFile {
     /// Writes `bytes`, makes them durable, and renames the file into place.
     pub fn commit(mut self, bytes: &[u8]) -> Result<()> {
         let path = self.path.clone();
+        let pending = std::mem::take(&mut self.pending);
+        self.file.write_all(&pending).with_context(|| format!("writing {}", path.display()))?;
         self.file.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
         let Some(place) = self.place.as_mut() else {
             return Ok(());
@@ -114,6 +126,24 @@ impl OutputFile {
             unsafe { libc::unlinkat(place.dir.as_raw_fd(), temp.as_ptr(), 0) };
             return Err(e);
         }
+        Ok(())
+    }
+}
+
+/// Writes before commit: into the unnamed file, or held for a stream.
+impl Write for OutputFile {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        if self.place.is_some() {
+            return self.file.write(bytes);
+        }
+        if self.pending.len() + bytes.len() > MAX_STREAM_PENDING {
+            return Err(io::Error::other(format!("over {} MiB held for a stream", MAX_STREAM_PENDING >> 20)));
+        }
+        self.pending.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
 }
@@ -250,6 +280,22 @@ mod tests {
         file.commit(b"<svg/>").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"<svg/>");
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "no temporary left behind");
+    }
+
+    #[test]
+    fn written_as_it_goes_appears_whole_at_commit() {
+        let dir = scratch("append");
+        let path = dir.join("run.hlog");
+        let mut file = OutputFile::create(&path).unwrap();
+        file.write_all(b"first\n").unwrap();
+        file.write_all(b"second\n").unwrap();
+        assert!(!path.exists(), "nothing is visible before commit");
+        file.commit(b"last\n").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"first\nsecond\nlast\n");
+        let mut null = OutputFile::create(Path::new("/dev/null")).unwrap();
+        null.write_all(b"held").unwrap();
+        assert!(null.write_all(&vec![0; MAX_STREAM_PENDING]).is_err(), "a stream holds a bounded amount");
+        null.commit(b"").unwrap();
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! can block a run, and no write error can panic it.
 
 pub mod files;
+pub mod hdr_log;
 mod stream;
 pub mod text;
 
