@@ -219,6 +219,8 @@ pub struct TcpArgs {
     /// text for people, json for one JSON object per line
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    #[arg(long, value_name = "FILE", help = HDR_LOG_HELP)]
+    pub hdr_log: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
 }

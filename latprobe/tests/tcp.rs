@@ -139,8 +139,34 @@ fn tcp_receive_queue_waits_match_the_readers_delay() {
         return skip("tcp_receive_queue_waits_match_the_readers_delay", &why);
     }
     let (w, port) = (workload(), test_port(0).to_string());
-    let run = latprobe(&["tcp", "--port", &port, "--format", "json", "--", &w, "rx-delay", &port, "5", "50ms"]);
+    let log = std::env::temp_dir().join(format!("latprobe-tcp-rx-{}.hlog", std::process::id()));
+    let log = log.to_str().unwrap();
+    let run = latprobe(&[
+        "tcp",
+        "--port",
+        &port,
+        "--format",
+        "json",
+        "--hdr-log",
+        log,
+        "--",
+        &w,
+        "rx-delay",
+        &port,
+        "5",
+        "50ms",
+    ]);
     run.assert_success();
+    // The stages' HDR log holds the same waits, under the same names.
+    let merged = latprobe(&["merge", "--format", "json", log]);
+    merged.assert_success();
+    let _ = std::fs::remove_file(log);
+    let from_log = merged
+        .records()
+        .into_iter()
+        .find(|r| r["type"] == "histogram" && r["function"] == format!("tcp:rxqueue[port={port}]"))
+        .unwrap_or_else(|| panic!("no rxqueue series in the HDR log:\n{}", merged.stdout));
+    assert_eq!(u64_of(&from_log, "count"), 5, "{from_log}");
     let waited = queued(&run.stderr);
     assert_eq!(waited.len(), 5, "{}", run.stderr);
     // Each message waited from its arrival to the server's read: what the

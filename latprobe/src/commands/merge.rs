@@ -93,7 +93,9 @@ const SHOWN: [usize; 3] = [0, 2, 3];
 
 fn to_text(name: &str, series: &Series) -> String {
     let width = series.hosts.iter().map(|(h, _)| h.chars().count()).max().unwrap_or(4).clamp(6, 40);
-    let mut out = format!("{name}: {} hosts, {} in all\n", series.hosts.len(), series.merged.count());
+    let hosts = series.hosts.len();
+    let mut out =
+        format!("{name}: {hosts} host{}, {} in all\n", if hosts == 1 { "" } else { "s" }, series.merged.count());
     out += &format!("  {:<width$} {:>12} {:>9} {:>9} {:>9} {:>9}\n", "host", "count", "p50", "p99", "p99.9", "max");
     let row = |host: &str, l: &Latencies| {
         let q = SHOWN.map(|i| format_ns(l.quantile_ns(QUANTILES[i].0)));

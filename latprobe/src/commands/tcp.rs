@@ -31,7 +31,11 @@ use crate::{
     duration::format_ns,
     histogram::{Latencies, QUANTILES},
     kernel_hist::{self, HistMaps},
-    output::{self, text},
+    output::{
+        self,
+        hdr_log::{series_tag, HdrLog},
+        text,
+    },
     report::{Format, FunctionReport, Period},
     run::{Ring, Run, Step, BATCH, SETTLE_TIME},
     tcp_probes::{self, Availability, Config, Probes},
@@ -239,6 +243,20 @@ impl Snapshot {
         Ok(Snapshot { stages, losses, drops, lost })
     }
 
+    /// The measured stages' histograms with something in them, named as in
+    /// the JSON reports (`tcp:accept[port=8080]`), for `--hdr-log`.
+    fn series(&self, probes: &Probes) -> Vec<(String, Latencies)> {
+        self.stages
+            .iter()
+            .filter(|row| row.latencies.count() > 0)
+            .filter(|row| matches!(probes.stages[row.stage as usize], Availability::Attached(_)))
+            .map(|row| {
+                let name = format!("tcp:{}", stage::NAMES[row.stage as usize]);
+                (series_tag(&name, Some(&row.key.label())), row.latencies.clone())
+            })
+            .collect()
+    }
+
     fn empty() -> Snapshot {
         Snapshot { stages: Vec::new(), losses: Vec::new(), drops: Vec::new(), lost: Lost::default() }
     }
@@ -249,6 +267,7 @@ pub async fn run(args: TcpArgs) -> Result<()> {
         bail!("at most {MAX_PORTS} --port values ({} given)", args.port.len());
     }
     let mut run = Run::prepare(&args.run, None, None)?;
+    let mut hdr_log = args.hdr_log.as_deref().map(HdrLog::create).transpose()?;
     let config = Config {
         tgid: run.tgid(),
         ports: args.port.clone(),
@@ -291,6 +310,9 @@ pub async fn run(args: TcpArgs) -> Result<()> {
         run.poll_every(Duration::from_millis(500));
     }
     run.activate()?;
+    if let Some(log) = hdr_log.as_mut() {
+        log.begin(&format!("tcp: {}", attached.join(", ")));
+    }
     let mut last_report = Instant::now();
     let mut previous = Snapshot::empty();
     let end = loop {
@@ -307,6 +329,9 @@ pub async fn run(args: TcpArgs) -> Result<()> {
                 let delta = snapshot.since(&previous)?;
                 let period = Period { name: "interval", elapsed: now - last_report, unprinted: 0 };
                 output::report(render(&delta, &source, &probes, &period, args.format));
+                if let Some(log) = hdr_log.as_mut() {
+                    log.interval(&delta.series(&probes));
+                }
                 if let Some(cost) = cost.as_mut() {
                     output::report(cost.since_last(&probes.ebpf).render("interval", args.format));
                 }
@@ -332,7 +357,8 @@ pub async fn run(args: TcpArgs) -> Result<()> {
     if let Some(cost) = final_cost {
         output::report(cost.render("final", args.format));
     }
-    Ok(())
+    let last = snapshot.since(&previous)?.series(&probes);
+    hdr_log.map_or(Ok(()), |log| log.end(&last))
 }
 
 #[derive(Serialize)]
