@@ -25,6 +25,7 @@ use std::{
     },
     path::{Path, PathBuf},
     ptr::{self, NonNull},
+    time::{Duration, Instant},
 };
 
 use object::{Object, ObjectSegment, ObjectSymbol};
@@ -357,13 +358,22 @@ enum FileState {
 /// The executable mappings of one process, each with its file's state.
 struct Process {
     mappings: Vec<(Mapping, FileState)>,
+    /// When the mappings were last read (or found unchanged).
+    read_at: Instant,
 }
 
 impl Process {
     fn new(mappings: Vec<Mapping>) -> Self {
-        Self { mappings: mappings.into_iter().map(|m| (m, FileState::Unopened)).collect() }
+        Self { mappings: mappings.into_iter().map(|m| (m, FileState::Unopened)).collect(), read_at: Instant::now() }
+    }
+
+    fn has_mappings(&self, mappings: &[Mapping]) -> bool {
+        self.mappings.len() == mappings.len() && self.mappings.iter().zip(mappings).all(|((a, _), b)| a == b)
     }
 }
+
+/// How often a known process's mappings may be read again by `recheck`.
+const RECHECK_EVERY: Duration = Duration::from_millis(50);
 
 /// Symbolizes user addresses of the processes it was told about.
 #[derive(Default)]
@@ -373,13 +383,6 @@ pub struct UserSymbols {
 }
 
 impl UserSymbols {
-    /// Reads a process's mappings now if not known yet (cheap otherwise).
-    pub fn remember(&mut self, tgid: u32) {
-        if !self.processes.contains_key(&tgid) {
-            self.refresh(tgid);
-        }
-    }
-
     /// Re-reads a process's mappings, e.g. after it exec'd. If it is gone,
     /// the mappings already read are kept, so its samples still resolve.
     /// Beyond [`MAX_PROCESSES`] known processes, new ones are not added.
@@ -388,18 +391,42 @@ impl UserSymbols {
             return;
         }
         // No executable mapping means gone, exiting, a zombie or mid-exec
-        // (or a kernel thread): keep what we had, and let `remember` retry.
+        // (or a kernel thread): keep what we had, and let `recheck` retry.
         if let Some(mappings) = read_maps(tgid).filter(|m| !m.is_empty()) {
-            let mut process = Process::new(mappings);
-            // The files are opened now, through /proc/PID/map_files: when
-            // the samples are symbolized the process may be gone, and its
-            // map_files with it (parsed files are cached, so this is cheap
-            // for libraries already seen).
-            for (mapping, state) in &mut process.mappings {
-                *state = self.files.load(tgid, mapping).map_or(FileState::Unusable, FileState::Cached);
-            }
-            self.processes.insert(tgid, process);
+            self.install(tgid, mappings);
         }
+    }
+
+    /// Reads a process's mappings again if they may have changed since:
+    /// libraries are mapped after a process's first samples (the dynamic
+    /// loader maps libc after exec, `dlopen` later still), and a frame in
+    /// one missing from what was read would stay `[unknown]` once the
+    /// process is gone. At most every [`RECHECK_EVERY`] per process; files
+    /// are opened again only when the mappings did change.
+    pub fn recheck(&mut self, tgid: u32) {
+        let Some(process) = self.processes.get_mut(&tgid) else {
+            return self.refresh(tgid);
+        };
+        if process.read_at.elapsed() < RECHECK_EVERY {
+            return;
+        }
+        process.read_at = Instant::now();
+        match read_maps(tgid).filter(|m| !m.is_empty()) {
+            Some(mappings) if !process.has_mappings(&mappings) => self.install(tgid, mappings),
+            _ => {}
+        }
+    }
+
+    fn install(&mut self, tgid: u32, mappings: Vec<Mapping>) {
+        let mut process = Process::new(mappings);
+        // The files are opened now, through /proc/PID/map_files: when the
+        // samples are symbolized the process may be gone, and its map_files
+        // with it (parsed files are cached, so this is cheap for libraries
+        // already seen).
+        for (mapping, state) in &mut process.mappings {
+            *state = self.files.load(tgid, mapping).map_or(FileState::Unusable, FileState::Cached);
+        }
+        self.processes.insert(tgid, process);
     }
 
     /// Drops a process's mappings (parsed files stay cached), e.g. when it
@@ -488,7 +515,7 @@ mod tests {
     fn symbolizes_this_test_binary() {
         let mut syms = UserSymbols::default();
         let me = std::process::id();
-        syms.remember(me);
+        syms.refresh(me);
         let addr = symbolizes_this_test_binary as *const () as u64;
         let name = syms.symbolize(me, addr);
         assert!(name.contains("symbolizes_this_test_binary"), "{name}");
@@ -621,7 +648,7 @@ mod tests {
         thread::spawn(move || {
             let me = std::process::id();
             let mut syms = UserSymbols::default();
-            syms.remember(me);
+            syms.refresh(me);
             let _ = tx.send(syms.symbolize(me, addr));
         });
         let name = rx.recv_timeout(Duration::from_secs(5)).expect("symbolize hung on a FIFO");
@@ -631,21 +658,35 @@ mod tests {
     }
 
     #[test]
-    fn remember_reads_maps_once_and_refresh_rereads() {
+    fn refresh_rereads_maps() {
         let me = std::process::id();
         let mut syms = UserSymbols::default();
-        syms.remember(me);
+        syms.refresh(me);
         let copy = TempPath::new("later-elf");
-        let marker = remember_reads_maps_once_and_refresh_rereads as *const () as u64;
+        let marker = refresh_rereads_maps as *const () as u64;
         let (_mapping, addr) = map_copy_of_self(&copy, marker);
-
         // Compared by name, not with "[unknown]": a mapping another test
         // thread dropped meanwhile may have left its stale entry there.
-        let named = |s: String| s.contains("remember_reads_maps_once_and_refresh_rereads");
-        syms.remember(me);
-        assert!(!named(syms.symbolize(me, addr)), "remember re-read known maps");
+        let named = |s: String| s.contains("refresh_rereads_maps");
         syms.refresh(me);
         assert!(named(syms.symbolize(me, addr)), "refresh missed a new mapping: {}", syms.symbolize(me, addr));
+    }
+
+    /// A library mapped after a process was first seen is named once a
+    /// later sample makes latprobe look again (not more often than
+    /// RECHECK_EVERY).
+    #[test]
+    fn recheck_picks_up_a_mapping_added_later() {
+        let me = std::process::id();
+        let mut syms = UserSymbols::default();
+        syms.recheck(me);
+        let copy = TempPath::new("recheck-elf");
+        let marker = recheck_picks_up_a_mapping_added_later as *const () as u64;
+        let (_mapping, addr) = map_copy_of_self(&copy, marker);
+        let named = |s: String| s.contains("recheck_picks_up_a_mapping_added_later");
+        std::thread::sleep(RECHECK_EVERY);
+        syms.recheck(me);
+        assert!(named(syms.symbolize(me, addr)), "recheck missed a new mapping: {}", syms.symbolize(me, addr));
     }
 
     fn is_zombie(pid: u32) -> bool {
@@ -694,10 +735,10 @@ mod tests {
             syms.processes.insert(fake, Process::new(Vec::new()));
         }
         let me = std::process::id();
-        syms.remember(me);
+        syms.refresh(me);
         assert!(!syms.processes.contains_key(&me));
         syms.forget(u32::MAX);
-        syms.remember(me);
+        syms.refresh(me);
         assert!(syms.processes.contains_key(&me));
     }
 }

@@ -321,10 +321,10 @@ fn drop_programs(ebpf: &mut Ebpf) {
     }
 }
 
-/// Reads the mappings of every process in the counts that is not known yet.
 /// Reads the mappings of processes seen in the counts while they live, and
-/// reads them again when a process shows up under a new name: it exec'd, and
-/// its old mappings would name the new program's frames wrongly.
+/// reads them again when a process shows up under a new name (it exec'd, and
+/// its old mappings would name the new program's frames wrongly) or with a
+/// new stack after a while (it may have mapped a library since).
 #[derive(Default)]
 struct Processes {
     usyms: UserSymbols,
@@ -354,7 +354,8 @@ impl Processes {
         if renamed {
             self.usyms.refresh(key.tgid);
         } else {
-            self.usyms.remember(key.tgid);
+            // A new stack may run in a library mapped since we last looked.
+            self.usyms.recheck(key.tgid);
         }
     }
 }
