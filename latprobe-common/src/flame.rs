@@ -97,9 +97,11 @@ pub mod globals {
     pub const USE_HASH: &str = "FL_USE_HASH";
     /// Offset of `task_struct.pid`, from the running kernel's BTF.
     pub const TASK_PID_OFF: &str = "FL_TASK_PID_OFF";
+    /// Offset of `task_struct.__state` (`state` before 5.14), from BTF.
+    pub const TASK_STATE_OFF: &str = "FL_TASK_STATE_OFF";
 
-    pub const ALL: [&str; 8] =
-        [TGID, KERNEL, USER, MIN_BLOCK_NS, DURING_SLOT, DURING_SLOWER_NS, USE_HASH, TASK_PID_OFF];
+    pub const ALL: [&str; 9] =
+        [TGID, KERNEL, USER, MIN_BLOCK_NS, DURING_SLOT, DURING_SLOWER_NS, USE_HASH, TASK_PID_OFF, TASK_STATE_OFF];
 }
 
 /// Names of the flame maps.

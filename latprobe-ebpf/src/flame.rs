@@ -46,6 +46,9 @@ static FL_USE_HASH: u32 = 0;
 /// Offset of `task_struct.pid`, from the running kernel's BTF.
 #[unsafe(no_mangle)]
 static FL_TASK_PID_OFF: u32 = 0;
+/// Offset of `task_struct.__state` (`state` before 5.14), from BTF.
+#[unsafe(no_mangle)]
+static FL_TASK_STATE_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static FL_DURING_SLOWER_NS: u64 = 0;
 
@@ -139,7 +142,14 @@ fn pending(task: Option<*mut c_void>, create: bool) -> Option<&'static mut Pendi
 /// wherever the hash is used with tasks other than the current one).
 #[inline(always)]
 fn task_tid(task: *mut c_void) -> Option<u32> {
-    let at = task.cast::<u8>().wrapping_add(global(&FL_TASK_PID_OFF) as usize);
+    task_u32(task, &FL_TASK_PID_OFF)
+}
+
+/// The `u32` of `task` at the offset in global `off` (from the running
+/// kernel's BTF).
+#[inline(always)]
+fn task_u32(task: *mut c_void, off: &u32) -> Option<u32> {
+    let at = task.cast::<u8>().wrapping_add(global(off) as usize);
     // SAFETY: reads 4 bytes of the task; the helper fails cleanly on a bad
     // address.
     unsafe { bpf_probe_read_kernel(at.cast::<u32>()) }.ok()
@@ -285,13 +295,15 @@ pub fn fl_sample(ctx: PerfEventContext) -> u32 {
     0
 }
 
-/// `prev_state` of a task's last switch (TASK_DEAD, 0x80 in every kernel
+/// The state of a task in its last switch (TASK_DEAD, 0x80 in every kernel
 /// latprobe supports).
-const TASK_DEAD: u64 = 0x80;
+const TASK_DEAD: u32 = 0x80;
 
-/// sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
-/// unsigned int prev_state): `prev` is the current task, leaving; `next` is
-/// coming back.
+/// sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next):
+/// `prev` is the current task, leaving; `next` is coming back. (The
+/// `prev_state` argument came in Linux 5.18; `prev`'s own state field says
+/// the same for TASK_DEAD on every kernel: a dying task's state stays
+/// TASK_DEAD through its last switch.)
 #[btf_tracepoint(function = "sched_switch")]
 pub fn fl_switch(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: a helper without arguments.
@@ -301,7 +313,7 @@ pub fn fl_switch(ctx: BtfTracePointContext) -> i32 {
     }
     let prev: *mut c_void = ctx.arg(1);
     let next: *mut c_void = ctx.arg(2);
-    let prev_state: u64 = ctx.arg(3);
+    let prev_state = task_u32(prev, &FL_TASK_STATE_OFF).unwrap_or(0);
     // No start for the idle task (tid 0, one per CPU: "blocked" would be the
     // time the CPU was busy, and the hash would mix all CPUs' under one key),
     // nor for a task's last switch: it never comes back, and in the hash its

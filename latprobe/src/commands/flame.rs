@@ -102,9 +102,12 @@ pub async fn run(args: FlameArgs) -> Result<()> {
     let sys_btf = if args.offcpu { Some(btf_offsets::Btf::from_sys_fs()?) } else { None };
     let use_hash =
         u32::from(bpf::compat() || sys_btf.as_ref().is_some_and(|b| !btf_offsets::task_storage_safe_in_scheduler(b)));
-    let pid_offset = match &sys_btf {
-        Some(b) => btf_offsets::TaskOffsets::from_btf(b)?.pid,
-        None => 0,
+    let (pid_offset, state_offset) = match &sys_btf {
+        Some(b) => {
+            let offsets = btf_offsets::TaskOffsets::from_btf(b)?;
+            (offsets.pid, offsets.state)
+        }
+        None => (0, 0),
     };
     drop(sys_btf);
     let store = if use_hash == 1 { "a preallocated hash by tid" } else { "task storage" };
@@ -128,6 +131,7 @@ pub async fn run(args: FlameArgs) -> Result<()> {
         loader
             .override_global(globals::USE_HASH, &use_hash, true)
             .override_global(globals::TASK_PID_OFF, &pid_offset, true)
+            .override_global(globals::TASK_STATE_OFF, &state_offset, true)
             .map_max_entries(maps::OFF_HASH, hash_entries)
             .map_max_entries(maps::PENDING_HASH, pending_entries)
             .override_global(func::globals::TARGET_TGID, &tgid, true)
