@@ -39,8 +39,11 @@ fn taken_in<'a>(locks: &'a [Value], callers: &[&str]) -> Vec<&'a Value> {
 /// 5.19 (its own test below checks the error it gives without them).
 fn contention_unavailable() -> Option<String> {
     bpf_unavailable().or_else(|| {
-        let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
-        (!kallsyms.lines().any(|l| l.ends_with(" __tracepoint_contention_begin")))
+        // Every tracepoint has a `btf_trace_<name>` type in the kernel's BTF
+        // (kallsyms lists the tracepoint itself only with KALLSYMS_ALL).
+        let btf = std::fs::read("/sys/kernel/btf/vmlinux").unwrap_or_default();
+        let needle = b"btf_trace_contention_begin\0";
+        (!btf.windows(needle.len()).any(|w| w == needle))
             .then(|| format!("kernel {} has no lock:contention_begin tracepoint (Linux 5.19+)", kernel_name()))
     })
 }

@@ -61,8 +61,7 @@ pub const MATRIX: &[Kernel] = &[
         name: "5.10",
         pattern: r"^linux-image-5\.10\.0-[0-9]+-cloud-amd64-unsigned$",
         suite: Some("bullseye"),
-        // Not yet in `all`: commands still fail on it (task-local storage).
-        in_all: false,
+        in_all: true,
         description: "Debian 11 cloud kernel",
     },
 ];
@@ -207,6 +206,15 @@ impl Kernel {
         match self.suite {
             None => Ok(Apt::machine()),
             Some(suite) => Apt::for_suite(suite),
+        }
+    }
+
+    /// How to get this kernel's package into the apt lists.
+    pub fn update_hint(&self) -> &'static str {
+        match self.suite {
+            // Its own lists, downloaded by the fetch itself.
+            Some(_) => "--fetch",
+            None => "apt-get update",
         }
     }
 
