@@ -190,7 +190,9 @@ impl FrameStore {
     }
 
     pub fn describe(&self) -> &'static str {
-        if self.hashed() {
+        if self.hashed() && bpf::compat() {
+            "call start times in a preallocated hash by thread (the objects for this kernel have no task storage)"
+        } else if self.hashed() {
             "call start times in a preallocated hash by thread (task storage would allocate in the traced context)"
         } else {
             "call start times in task storage"

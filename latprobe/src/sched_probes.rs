@@ -191,6 +191,10 @@ pub fn start(config: &Config) -> Result<Probes> {
         (Store::Hash, true) => {
             format!("wakeup times kept in a hash map of {START_HASH_ENTRIES} tids (raw_tp cannot use task storage)")
         }
+        (Store::Hash, false) if bpf::compat() => format!(
+            "wakeup times kept in a hash map of {START_HASH_ENTRIES} tids: the objects for this kernel \
+             have no task-local storage"
+        ),
         (Store::Hash, false) => format!(
             "wakeup times kept in a hash map of {START_HASH_ENTRIES} tids: this kernel's task storage \
              allocates with kmalloc, unsafe under the run-queue lock"

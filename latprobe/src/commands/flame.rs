@@ -97,9 +97,11 @@ pub async fn run(args: FlameArgs) -> Result<()> {
         _ => MAX_FUNCS as u32,
     };
     // Off-CPU starts and --during's held stacks live in task storage, unless
-    // this kernel has none (the compat objects) or, off-CPU, its task storage would
-    // allocate under the run-queue lock (see btf_offsets).
-    let sys_btf = if args.offcpu { Some(btf_offsets::Btf::from_sys_fs()?) } else { None };
+    // this kernel has none (the compat objects) or its task storage would
+    // allocate where it is created: under the run-queue lock (off-CPU), or
+    // in the traced function (--during, as fn's own start times; see
+    // btf_offsets).
+    let sys_btf = if args.offcpu || during.is_some() { Some(btf_offsets::Btf::from_sys_fs()?) } else { None };
     let use_hash =
         u32::from(bpf::compat() || sys_btf.as_ref().is_some_and(|b| !btf_offsets::task_storage_safe_in_scheduler(b)));
     let (pid_offset, state_offset) = match &sys_btf {
