@@ -314,21 +314,21 @@ fn attach_oncpu(ebpf: &mut Ebpf, cpus: &[u32], freq: u64) -> Result<()> {
 /// With the hashes by tid, the exit program that frees an exiting thread's
 /// entries: task storage is freed with its task, the hashes are not.
 fn attach_exit(ebpf: &mut Ebpf) -> Result<()> {
-    let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
-    let exit: &mut BtfTracePoint = ebpf.program_mut(programs::EXIT).context("fl_exit missing")?.try_into()?;
-    exit.load("sched_process_exit", &btf)
-        .map_err(|e| anyhow::anyhow!("loading the sched_process_exit program (tp_btf): {}", bpf::describe(&e)))?;
-    exit.attach().context("attaching to sched_process_exit")?;
-    Ok(())
+    attach_tp_btf(ebpf, programs::EXIT, "sched_process_exit")
 }
 
 /// Attaches the switch program (after `attach_exit` where the hash is used).
 fn attach_offcpu(ebpf: &mut Ebpf) -> Result<()> {
+    attach_tp_btf(ebpf, programs::SWITCH, "sched_switch")
+}
+
+/// Loads program `name` as tp_btf on `tracepoint` (Linux 5.5+) and attaches it.
+fn attach_tp_btf(ebpf: &mut Ebpf, name: &str, tracepoint: &str) -> Result<()> {
     let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
-    let prog: &mut BtfTracePoint = ebpf.program_mut(programs::SWITCH).context("fl_switch missing")?.try_into()?;
-    prog.load("sched_switch", &btf)
-        .map_err(|e| anyhow::anyhow!("loading the sched_switch program (tp_btf, Linux 5.5+): {}", bpf::describe(&e)))?;
-    prog.attach().context("attaching to sched_switch")?;
+    let prog: &mut BtfTracePoint = ebpf.program_mut(name).with_context(|| format!("{name} missing"))?.try_into()?;
+    prog.load(tracepoint, &btf)
+        .map_err(|e| anyhow::anyhow!("loading the {tracepoint} program (tp_btf, Linux 5.5+): {}", bpf::describe(&e)))?;
+    prog.attach().with_context(|| format!("attaching to {tracepoint}"))?;
     Ok(())
 }
 
