@@ -34,8 +34,8 @@ pub struct Drops {
     pub keys_full: u64,
     /// `--during`: stacks of one call beyond `MAX_PENDING`.
     pub pending_full: u64,
-    /// Off-CPU with the hash by tid (no task storage): a block not timed
-    /// because the hash was full.
+    /// With the hashes by tid (no task storage): an off-CPU block or a
+    /// `--during` call not timed because its hash was full.
     pub tasks_full: u64,
     /// New keys userspace was not told of (its ring full): their processes'
     /// mappings are read only at the end, if they still live.
@@ -92,13 +92,16 @@ pub mod globals {
     pub const DURING_SLOT: &str = "FL_DURING_SLOT";
     /// `--during`: calls at least this slow keep their stacks.
     pub const DURING_SLOWER_NS: &str = "FL_DURING_SLOWER_NS";
-    /// Non-zero: off-CPU starts in the hash by tid, not task storage.
+    /// Non-zero: off-CPU starts and `--during`'s held stacks in the hashes
+    /// by tid, not task storage.
     pub const USE_HASH: &str = "FL_USE_HASH";
     /// Offset of `task_struct.pid`, from the running kernel's BTF.
     pub const TASK_PID_OFF: &str = "FL_TASK_PID_OFF";
+    /// Offset of `task_struct.__state` (`state` before 5.14), from BTF.
+    pub const TASK_STATE_OFF: &str = "FL_TASK_STATE_OFF";
 
-    pub const ALL: [&str; 8] =
-        [TGID, KERNEL, USER, MIN_BLOCK_NS, DURING_SLOT, DURING_SLOWER_NS, USE_HASH, TASK_PID_OFF];
+    pub const ALL: [&str; 9] =
+        [TGID, KERNEL, USER, MIN_BLOCK_NS, DURING_SLOT, DURING_SLOWER_NS, USE_HASH, TASK_PID_OFF, TASK_STATE_OFF];
 }
 
 /// Names of the flame maps.
@@ -113,12 +116,17 @@ pub mod maps {
     pub const PENDING: &str = "FL_PENDING";
     /// Off-CPU starts by tid, where task storage cannot be used.
     pub const OFF_HASH: &str = "FL_OFF_HASH";
+    /// `--during`'s held stacks by tid, where task storage cannot be used.
+    pub const PENDING_HASH: &str = "FL_PENDING_HASH";
+    /// One zeroed `Pending`: the first value of a `PENDING_HASH` entry.
+    pub const EMPTY_PENDING: &str = "FL_EMPTY_PENDING";
     /// Ring buffer of each `StackKey` when first counted, with user stacks:
     /// how userspace learns of a process while it lives, to read its
     /// mappings, without walking the counts map.
     pub const NEW_KEYS: &str = "FL_NEW_KEYS";
 
-    pub const ALL: [&str; 7] = [COUNTS, STACKS, DROPS, OFF_START, PENDING, OFF_HASH, NEW_KEYS];
+    pub const ALL: [&str; 9] =
+        [COUNTS, STACKS, DROPS, OFF_START, PENDING, OFF_HASH, PENDING_HASH, EMPTY_PENDING, NEW_KEYS];
 }
 
 /// Names of the flame programs.
@@ -127,8 +135,8 @@ pub mod programs {
     pub const SAMPLE: &str = "fl_sample";
     /// tp_btf `sched_switch`: off-CPU time.
     pub const SWITCH: &str = "fl_switch";
-    /// tp_btf `sched_process_exit`: frees an exiting thread's entry in the
-    /// off-CPU hash; attached only where that hash is used.
+    /// tp_btf `sched_process_exit`: frees an exiting thread's entries in the
+    /// hashes by tid; attached only where they are used.
     pub const EXIT: &str = "fl_exit";
 
     pub const ALL: [&str; 3] = [SAMPLE, SWITCH, EXIT];

@@ -11,5 +11,9 @@ pub mod lock;
 pub mod sched;
 pub mod tcp;
 
+/// The map in each per-key object (sched, tcp, lock) whose entries claim
+/// histogram slots on kernels before 5.12; sized to the slot limit there.
+pub const SLOT_OWNERS: &str = "SLOT_OWNERS";
+
 /// `TASK_COMM_LEN` in the kernel.
 pub const COMM_LEN: usize = 16;

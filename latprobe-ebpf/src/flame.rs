@@ -11,22 +11,21 @@
 //! Where task storage cannot be used, the starts go to a preallocated hash by
 //! tid instead, which nothing frees when a thread exits: a thread's last
 //! switch (to TASK_DEAD) stores nothing, and `fl_exit` removes what is left.
+//! `--during`'s stacks held for a call in flight go to a second hash there,
+//! each entry removed when its call ends (or its thread exits).
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    btf_maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf, StackTrace},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_map, btf_tracepoint, perf_event},
     programs::{tracing::StackIdContext, BtfTracePointContext, PerfEventContext},
 };
 use latprobe_common::flame::{Drops, OffCpuStart, Pending, StackKey, MAX_PENDING};
 
-use crate::{
-    helpers::{add, global, masked},
-    task_storage::TaskStorage,
-};
+use crate::helpers::{add, global, masked};
 
 #[unsafe(no_mangle)]
 static FL_TGID: u32 = 0;
@@ -39,13 +38,17 @@ static FL_MIN_BLOCK_NS: u64 = 0;
 #[unsafe(no_mangle)]
 static FL_DURING_SLOT: u32 = u32::MAX;
 /// Non-zero where task storage must not allocate under the run-queue lock
-/// (kernels before BPF's own allocator backed it): off-CPU starts then go to
-/// a preallocated hash map keyed by tid.
+/// (kernels before BPF's own allocator backed it) or does not exist (before
+/// 5.11): off-CPU starts and `--during`'s held stacks then go to
+/// preallocated hash maps keyed by tid.
 #[unsafe(no_mangle)]
 static FL_USE_HASH: u32 = 0;
 /// Offset of `task_struct.pid`, from the running kernel's BTF.
 #[unsafe(no_mangle)]
 static FL_TASK_PID_OFF: u32 = 0;
+/// Offset of `task_struct.__state` (`state` before 5.14), from BTF.
+#[unsafe(no_mangle)]
+static FL_TASK_STATE_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static FL_DURING_SLOWER_NS: u64 = 0;
 
@@ -62,15 +65,22 @@ static FL_STACKS: StackTrace<1> = StackTrace::new();
 #[btf_map]
 static FL_DROPS: PerCpuArray<Drops, 1> = PerCpuArray::new();
 
-#[btf_map]
-static FL_OFF_START: TaskStorage<OffCpuStart> = TaskStorage::new();
+per_task_map!(FL_OFF_START: OffCpuStart);
 
-#[btf_map]
-static FL_PENDING: TaskStorage<Pending> = TaskStorage::new();
+per_task_map!(FL_PENDING: Pending);
 
 /// Off-CPU starts by tid where `FL_USE_HASH` is set; sized before load.
 #[btf_map]
 static FL_OFF_HASH: HashMap<u32, OffCpuStart, 1> = HashMap::new();
+
+/// `--during`'s held stacks by tid (`fn`'s key: the idle task's per CPU)
+/// where `FL_USE_HASH` is set; sized before load.
+#[btf_map]
+static FL_PENDING_HASH: HashMap<u32, Pending, 1> = HashMap::new();
+
+/// Zeroes: the first value of a `FL_PENDING_HASH` entry, too big for the stack.
+#[btf_map]
+static FL_EMPTY_PENDING: Array<Pending, 1> = Array::new();
 
 /// Each key when first counted, with user stacks: userspace reads a new
 /// process's mappings while it lives. One record per new key, not per sample.
@@ -89,10 +99,60 @@ pub fn call_started(slot: usize) {
     if global(&FL_DURING_SLOT) as usize != slot {
         return;
     }
-    if let Some(p) = FL_PENDING.current(true) {
+    if let Some(p) = pending(None, true) {
         p.active = 1;
         p.len = 0;
     }
+}
+
+/// The held stacks of `task` (the current task when `None`), created empty
+/// when `create` is set: in task storage, or in the hash by tid.
+#[inline(always)]
+fn pending(task: Option<*mut c_void>, create: bool) -> Option<&'static mut Pending> {
+    if global(&FL_USE_HASH) == 0 {
+        return match task {
+            None => FL_PENDING.current(create),
+            // SAFETY: a task argument of a tp_btf program is trusted.
+            Some(t) => unsafe { FL_PENDING.get(t, create) },
+        };
+    }
+    let key = match task {
+        None => crate::func::frames_key(),
+        Some(t) => task_tid(t)?,
+    };
+    if let Some(p) = FL_PENDING_HASH.get_ptr_mut(key) {
+        // SAFETY: a live value of our map, valid for this program run.
+        return unsafe { p.as_mut() };
+    }
+    if !create {
+        return None;
+    }
+    if FL_PENDING_HASH.insert(key, FL_EMPTY_PENDING.get(0)?, BPF_NOEXIST as u64).is_err() {
+        // The table is full: this call's stacks go uncounted.
+        if let Some(d) = drops() {
+            add(&mut d.tasks_full, 1);
+        }
+        return None;
+    }
+    // SAFETY: as above.
+    FL_PENDING_HASH.get_ptr_mut(key).and_then(|p| unsafe { p.as_mut() })
+}
+
+/// The tid of a task the tracepoint handed us (`FL_TASK_PID_OFF` is set
+/// wherever the hash is used with tasks other than the current one).
+#[inline(always)]
+fn task_tid(task: *mut c_void) -> Option<u32> {
+    task_u32(task, &FL_TASK_PID_OFF)
+}
+
+/// The `u32` of `task` at the offset in global `off` (from the running
+/// kernel's BTF).
+#[inline(always)]
+fn task_u32(task: *mut c_void, off: &u32) -> Option<u32> {
+    let at = task.cast::<u8>().wrapping_add(global(off) as usize);
+    // SAFETY: reads 4 bytes of the task; the helper fails cleanly on a bad
+    // address.
+    unsafe { bpf_probe_read_kernel(at.cast::<u32>()) }.ok()
 }
 
 /// `fn` calls this when that call ends: its stacks count if it was slow.
@@ -101,23 +161,26 @@ pub fn call_ended(slot: usize, duration: u64) {
     if global(&FL_DURING_SLOT) as usize != slot {
         return;
     }
-    let Some(p) = FL_PENDING.current(false) else { return };
+    let Some(p) = pending(None, false) else { return };
     if p.active == 0 {
         return;
     }
     p.active = 0;
     let len = p.len as usize;
     p.len = 0;
-    if duration < global(&FL_DURING_SLOWER_NS) {
-        return;
-    }
-    for i in 0..MAX_PENDING {
-        if i >= len {
-            break;
+    if duration >= global(&FL_DURING_SLOWER_NS) {
+        for i in 0..MAX_PENDING {
+            if i >= len {
+                break;
+            }
+            // SAFETY: masked to MAX_PENDING.
+            let e = *unsafe { p.entries.get_unchecked(masked(i, MAX_PENDING)) };
+            count(&e.key, e.count);
         }
-        // SAFETY: masked to MAX_PENDING.
-        let e = *unsafe { p.entries.get_unchecked(masked(i, MAX_PENDING)) };
-        count(&e.key, e.count);
+    }
+    // The hash holds only threads with a call in flight.
+    if global(&FL_USE_HASH) != 0 {
+        let _ = FL_PENDING_HASH.remove(crate::func::frames_key());
     }
 }
 
@@ -129,12 +192,7 @@ fn count_or_hold(key: &StackKey, n: u64, task: Option<*mut c_void>) {
         count(key, n);
         return;
     }
-    let pending = match task {
-        None => FL_PENDING.current(false),
-        // SAFETY: a task argument of a tp_btf program is trusted.
-        Some(t) => unsafe { FL_PENDING.get(t, false) },
-    };
-    let Some(p) = pending else { return };
+    let Some(p) = pending(task, false) else { return };
     if p.active == 0 {
         return;
     }
@@ -237,13 +295,15 @@ pub fn fl_sample(ctx: PerfEventContext) -> u32 {
     0
 }
 
-/// `prev_state` of a task's last switch (TASK_DEAD, 0x80 in every kernel
+/// The state of a task in its last switch (TASK_DEAD, 0x80 in every kernel
 /// latprobe supports).
-const TASK_DEAD: u64 = 0x80;
+const TASK_DEAD: u32 = 0x80;
 
-/// sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
-/// unsigned int prev_state): `prev` is the current task, leaving; `next` is
-/// coming back.
+/// sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next):
+/// `prev` is the current task, leaving; `next` is coming back. (The
+/// `prev_state` argument came in Linux 5.18; `prev`'s own state field says
+/// the same for TASK_DEAD on every kernel: a dying task's state stays
+/// TASK_DEAD through its last switch.)
 #[btf_tracepoint(function = "sched_switch")]
 pub fn fl_switch(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: a helper without arguments.
@@ -253,7 +313,7 @@ pub fn fl_switch(ctx: BtfTracePointContext) -> i32 {
     }
     let prev: *mut c_void = ctx.arg(1);
     let next: *mut c_void = ctx.arg(2);
-    let prev_state: u64 = ctx.arg(3);
+    let prev_state = task_u32(prev, &FL_TASK_STATE_OFF).unwrap_or(0);
     // No start for the idle task (tid 0, one per CPU: "blocked" would be the
     // time the CPU was busy, and the hash would mix all CPUs' under one key),
     // nor for a task's last switch: it never comes back, and in the hash its
@@ -269,7 +329,7 @@ pub fn fl_switch(ctx: BtfTracePointContext) -> i32 {
 }
 
 /// sched_process_exit(struct task_struct *p, …), `p` the current task: drops
-/// its entry from the hash, if one is left, before its tid can be reused.
+/// its entries from the hashes, if any are left, before its tid can be reused.
 /// Attached only where the hash is used. The lookup is lockless: only an
 /// entry found takes the bucket lock.
 #[btf_tracepoint(function = "sched_process_exit")]
@@ -280,6 +340,10 @@ pub fn fl_exit(_ctx: BtfTracePointContext) -> i32 {
     let tid = bpf_get_current_pid_tgid() as u32;
     if tid != 0 && FL_OFF_HASH.get_ptr(tid).is_some() {
         let _ = FL_OFF_HASH.remove(tid);
+    }
+    // A thread that exits inside a `--during` call.
+    if tid != 0 && FL_PENDING_HASH.get_ptr(tid).is_some() {
+        let _ = FL_PENDING_HASH.remove(tid);
     }
     0
 }
@@ -314,10 +378,7 @@ fn switch_with_hash(leaving: Option<StackKey>, next: *mut c_void, now: u64) {
             }
         }
     }
-    let at = next.cast::<u8>().wrapping_add(global(&FL_TASK_PID_OFF) as usize);
-    // SAFETY: reads 4 bytes of the task the tracepoint handed us; the helper
-    // fails cleanly on a bad address.
-    let Ok(tid) = (unsafe { bpf_probe_read_kernel(at.cast::<u32>()) }) else { return };
+    let Some(tid) = task_tid(next) else { return };
     // The idle task never has an entry (see `fl_switch`).
     if tid == 0 {
         return;

@@ -30,7 +30,6 @@ use latprobe_common::func::{
 use crate::{
     flame,
     helpers::{self, add, global, masked},
-    task_storage::TaskStorage,
 };
 
 // Load-time filters (see `latprobe_common::func::globals`).
@@ -47,8 +46,7 @@ static FN_SOFTIRQ_SLOT: u32 = 0;
 #[unsafe(no_mangle)]
 static FN_USE_HASH: u32 = 0;
 
-#[btf_map]
-static FN_FRAMES: TaskStorage<TaskFrames> = TaskStorage::new();
+per_task_map!(FN_FRAMES: TaskFrames);
 
 /// Start times by thread where creating task storage is not safe in every
 /// context a traced function runs in (before Linux 6.4 it is a kmalloc,
@@ -84,7 +82,7 @@ fn frames(create: bool) -> Option<&'static mut TaskFrames> {
 /// The current thread's `FN_FRAMES_HASH` key: its tid, or for an idle task
 /// (tid 0 on every CPU) its CPU's own key.
 #[inline(always)]
-fn frames_key() -> u32 {
+pub fn frames_key() -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;
     if tid != 0 {
         return tid;

@@ -1,13 +1,10 @@
 //! Building blocks every command's kernel programs share: reading load-time
-//! globals, per-CPU counters, indexing the verifier can follow, handing out
-//! histogram slots to keys, and adding a value to an in-kernel HDR histogram.
+//! globals, per-CPU counters, indexing the verifier can follow, and adding a
+//! value to an in-kernel HDR histogram.
 
 use core::ptr::read_volatile;
 
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    btf_maps::{Array, HashMap, PerCpuArray},
-};
+use aya_ebpf::btf_maps::PerCpuArray;
 use latprobe_common::{
     func::{BucketGroup, FuncStats, GROUP_COUNT_SLOTS},
     hdr,
@@ -60,8 +57,22 @@ pub fn masked(index: usize, len: usize) -> usize {
 const CAS_ATTEMPTS: usize = 4;
 
 /// Stores `new` in `*slot` if it still holds `expected`; returns what it held.
+/// Atomic where the object's kernels have `BPF_CMPXCHG` (`crate::CMPXCHG`,
+/// a constant, so the other branch is not in the object at all: a 5.10
+/// verifier refuses an object holding the instruction even where it cannot
+/// run). Without it, a plain compare and store: there, only a PREEMPT_RT
+/// kernel can preempt a program by another run of itself, and a lost race
+/// loses one min/max update.
 #[inline(always)]
 fn cmpxchg(slot: &mut u64, expected: u64, new: u64) -> u64 {
+    if !crate::CMPXCHG {
+        // SAFETY: `slot` is a valid, aligned u64 in a map value.
+        let old = unsafe { read_volatile(slot) };
+        if old == expected {
+            *slot = new;
+        }
+        return old;
+    }
     let mut old = expected;
     // SAFETY: `slot` is a valid, aligned u64 in a map value. BPF_ATOMIC |
     // BPF_CMPXCHG (Linux 5.12+; 5.10 lacks it and its verifier rejects the
@@ -132,47 +143,4 @@ pub fn record<const B: usize>(
     add(&mut stats.sum_ns, duration);
     // SAFETY: masked to GROUP_COUNT_SLOTS.
     add(unsafe { stats.group_counts.get_unchecked_mut(masked(group, GROUP_COUNT_SLOTS)) }, 1);
-}
-
-/// The histogram slot of `key` (a process, a port): its own while fewer than
-/// `limit` keys have one (slots 1..=limit, in `slots`), else 0 ("other").
-/// `next` holds the last slot handed out. Only the first sight of each new
-/// key touches shared state; a lookup after that is lockless.
-#[inline(always)]
-pub fn key_slot<K: Copy, const N: usize>(
-    slots: &HashMap<K, u32, N>,
-    next: &Array<u64, 1>,
-    limit: u32,
-    key: K,
-) -> usize {
-    if let Some(p) = slots.get_ptr(key) {
-        // SAFETY: a live value of our map.
-        return unsafe { *p } as usize;
-    }
-    let limit = u64::from(limit);
-    let Some(next) = next.get_ptr_mut(0) else { return 0 };
-    // SAFETY: `next` points to the array's only value.
-    if unsafe { read_volatile(next) } >= limit {
-        return 0;
-    }
-    let mut mine = 1u64;
-    // SAFETY: an atomic fetch-and-add on that aligned u64.
-    unsafe {
-        core::arch::asm!(
-            "{v} = atomic_fetch_add((u64 *)({p} + 0), {v})",
-            v = inout(reg) mine,
-            p = in(reg) next,
-        );
-    }
-    mine += 1;
-    if mine > limit {
-        return 0;
-    }
-    if slots.insert(key, mine as u32, u64::from(BPF_NOEXIST)).is_ok() {
-        return mine as usize;
-    }
-    // Another CPU gave this key a slot first: use that one (ours stays
-    // unused and userspace skips it).
-    // SAFETY: a live value of our map.
-    slots.get_ptr(key).map_or(0, |p| unsafe { *p } as usize)
 }

@@ -388,7 +388,7 @@ fn count(w: &Waiting, wait: u64, tgid: u32) {
     s.stack_id = w.stack_id;
     s.tgid = tgid;
     s.comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
-    let slot = helpers::key_slot(&LOCK_SLOT_OF, &LOCK_NEXT_SLOT, global(&LOCK_SLOTS_N), w.lock);
+    let slot = crate::slots::key_slot(&LOCK_SLOT_OF, &LOCK_NEXT_SLOT, global(&LOCK_SLOTS_N), w.lock);
     // SAFETY: per-CPU array slots are valid for the program's lifetime.
     if let Some(h) = LOCK_STATS.get_ptr_mut(slot as u32).and_then(|p| unsafe { p.as_mut() }) {
         helpers::record(h, &LOCK_BUCKETS, slot, wait);

@@ -37,10 +37,7 @@ use latprobe_common::{
     COMM_LEN,
 };
 
-use crate::{
-    helpers::{self, add, global},
-    task_storage::TaskStorage,
-};
+use crate::helpers::{self, add, global};
 
 // Load-time globals (see `latprobe_common::sched::globals`).
 #[unsafe(no_mangle)]
@@ -72,13 +69,13 @@ static RQ_TASK_COMM_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static RQ_TASK_STATE_OFF: u32 = 0;
 
-// Every map but the task storage is declared at its smallest: commands that
-// do not use them (`fn`) pay nothing, and runqlat/runqslower size them
-// before load.
+// Maps are declared at their smallest; runqlat and runqslower size the ones
+// they use before load.
 
-/// Wakeup times, one per waiting task.
-#[btf_map]
-static RQ_START: TaskStorage<TaskStart> = TaskStorage::new();
+per_task_map!(
+    /// Wakeup times, one per waiting task.
+    RQ_START: TaskStart
+);
 
 /// Wakeup times keyed by tid, for the raw_tp fallback: its task pointers are
 /// plain integers, which `bpf_task_storage_get` refuses. A preallocated hash
@@ -286,10 +283,10 @@ fn end_wait<const BTF: bool, C: EbpfContext>(ctx: &C, next: *mut c_void, now: u6
     }
 }
 
-/// The histogram slot of process `tgid` (see `helpers::key_slot`).
+/// The histogram slot of process `tgid` (see `slots::key_slot`).
 #[inline(always)]
 fn pid_slot(tgid: u32) -> usize {
-    helpers::key_slot(&RQ_PID_SLOTS, &RQ_NEXT_SLOT, global(&RQ_PID_SLOTS_N), tgid)
+    crate::slots::key_slot(&RQ_PID_SLOTS, &RQ_NEXT_SLOT, global(&RQ_PID_SLOTS_N), tgid)
 }
 
 /// Sends one slow wait to userspace, with the culprit: the current task.

@@ -1,9 +1,16 @@
-//! A BTF-defined `BPF_MAP_TYPE_TASK_STORAGE` map, which aya-ebpf 0.2 lacks.
+//! A BTF-defined `BPF_MAP_TYPE_TASK_STORAGE` map, which aya-ebpf 0.2 lacks,
+//! and its stand-in for objects built for kernels without one.
 //!
 //! Task-local storage hangs a value off each `task_struct`: lookups take no
 //! lock shared with other tasks (unlike a hash map keyed by tid, whose bucket
 //! locks are the contention a tracer must not add), values follow the task
 //! across CPUs and sleeps, and they are freed when the task exits. Needs 5.11+.
+//!
+//! A kernel before 5.11 refuses to create the map, and the loader creates
+//! every map of an object, so each object that uses task storage is built
+//! twice: with this module, or with `no_task_storage.rs` in its place, whose
+//! `per_task_map!` declares no map (userspace then sets the object's
+//! `USE_HASH` global, and the hashes by tid hold the values).
 
 use core::ptr;
 
@@ -26,12 +33,22 @@ pub struct TaskStorage<T> {
 // never dereferenced.
 unsafe impl<T> Sync for TaskStorage<T> {}
 
+/// Declares the per-task map `NAME: T`: here, a task-storage map.
+macro_rules! per_task_map {
+    ($(#[$attr:meta])* $name:ident: $t:ty) => {
+        $(#[$attr])*
+        #[aya_ebpf::macros::btf_map]
+        static $name: $crate::task_storage::TaskStorage<$t> = $crate::task_storage::TaskStorage::new();
+    };
+}
+
 impl<T> TaskStorage<T> {
     pub const fn new() -> Self {
         Self { r#type: ptr::null(), key: ptr::null(), value: ptr::null(), map_flags: ptr::null() }
     }
 
     /// The current task's value, created zeroed when `create` is set.
+    /// (The scheduler programs have the task at hand and use `get`.)
     /// `None` when the kernel refuses (out of memory, or a BPF program
     /// already holds this CPU's task-storage lock).
     #[inline(always)]
@@ -39,6 +56,7 @@ impl<T> TaskStorage<T> {
         clippy::mut_from_ref,
         reason = "the value lives in the kernel's map, not in self (as aya's map accessors)"
     )]
+    #[allow(dead_code, reason = "the scheduler commands' object uses `get` only")]
     pub fn current(&self, create: bool) -> Option<&mut T> {
         // SAFETY: a helper without arguments; it returns the trusted
         // pointer to the current task.

@@ -248,7 +248,7 @@ fn is_tcp(sk: *const c_void) -> bool {
 
 #[inline(always)]
 fn slot_of(key: u32) -> usize {
-    helpers::key_slot(&TCP_KEY_SLOTS, &TCP_NEXT_SLOT, global(&TCP_KEY_SLOTS_N), key)
+    crate::slots::key_slot(&TCP_KEY_SLOTS, &TCP_NEXT_SLOT, global(&TCP_KEY_SLOTS_N), key)
 }
 
 /// The histogram slot of a wait of process `tgid` on a connection known by

@@ -162,7 +162,8 @@ const HASHED_THREADS: u32 = 8192;
 impl FrameStore {
     pub fn choose() -> FrameStore {
         let safe = btf_offsets::Btf::from_sys_fs().is_ok_and(|btf| btf_offsets::task_storage_safe_in_scheduler(&btf));
-        FrameStore { use_hash: u32::from(!safe) }
+        // The compat objects have no task storage at all.
+        FrameStore { use_hash: u32::from(!safe || bpf::compat()) }
     }
 
     /// Sets the programs' globals and sizes the hash before load.
@@ -189,7 +190,9 @@ impl FrameStore {
     }
 
     pub fn describe(&self) -> &'static str {
-        if self.hashed() {
+        if self.hashed() && bpf::compat() {
+            "call start times in a preallocated hash by thread (the objects for this kernel have no task storage)"
+        } else if self.hashed() {
             "call start times in a preallocated hash by thread (task storage would allocate in the traced context)"
         } else {
             "call start times in task storage"

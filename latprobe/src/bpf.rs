@@ -7,12 +7,17 @@ use std::{fs, sync::OnceLock};
 use anyhow::{bail, Context, Result};
 use aya::{programs::ProgramError, Ebpf, EbpfLoader};
 
-/// latprobe-ebpf's programs for fn, runqlat, runqslower and flame, built by build.rs.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latprobe"));
-/// latprobe-ebpf's programs for lock.
-static LOCK_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latprobe-lock"));
-/// latprobe-ebpf's programs for tcp.
+/// latprobe-ebpf's objects, built by build.rs: one per command (fn and flame
+/// share one, as flame's `--during` runs on fn's programs; so do runqlat and
+/// runqslower), and each again (`-compat`) for kernels before 5.12.
+static FN_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latprobe-fn"));
+static FN_COMPAT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latprobe-fn-compat"));
+static SCHED_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latprobe-sched"));
+static SCHED_COMPAT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latprobe-sched-compat"));
 static TCP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latprobe-tcp"));
+static TCP_COMPAT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latprobe-tcp-compat"));
+static LOCK_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latprobe-lock"));
+static LOCK_COMPAT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latprobe-lock-compat"));
 
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
@@ -93,31 +98,150 @@ pub fn preflight() -> Result<()> {
     Ok(())
 }
 
-/// Loads the object's maps with `configure` applied (globals, map sizes).
+/// latprobe's kernel objects.
+#[derive(Clone, Copy, Debug)]
+pub enum Object {
+    /// fn, and flame (on-CPU, off-CPU, `--during`).
+    Fn,
+    /// runqlat and runqslower.
+    Sched,
+    Tcp,
+    Lock,
+}
+
+impl Object {
+    fn name(self) -> &'static str {
+        match self {
+            Object::Fn => "fn and flame",
+            Object::Sched => "runqlat and runqslower",
+            Object::Tcp => "tcp",
+            Object::Lock => "lock",
+        }
+    }
+
+    /// The build for this kernel. The loader creates every map of an object
+    /// and the verifier scans every instruction, so a kernel before 5.12
+    /// gets the `-compat` build: no task-storage map (5.11; the per-task
+    /// values go to the hashes by tid) and no `BPF_FETCH` atomics (5.12).
+    fn bytes(self) -> &'static [u8] {
+        match (self, compat()) {
+            (Object::Fn, false) => FN_OBJECT,
+            (Object::Fn, true) => FN_COMPAT_OBJECT,
+            (Object::Sched, false) => SCHED_OBJECT,
+            (Object::Sched, true) => SCHED_COMPAT_OBJECT,
+            (Object::Tcp, false) => TCP_OBJECT,
+            (Object::Tcp, true) => TCP_COMPAT_OBJECT,
+            (Object::Lock, false) => LOCK_OBJECT,
+            (Object::Lock, true) => LOCK_COMPAT_OBJECT,
+        }
+    }
+}
+
+/// Whether this kernel needs the `-compat` objects: it lacks task-local
+/// storage (`BPF_MAP_TYPE_TASK_STORAGE`, Linux 5.11) or `BPF_FETCH` atomics
+/// (`BPF_CMPXCHG`, atomic fetch-and-add: 5.12). The commands then keep
+/// per-task values in their hashes by tid.
+pub fn compat() -> bool {
+    static COMPAT: OnceLock<bool> = OnceLock::new();
+    *COMPAT.get_or_init(|| {
+        let task_storage = aya::sys::is_map_supported(aya::maps::MapType::TaskStorage).unwrap_or(false);
+        let compat = !task_storage || !has_fetch_atomics();
+        if compat {
+            crate::output::verbose(&format!(
+                "kernel objects for kernels before 5.12 (task-local storage: {}, BPF_CMPXCHG: {})",
+                if task_storage { "yes" } else { "no, Linux 5.11+" },
+                if has_fetch_atomics() { "yes" } else { "no, Linux 5.12+" },
+            ));
+        }
+        compat
+    })
+}
+
+/// Whether the verifier takes `BPF_ATOMIC | BPF_FETCH` instructions (Linux
+/// 5.12), tried on the smallest program holding one.
+fn has_fetch_atomics() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        // One instruction: opcode, dst (low nibble) and src registers, offset, immediate.
+        let insn = |code: u8, dst: u8, src: u8, off: i16, imm: i32| -> u64 {
+            u64::from(code)
+                | (u64::from(dst | (src << 4)) << 8)
+                | (u64::from(off as u16) << 16)
+                | (u64::from(imm as u32) << 32)
+        };
+        let program = [
+            insn(0x7a, 10, 0, -8, 0),    // *(u64 *)(r10 - 8) = 0
+            insn(0xb7, 0, 0, 0, 0),      // r0 = 0
+            insn(0xb7, 1, 0, 0, 1),      // r1 = 1
+            insn(0xdb, 10, 1, -8, 0xf1), // r0 = cmpxchg_64(r10 - 8, r0, r1)
+            insn(0xb7, 0, 0, 0, 0),      // r0 = 0
+            insn(0x95, 0, 0, 0, 0),      // exit
+        ];
+        let license = c"GPL";
+        // `union bpf_attr`'s program-load member, up to `log_buf`.
+        #[repr(C)]
+        struct LoadAttr {
+            prog_type: u32,
+            insn_cnt: u32,
+            insns: u64,
+            license: u64,
+            log_level: u32,
+            log_size: u32,
+            log_buf: u64,
+        }
+        let mut attr = [0u8; 128];
+        let wanted = LoadAttr {
+            prog_type: 1, // BPF_PROG_TYPE_SOCKET_FILTER
+            insn_cnt: program.len() as u32,
+            insns: program.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            log_level: 0,
+            log_size: 0,
+            log_buf: 0,
+        };
+        // SAFETY: `attr` is larger than LoadAttr; an unaligned write of plain integers.
+        unsafe { std::ptr::write_unaligned(attr.as_mut_ptr().cast::<LoadAttr>(), wanted) };
+        const BPF_PROG_LOAD: libc::c_long = 5;
+        // SAFETY: BPF_PROG_LOAD reads `insn_cnt` instructions and the
+        // license string, both alive across the call; `attr` holds its size.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_mut_ptr(), attr.len()) };
+        if fd < 0 {
+            return false;
+        }
+        // SAFETY: a descriptor the kernel just gave us, closed once.
+        unsafe { libc::close(fd as i32) };
+        true
+    })
+}
+
+/// Entries of `SLOT_OWNERS` for a command with `limit` histogram slots: the
+/// limit where the `-compat` object claims slots through it, else one.
+pub fn slot_owners(limit: u32) -> u32 {
+    if compat() {
+        limit.max(1)
+    } else {
+        1
+    }
+}
+
+/// Loads `object`'s maps with `configure` applied (globals, map sizes).
 /// Programs are loaded one by one by the command that needs them.
-pub fn load<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
+pub fn load<'a>(object: Object, configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     // aya has no userspace type for task storage; the kernel side needs none.
     loader.allow_unsupported_maps();
     configure(&mut loader);
-    loader.load(OBJECT).context("loading latprobe's BPF maps failed (task-local storage needs Linux 5.11 or newer)")
+    loader.load(object.bytes()).with_context(|| format!("loading latprobe's BPF maps for {} failed", object.name()))
 }
 
 /// Loads the lock object's maps with `configure` applied.
 pub fn load_lock<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
-    load_own_object(LOCK_OBJECT, "lock", configure)
+    load(Object::Lock, configure)
 }
 
 /// Loads the tcp object's maps with `configure` applied.
 pub fn load_tcp<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
-    load_own_object(TCP_OBJECT, "tcp", configure)
-}
-
-/// Loads the maps of a command's own object (no task storage in it).
-fn load_own_object<'a>(object: &[u8], command: &str, configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
-    let mut loader = EbpfLoader::new();
-    configure(&mut loader);
-    loader.load(object).with_context(|| format!("loading latprobe's BPF maps for {command} failed"))
+    load(Object::Tcp, configure)
 }
 
 /// How many times the kernel skipped program `fd` because it would have
@@ -206,8 +330,67 @@ mod tests {
         names.iter().copied().filter(|n| !symbols.contains(n)).collect()
     }
 
+    /// The task-storage maps, absent by design from the `-hash` builds.
+    const PER_TASK: [&str; 4] = [func::maps::FRAMES, sched::maps::START, flame::maps::OFF_START, flame::maps::PENDING];
+
+    /// `names` are in the full build; in the compat build too, but for the
+    /// task-storage maps, which must not be there.
+    fn check_both_builds(with: &[u8], without: &[u8], names: &[&str]) {
+        let missing = missing_from(with, names);
+        assert!(missing.is_empty(), "names missing from the kernel object: {missing:?}");
+        let missing = missing_from(without, names);
+        let expected: Vec<&str> = names.iter().copied().filter(|n| PER_TASK.contains(n)).collect();
+        assert_eq!(missing, expected, "the compat object must lack exactly its task-storage maps");
+    }
+
+    /// `BPF_ATOMIC` instructions with `BPF_FETCH` (cmpxchg, fetch-and-add)
+    /// in an object's code: a 5.10 verifier refuses the whole object for one.
+    fn fetch_atomics(object: &[u8]) -> usize {
+        use object::ObjectSection;
+        let file = object::File::parse(object).expect("the embedded object is ELF");
+        let mut found = 0;
+        for section in file.sections().filter(|s| s.kind() == object::SectionKind::Text) {
+            let data = section.data().expect("section data");
+            for insn in data.chunks_exact(8) {
+                let (code, imm) = (insn[0], i32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]]));
+                // BPF_STX class, BPF_ATOMIC mode, an operation beyond plain add.
+                if code & 0x07 == 0x03 && code & 0xe0 == 0xc0 && imm != 0 {
+                    found += 1;
+                }
+            }
+        }
+        found
+    }
+
     #[test]
-    fn every_name_userspace_uses_is_in_the_object() {
+    fn compat_objects_hold_no_instruction_a_5_10_verifier_refuses() {
+        for (name, full, compat) in [
+            ("fn", super::FN_OBJECT, super::FN_COMPAT_OBJECT),
+            ("sched", super::SCHED_OBJECT, super::SCHED_COMPAT_OBJECT),
+            ("tcp", super::TCP_OBJECT, super::TCP_COMPAT_OBJECT),
+            ("lock", super::LOCK_OBJECT, super::LOCK_COMPAT_OBJECT),
+        ] {
+            // The check itself finds them where they are.
+            assert!(fetch_atomics(full) > 0, "{name}: the full object has cmpxchg in its min/max updates");
+            assert_eq!(fetch_atomics(compat), 0, "{name}: the compat object must hold no BPF_FETCH atomics");
+        }
+    }
+
+    #[test]
+    fn every_sched_name_userspace_uses_is_in_the_sched_objects() {
+        let mut names: Vec<&str> = Vec::new();
+        names.extend(sched::maps::ALL);
+        names.extend(sched::globals::ALL);
+        names.extend(sched::programs::TP_BTF.iter().chain(&sched::programs::RAW_TP).map(|(p, _)| *p));
+        names.push(latprobe_common::SLOT_OWNERS);
+        check_both_builds(super::SCHED_OBJECT, super::SCHED_COMPAT_OBJECT, &names);
+        // Each command's object holds only its own maps.
+        let foreign = missing_from(super::SCHED_OBJECT, &[func::maps::STATS, flame::maps::COUNTS]);
+        assert_eq!(foreign.len(), 2, "fn's and flame's maps must not be in the sched object");
+    }
+
+    #[test]
+    fn every_name_userspace_uses_is_in_the_fn_objects() {
         let mut names: Vec<&str> = Vec::new();
         names.extend(func::maps::ALL);
         names.extend(func::globals::ALL);
@@ -222,14 +405,12 @@ mod tests {
             names.extend(kind);
         }
         names.extend([func::programs::SOFTIRQ_ENTRY, func::programs::SOFTIRQ_EXIT]);
-        names.extend(sched::maps::ALL);
-        names.extend(sched::globals::ALL);
-        names.extend(sched::programs::TP_BTF.iter().chain(&sched::programs::RAW_TP).map(|(p, _)| *p));
         names.extend(flame::maps::ALL);
         names.extend(flame::globals::ALL);
         names.extend(flame::programs::ALL);
-        let missing = missing_from(super::OBJECT, &names);
-        assert!(missing.is_empty(), "names missing from the kernel object: {missing:?}");
+        check_both_builds(super::FN_OBJECT, super::FN_COMPAT_OBJECT, &names);
+        let foreign = missing_from(super::FN_OBJECT, &[sched::maps::START_HASH]);
+        assert_eq!(foreign.len(), 1, "the scheduler commands' maps must not be in the fn object");
     }
 
     #[test]
@@ -240,8 +421,8 @@ mod tests {
         names.extend(lock::globals::ALL);
         names.extend(lock::programs::ALL.iter().map(|(p, _)| *p));
         names.extend(lock::programs::DURING_FENTRY.iter().chain(&lock::programs::DURING_KPROBE));
-        let missing = missing_from(super::LOCK_OBJECT, &names);
-        assert!(missing.is_empty(), "names missing from the lock kernel object: {missing:?}");
+        names.push(latprobe_common::SLOT_OWNERS);
+        check_both_builds(super::LOCK_OBJECT, super::LOCK_COMPAT_OBJECT, &names);
     }
 
     #[test]
@@ -264,7 +445,7 @@ mod tests {
         names.push(tcp::programs::COLLAPSED_KPROBE);
         names.push(tcp::programs::PRUNE_END_KRETPROBE);
         names.push(tcp::programs::LISTEN_SYN_KPROBE);
-        let missing = missing_from(super::TCP_OBJECT, &names);
-        assert!(missing.is_empty(), "names missing from the tcp kernel object: {missing:?}");
+        names.push(latprobe_common::SLOT_OWNERS);
+        check_both_builds(super::TCP_OBJECT, super::TCP_COMPAT_OBJECT, &names);
     }
 }

@@ -359,7 +359,9 @@ impl SockOffsets {
 /// context; before it, creating an element meant kmalloc(GFP_ATOMIC) inside
 /// `sched_wakeup`/`sched_switch`, which can try to wake kswapd while this
 /// CPU's run-queue lock is held, and on PREEMPT_RT takes sleeping locks. The
-/// allocator left its mark in BTF: `bpf_local_storage_map.selem_ma`.
+/// allocator left its mark in BTF: `bpf_local_storage_map.selem_ma`. A kernel
+/// without task storage at all (before 5.11) has no such member either, so
+/// there the hashes by tid are chosen too.
 pub fn task_storage_safe_in_scheduler(btf: &Btf) -> bool {
     btf.member("bpf_local_storage_map", "selem_ma").is_some()
 }

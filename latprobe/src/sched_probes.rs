@@ -13,7 +13,7 @@ use aya::{
     Btf as AyaBtf, Ebpf,
 };
 use latprobe_common::{
-    func, hdr,
+    hdr,
     sched::{globals, hist, maps, programs, Lost, START_HASH_ENTRIES},
     COMM_LEN,
 };
@@ -122,7 +122,8 @@ pub fn start(config: &Config) -> Result<Probes> {
         None => [0; COMM_LEN],
     };
     let comm_len = config.comm.as_ref().map_or(0, |c| c.len() as u32);
-    let use_hash = u32::from(!storage_safe);
+    // The compat objects have no task storage at all.
+    let use_hash = u32::from(!storage_safe || bpf::compat());
     let cpu = config.cpu.unwrap_or(u32::MAX);
     let threshold = config.threshold_ns.unwrap_or(u64::MAX);
     let stacks = u32::from(config.stacks);
@@ -131,7 +132,7 @@ pub fn start(config: &Config) -> Result<Probes> {
         _ => 1,
     };
     let page = bpf::page_size();
-    let mut ebpf = bpf::load(|loader| {
+    let mut ebpf = bpf::load(bpf::Object::Sched, |loader| {
         loader
             .override_global(globals::TARGET_TGID, &config.tgid, true)
             .override_global(globals::TARGET_TID, &config.tid, true)
@@ -151,10 +152,8 @@ pub fn start(config: &Config) -> Result<Probes> {
             .map_max_entries(maps::STATS, slots)
             .map_max_entries(maps::BUCKETS, slots * hdr::GROUPS as u32)
             .map_max_entries(maps::PID_SLOTS, config.pid_slots.max(1))
-            .map_max_entries(maps::EVENTS, config.ring_bytes.max(page))
-            // `fn`'s maps, unused here: smallest sizes.
-            .map_max_entries(func::maps::BUCKETS, 1)
-            .map_max_entries(func::maps::OUTLIERS, page);
+            .map_max_entries(latprobe_common::SLOT_OWNERS, bpf::slot_owners(config.pid_slots))
+            .map_max_entries(maps::EVENTS, config.ring_bytes.max(page));
     })?;
 
     let mut failures = Vec::new();
@@ -192,6 +191,10 @@ pub fn start(config: &Config) -> Result<Probes> {
         (Store::Hash, true) => {
             format!("wakeup times kept in a hash map of {START_HASH_ENTRIES} tids (raw_tp cannot use task storage)")
         }
+        (Store::Hash, false) if bpf::compat() => format!(
+            "wakeup times kept in a hash map of {START_HASH_ENTRIES} tids: the objects for this kernel \
+             have no task-local storage"
+        ),
         (Store::Hash, false) => format!(
             "wakeup times kept in a hash map of {START_HASH_ENTRIES} tids: this kernel's task storage \
              allocates with kmalloc, unsafe under the run-queue lock"

@@ -139,6 +139,7 @@ pub fn start(config: &Config) -> Result<Probes> {
             .map_max_entries(maps::STATS, histograms)
             .map_max_entries(maps::BUCKETS, histograms * hdr::GROUPS as u32)
             .map_max_entries(maps::KEY_SLOTS, config.key_slots.max(1))
+            .map_max_entries(latprobe_common::SLOT_OWNERS, bpf::slot_owners(config.key_slots))
             .map_max_entries(maps::LOSSES, config.key_slots + 1)
             .map_max_entries(maps::KEY_COMMS, config.key_slots + 1)
             .map_max_entries(maps::SOCKS, SOCK_ENTRIES)

@@ -35,9 +35,34 @@ fn taken_in<'a>(locks: &'a [Value], callers: &[&str]) -> Vec<&'a Value> {
     locks.iter().filter(|l| l["caller"].as_str().is_some_and(|c| callers.iter().any(|want| c.contains(want)))).collect()
 }
 
+/// Why `lock` cannot trace here: the contention tracepoints came in Linux
+/// 5.19 (its own test below checks the error it gives without them).
+fn contention_unavailable() -> Option<String> {
+    bpf_unavailable().or_else(|| {
+        // Every tracepoint has a `btf_trace_<name>` type in the kernel's BTF
+        // (kallsyms lists the tracepoint itself only with KALLSYMS_ALL).
+        let btf = std::fs::read("/sys/kernel/btf/vmlinux").unwrap_or_default();
+        let needle = b"btf_trace_contention_begin\0";
+        (!btf.windows(needle.len()).any(|w| w == needle))
+            .then(|| format!("kernel {} has no lock:contention_begin tracepoint (Linux 5.19+)", kernel_name()))
+    })
+}
+
+#[test]
+fn lock_without_contention_tracepoints_fails_in_one_line() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("lock_without_contention_tracepoints_fails_in_one_line", &why);
+    }
+    if contention_unavailable().is_none() {
+        return skip("lock_without_contention_tracepoints_fails_in_one_line", "this kernel has the tracepoints");
+    }
+    let run = latprobe(&["lock", "--secs", "1"]);
+    assert_one_line_error(&run, "the lock contention tracepoints need Linux 5.19 or newer");
+}
+
 #[test]
 fn lock_names_a_directorys_inode_lock_and_its_waiters() {
-    if let Some(why) = bpf_unavailable() {
+    if let Some(why) = contention_unavailable() {
         return skip("lock_names_a_directorys_inode_lock_and_its_waiters", &why);
     }
     let w = workload();
@@ -62,7 +87,7 @@ fn lock_names_a_directorys_inode_lock_and_its_waiters() {
 
 #[test]
 fn lock_names_the_mmap_lock_by_kind_and_caller() {
-    if let Some(why) = bpf_unavailable() {
+    if let Some(why) = contention_unavailable() {
         return skip("lock_names_the_mmap_lock_by_kind_and_caller", &why);
     }
     let w = workload();
@@ -89,7 +114,7 @@ fn perf() -> Option<&'static str> {
 
 #[test]
 fn lock_counts_agree_with_perf_lock_contention() {
-    if let Some(why) = bpf_unavailable() {
+    if let Some(why) = contention_unavailable() {
         return skip("lock_counts_agree_with_perf_lock_contention", &why);
     }
     let Some(perf) = perf() else {
@@ -135,7 +160,7 @@ fn lock_counts_agree_with_perf_lock_contention() {
 
 #[test]
 fn lock_during_counts_only_the_waits_inside_slow_calls() {
-    if let Some(why) = kernel_probes_unavailable() {
+    if let Some(why) = kernel_probes_unavailable().or_else(contention_unavailable) {
         return skip("lock_during_counts_only_the_waits_inside_slow_calls", &why);
     }
     let w = workload();

@@ -23,7 +23,7 @@ enum Task {
         after_help = "latprobe itself (the static build) is always in the VM's /bin.\n\nExamples:\n  cargo xtask vm --list\n  cargo xtask vm --kernel 6.12 -- latprobe fn net_rx_action --secs 5\n  cargo xtask vm --kernel all -- uname -r"
     )]
     Vm {
-        /// Kernel to boot: 6.1, 6.12, 6.1-rt (see --list) or all, one after the other
+        /// Kernel to boot: 6.1, 6.12, 6.1-rt, 5.10 (see --list) or all, one after the other
         #[arg(long, default_value = "6.12")]
         kernel: String,
         /// List the kernel matrix: name, Debian package, cached or not

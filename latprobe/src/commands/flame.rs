@@ -41,6 +41,9 @@ use crate::{
 
 /// Tasks tracked at once off-CPU where task storage cannot be used.
 const OFF_CPU_TASKS: u32 = 16384;
+/// Threads inside a `--during` call at once where task storage cannot be
+/// used (about 1.3 KiB each).
+const DURING_TASKS: u32 = 4096;
 
 /// Ring buffer for new keys with user stacks: 8k keys between two reads.
 const NEW_KEYS_BYTES: u32 = 256 << 10;
@@ -93,20 +96,31 @@ pub async fn run(args: FlameArgs) -> Result<()> {
         Some(Target::Kernel(name)) if name == NET_RX_FUNCTION => 0u32,
         _ => MAX_FUNCS as u32,
     };
-    // Off-CPU starts live in task storage, unless this kernel's task storage
-    // would allocate under the run-queue lock (see btf_offsets).
-    let (use_hash, pid_offset) = if args.offcpu {
-        let btf = btf_offsets::Btf::from_sys_fs()?;
-        let offsets = btf_offsets::TaskOffsets::from_btf(&btf)?;
-        (u32::from(!btf_offsets::task_storage_safe_in_scheduler(&btf)), offsets.pid)
-    } else {
-        (0, 0)
+    // Off-CPU starts and --during's held stacks live in task storage, unless
+    // this kernel has none (the compat objects) or its task storage would
+    // allocate where it is created: under the run-queue lock (off-CPU), or
+    // in the traced function (--during, as fn's own start times; see
+    // btf_offsets).
+    let sys_btf = if args.offcpu || during.is_some() { Some(btf_offsets::Btf::from_sys_fs()?) } else { None };
+    let use_hash =
+        u32::from(bpf::compat() || sys_btf.as_ref().is_some_and(|b| !btf_offsets::task_storage_safe_in_scheduler(b)));
+    let (pid_offset, state_offset) = match &sys_btf {
+        Some(b) => {
+            let offsets = btf_offsets::TaskOffsets::from_btf(b)?;
+            (offsets.pid, offsets.state)
+        }
+        None => (0, 0),
     };
+    drop(sys_btf);
+    let store = if use_hash == 1 { "a preallocated hash by tid" } else { "task storage" };
     if args.offcpu {
-        let store = if use_hash == 1 { "a preallocated hash by tid" } else { "task storage" };
         output::verbose(&format!("off-CPU start times in {store}"));
     }
-    let hash_entries = if use_hash == 1 { OFF_CPU_TASKS } else { 1 };
+    if during.is_some() {
+        output::verbose(&format!("stacks held during a call in {store}"));
+    }
+    let hash_entries = if use_hash == 1 && args.offcpu { OFF_CPU_TASKS } else { 1 };
+    let pending_entries = if use_hash == 1 && during.is_some() { DURING_TASKS } else { 1 };
     let new_keys_bytes = if user { NEW_KEYS_BYTES } else { bpf::page_size() };
     // --during times calls with `fn`'s programs, which keep start times
     // where `fn` does.
@@ -114,12 +128,14 @@ pub async fn run(args: FlameArgs) -> Result<()> {
     if during.is_some() {
         output::verbose(store.describe());
     }
-    let mut ebpf = bpf::load(|loader| {
+    let mut ebpf = bpf::load(bpf::Object::Fn, |loader| {
         store.configure(loader);
         loader
             .override_global(globals::USE_HASH, &use_hash, true)
             .override_global(globals::TASK_PID_OFF, &pid_offset, true)
+            .override_global(globals::TASK_STATE_OFF, &state_offset, true)
             .map_max_entries(maps::OFF_HASH, hash_entries)
+            .map_max_entries(maps::PENDING_HASH, pending_entries)
             .override_global(func::globals::TARGET_TGID, &tgid, true)
             .override_global(func::globals::SOFTIRQ_SLOT, &softirq_slot, true)
             .override_global(globals::DURING_SLOT, &during_slot, true)
@@ -135,6 +151,10 @@ pub async fn run(args: FlameArgs) -> Result<()> {
     let mut gate = String::new();
     // The gate's return probe, if made in tracefs: kept until the end.
     let mut _gate_returns = Vec::new();
+    if use_hash == 1 && (args.offcpu || during.is_some()) {
+        // Before anything that stores an entry.
+        attach_exit(&mut ebpf)?;
+    }
     if let Some(target) = &during {
         store.attach_cleanup(&mut ebpf)?;
         let mut attacher = Attacher {
@@ -153,7 +173,7 @@ pub async fn run(args: FlameArgs) -> Result<()> {
         );
     }
     if args.offcpu {
-        attach_offcpu(&mut ebpf, use_hash == 1)?;
+        attach_offcpu(&mut ebpf)?;
     } else {
         let on: Vec<u32> = match args.cpu {
             Some(cpu) => vec![cpu],
@@ -291,22 +311,24 @@ fn attach_oncpu(ebpf: &mut Ebpf, cpus: &[u32], freq: u64) -> Result<()> {
     Ok(())
 }
 
-/// Attaches the switch program, and with the hash by tid (`use_hash`) the
-/// exit program that frees an exiting thread's entry: task storage is freed
-/// with its task, the hash is not.
-fn attach_offcpu(ebpf: &mut Ebpf, use_hash: bool) -> Result<()> {
+/// With the hashes by tid, the exit program that frees an exiting thread's
+/// entries: task storage is freed with its task, the hashes are not.
+fn attach_exit(ebpf: &mut Ebpf) -> Result<()> {
+    attach_tp_btf(ebpf, programs::EXIT, "sched_process_exit")
+}
+
+/// Attaches the switch program (after `attach_exit` where the hash is used).
+fn attach_offcpu(ebpf: &mut Ebpf) -> Result<()> {
+    attach_tp_btf(ebpf, programs::SWITCH, "sched_switch")
+}
+
+/// Loads program `name` as tp_btf on `tracepoint` (Linux 5.5+) and attaches it.
+fn attach_tp_btf(ebpf: &mut Ebpf, name: &str, tracepoint: &str) -> Result<()> {
     let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
-    if use_hash {
-        // Before the switch, so that no entry is stored without it.
-        let exit: &mut BtfTracePoint = ebpf.program_mut(programs::EXIT).context("fl_exit missing")?.try_into()?;
-        exit.load("sched_process_exit", &btf)
-            .map_err(|e| anyhow::anyhow!("loading the sched_process_exit program (tp_btf): {}", bpf::describe(&e)))?;
-        exit.attach().context("attaching to sched_process_exit")?;
-    }
-    let prog: &mut BtfTracePoint = ebpf.program_mut(programs::SWITCH).context("fl_switch missing")?.try_into()?;
-    prog.load("sched_switch", &btf)
-        .map_err(|e| anyhow::anyhow!("loading the sched_switch program (tp_btf, Linux 5.5+): {}", bpf::describe(&e)))?;
-    prog.attach().context("attaching to sched_switch")?;
+    let prog: &mut BtfTracePoint = ebpf.program_mut(name).with_context(|| format!("{name} missing"))?.try_into()?;
+    prog.load(tracepoint, &btf)
+        .map_err(|e| anyhow::anyhow!("loading the {tracepoint} program (tp_btf, Linux 5.5+): {}", bpf::describe(&e)))?;
+    prog.attach().with_context(|| format!("attaching to {tracepoint}"))?;
     Ok(())
 }
 

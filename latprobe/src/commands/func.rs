@@ -68,7 +68,7 @@ pub async fn run(args: FnArgs) -> Result<()> {
     let mut cost = cost::start_or_explain();
     let store = FrameStore::choose();
     output::verbose(store.describe());
-    let mut ebpf = bpf::load(|loader| {
+    let mut ebpf = bpf::load(bpf::Object::Fn, |loader| {
         store.configure(loader);
         loader
             .override_global(globals::TARGET_TGID, &tgid, true)

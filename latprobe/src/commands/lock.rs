@@ -266,6 +266,7 @@ pub async fn run(args: LockArgs) -> Result<()> {
             .map_max_entries(maps::TASKS, TASK_ENTRIES)
             .map_max_entries(maps::LOCKS, LOCK_ENTRIES)
             .map_max_entries(maps::SLOTS, args.max_locks)
+            .map_max_entries(latprobe_common::SLOT_OWNERS, bpf::slot_owners(args.max_locks))
             .map_max_entries(maps::STATS, slots)
             .map_max_entries(maps::BUCKETS, slots * hdr::GROUPS as u32)
             .map_max_entries(maps::STACKS, STACK_ENTRIES)

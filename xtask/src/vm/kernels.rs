@@ -1,6 +1,9 @@
 //! The kernel matrix: which Debian kernel packages latprobe is tested on,
 //! resolved to the newest available version at fetch time, downloaded with
 //! apt and cached (vmlinuz, its config and the package name) after one fetch.
+//! Kernels of another Debian release than the machine's are looked up in an
+//! apt configuration of their own under the cache, so fetching them never
+//! changes what the rest of the machine installs.
 
 use std::{
     cmp::Ordering,
@@ -17,6 +20,12 @@ pub struct Kernel {
     pub name: &'static str,
     /// `apt-cache search --names-only` pattern of its package (a regex).
     pattern: &'static str,
+    /// The Debian suite its package comes from, when it is not one the
+    /// machine's own apt sources list (those are searched with plain apt).
+    suite: Option<&'static str>,
+    /// Whether `--kernel all` (and so CI) includes it; a kernel still being
+    /// brought up is run by name only.
+    in_all: bool,
     pub description: &'static str,
 }
 
@@ -27,24 +36,40 @@ pub const MATRIX: &[Kernel] = &[
         name: "6.1",
         // The signed and unsigned packages hold the same kernel; either boots.
         pattern: r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64(-unsigned)?$",
+        suite: None,
+        in_all: true,
         description: "Debian 12 cloud kernel",
     },
     Kernel {
         name: "6.12",
         pattern: r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64-unsigned$",
+        suite: None,
+        in_all: true,
         description: "Debian 12 backports cloud kernel",
     },
     Kernel {
         name: "6.1-rt",
         pattern: r"^linux-image-6\.1\.0-[0-9]+-rt-amd64-unsigned$",
+        suite: None,
+        in_all: true,
         description: "Debian 12 PREEMPT_RT kernel",
+    },
+    Kernel {
+        // Debian 11's kernel, still much of the fleet: no task-local storage
+        // (5.11), no bpf_get_func_ip (5.15), no lock contention tracepoints
+        // (5.19); the oldest kernel latprobe supports.
+        name: "5.10",
+        pattern: r"^linux-image-5\.10\.0-[0-9]+-cloud-amd64-unsigned$",
+        suite: Some("bullseye"),
+        in_all: true,
+        description: "Debian 11 cloud kernel",
     },
 ];
 
 /// Kernels named by `--kernel NAME|all`.
 pub fn select(name: &str) -> Result<Vec<&'static Kernel>> {
     if name == "all" {
-        return Ok(MATRIX.iter().collect());
+        return Ok(MATRIX.iter().filter(|k| k.in_all).collect());
     }
     match MATRIX.iter().find(|k| k.name == name) {
         Some(k) => Ok(vec![k]),
@@ -113,15 +138,16 @@ impl Kernel {
 
         let debs = cache.join("debs");
         fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
-        let mut package = self.resolve()?;
+        let apt = self.apt()?;
+        let mut package = self.resolve(&apt)?;
         eprintln!("xtask: fetching {package} for kernel {}", self.name);
-        if !download(&package, &debs)? {
+        if !apt.download(&package, &debs)? {
             // Stale package lists: the name may have left the mirror, so look
             // it up again after the update.
             eprintln!("xtask: apt-get download failed; running apt-get update and retrying");
-            apt_get_update()?;
-            package = self.resolve()?;
-            if !download(&package, &debs)? {
+            apt.update()?;
+            package = self.resolve(&apt)?;
+            if !apt.download(&package, &debs)? {
                 bail!("apt-get download {package} failed: check access to the Debian mirror (apt-get update)");
             }
         }
@@ -157,22 +183,46 @@ impl Kernel {
 
     /// The newest package matching this kernel's pattern, updating the apt
     /// lists once if none matches.
-    fn resolve(&self) -> Result<String> {
+    fn resolve(&self, apt: &Apt) -> Result<String> {
         if let Some(p) = self.newest_known()? {
             return Ok(p);
         }
-        apt_get_update()?;
-        self.newest_known()?.with_context(|| {
-            format!(
+        apt.update()?;
+        self.newest_known()?.with_context(|| match self.suite {
+            Some(suite) => format!(
+                "no Debian package matches {} for kernel {} in suite {suite} of {}: check access to that mirror",
+                self.pattern, self.name, apt.archive
+            ),
+            None => format!(
                 "no Debian package matches {} for kernel {}: is bookworm-backports enabled in /etc/apt/sources.list?",
                 self.pattern, self.name
-            )
+            ),
         })
+    }
+
+    /// How apt is called for this kernel's package: the machine's own
+    /// configuration, or one of its own for a foreign suite.
+    fn apt(&self) -> Result<Apt> {
+        match self.suite {
+            None => Ok(Apt::machine()),
+            Some(suite) => Apt::for_suite(suite),
+        }
+    }
+
+    /// How to get this kernel's package into the apt lists.
+    pub fn update_hint(&self) -> &'static str {
+        match self.suite {
+            // Its own lists, downloaded by the fetch itself.
+            Some(_) => "--fetch",
+            None => "apt-get update",
+        }
     }
 
     /// The newest matching package in the current apt lists (no update).
     pub fn newest_known(&self) -> Result<Option<String>> {
+        let apt = self.apt()?;
         let out = Command::new("apt-cache")
+            .args(&apt.options)
             .args(["search", "--names-only", self.pattern])
             .output()
             .context("running apt-cache: fetching kernels needs a Debian system with apt")?;
@@ -235,23 +285,85 @@ pub fn install(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-fn apt_get_update() -> Result<()> {
-    eprintln!("xtask: apt-get update");
-    run(
-        Command::new("apt-get").args(["update", "-qq"]),
-        "apt-get update (run xtask as root, or run apt-get update yourself)",
-    )
+/// The archive a foreign suite is fetched from when the machine's sources
+/// name none.
+const DEFAULT_ARCHIVE: &str = "http://deb.debian.org/debian";
+/// The machine's deb822 sources, whose Debian archive foreign suites share.
+const MACHINE_SOURCES: &str = "/etc/apt/sources.list.d/debian.sources";
+/// The key Debian signs every release's archive with.
+const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+
+/// An apt configuration: the `-o` options that select it, empty for the
+/// machine's own.
+struct Apt {
+    options: Vec<String>,
+    /// The archive a foreign suite comes from (for error messages).
+    archive: String,
 }
 
-fn download(package: &str, dir: &Path) -> Result<bool> {
-    let status = Command::new("apt-get")
-        // As root, apt would otherwise fetch as the `_apt` user and warn that
-        // it cannot write to our cache directory.
-        .args(["download", "-qq", "-o", "APT::Sandbox::User=root", package])
-        .current_dir(dir)
-        .status()
-        .context("running apt-get download")?;
-    Ok(status.success())
+impl Apt {
+    fn machine() -> Self {
+        Apt { options: Vec::new(), archive: String::new() }
+    }
+
+    /// A configuration listing only `suite` (component main) of the machine's
+    /// Debian archive, with its own source list, package lists and cache under
+    /// the kernel cache: nothing of the machine's apt state is read or changed.
+    fn for_suite(suite: &str) -> Result<Self> {
+        let archive = machine_archive().unwrap_or_else(|| DEFAULT_ARCHIVE.to_string());
+        let dir = cache_dir().join("apt").join(suite);
+        let (lists, cache) = (dir.join("lists"), dir.join("cache"));
+        for d in [lists.join("partial"), cache.join("archives/partial")] {
+            fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let list = dir.join("sources.list");
+        let line = format!("deb [signed-by={DEBIAN_KEYRING}] {archive} {suite} main\n");
+        if fs::read_to_string(&list).ok().as_deref() != Some(line.as_str()) {
+            fs::write(&list, &line).with_context(|| format!("writing {}", list.display()))?;
+        }
+        let options = [
+            format!("Dir::Etc::sourcelist={}", list.display()),
+            // No sources.list.d: only the one list above.
+            "Dir::Etc::sourceparts=-".to_string(),
+            format!("Dir::State::Lists={}", lists.display()),
+            format!("Dir::Cache={}", cache.display()),
+        ]
+        .into_iter()
+        .flat_map(|o| ["-o".to_string(), o])
+        .collect();
+        Ok(Apt { options, archive })
+    }
+
+    fn update(&self) -> Result<()> {
+        eprintln!("xtask: apt-get update");
+        run(
+            Command::new("apt-get").args(&self.options).args(["update", "-qq", "-o", "APT::Sandbox::User=root"]),
+            "apt-get update (run xtask as root, or run apt-get update yourself)",
+        )
+    }
+
+    fn download(&self, package: &str, dir: &Path) -> Result<bool> {
+        let status = Command::new("apt-get")
+            .args(&self.options)
+            // As root, apt would otherwise fetch as the `_apt` user and warn that
+            // it cannot write to our cache directory.
+            .args(["download", "-qq", "-o", "APT::Sandbox::User=root", package])
+            .current_dir(dir)
+            .status()
+            .context("running apt-get download")?;
+        Ok(status.success())
+    }
+}
+
+/// The Debian archive of the machine's deb822 sources (the first `URIs:`
+/// ending in `/debian`), if it has one.
+fn machine_archive() -> Option<String> {
+    let text = fs::read_to_string(MACHINE_SOURCES).ok()?;
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("URIs:"))
+        .flat_map(str::split_whitespace)
+        .find(|u| u.trim_end_matches('/').ends_with("/debian"))
+        .map(|u| u.trim_end_matches('/').to_string())
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
@@ -277,7 +389,8 @@ mod tests {
     #[test]
     fn unknown_kernel_lists_choices() {
         let e = select("5.4").err().unwrap().to_string();
-        assert!(e.contains("6.1, 6.12, 6.1-rt"), "{e}");
-        assert_eq!(select("all").unwrap().len(), 3);
+        assert!(e.contains("6.1, 6.12, 6.1-rt, 5.10"), "{e}");
+        assert_eq!(select("all").unwrap().len(), MATRIX.iter().filter(|k| k.in_all).count());
+        assert_eq!(select("5.10").unwrap()[0].name, "5.10");
     }
 }

@@ -113,7 +113,9 @@ pub fn print_list() {
             Some(p) => (p, "cached".to_string()),
             None => match k.newest_known() {
                 Ok(Some(p)) => (p, "not fetched (--fetch)".to_string()),
-                Ok(None) => ("?".to_string(), "not fetched; no package in the apt lists (apt-get update)".to_string()),
+                Ok(None) => {
+                    ("?".to_string(), format!("not fetched; no package in the apt lists ({})", k.update_hint()))
+                }
                 Err(e) => ("?".to_string(), format!("not fetched; {e:#}")),
             },
         };

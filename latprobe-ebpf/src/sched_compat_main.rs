@@ -1,0 +1,19 @@
+//! latprobe's kernel programs for `runqlat` and `runqslower`, as
+//! `sched_main.rs`, for kernels before 5.12 (Debian 11's 5.10): wakeup times
+//! in the preallocated hash by tid, and no `BPF_CMPXCHG`.
+#![no_std]
+#![no_main]
+#![feature(asm_experimental_arch)]
+
+/// `BPF_CMPXCHG` is Linux 5.12+; older verifiers refuse any object holding one.
+const CMPXCHG: bool = false;
+
+#[macro_use]
+#[path = "no_task_storage.rs"]
+mod task_storage;
+
+mod comm;
+mod helpers;
+mod runtime;
+mod sched;
+mod slots;
