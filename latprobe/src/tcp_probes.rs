@@ -218,16 +218,24 @@ pub fn start(config: &Config) -> Result<Probes> {
     stages[stage::ACCEPT as usize] = accept;
     stages[stage::RXQUEUE as usize] = rxqueue;
     stages[stage::COLLAPSE as usize] = collapse;
-    // Drop reasons came with Linux 5.17 ("net: skb: introduce kfree_skb_reason()").
-    let drop_reasons = match attach_all(&[programs::DROPS]) {
-        Availability::Attached(_) if !reasons.is_empty() => reasons,
-        Availability::Attached(_) => {
-            partial.push("losses: drops are counted, but this kernel's BTF names no drop reasons".into());
-            Vec::new()
-        }
-        Availability::Unavailable(why) => {
-            partial.push(format!("losses: drops by reason are not counted (needs Linux 5.17+: {why})"));
-            Vec::new()
+    // Drop reasons came with Linux 5.17 ("net: skb: introduce kfree_skb_reason()"):
+    // the drops program reads the tracepoint's reason argument, which a
+    // kernel without the enum in its BTF does not have (its verifier's
+    // refusal says only "permission denied").
+    let drop_reasons = if reasons.is_empty() {
+        partial.push(
+            "losses: drops are not counted (they need kfree_skb's drop reason, Linux 5.17+; this kernel's BTF \
+             has no enum skb_drop_reason)"
+                .into(),
+        );
+        Vec::new()
+    } else {
+        match attach_all(&[programs::DROPS]) {
+            Availability::Attached(_) => reasons,
+            Availability::Unavailable(why) => {
+                partial.push(format!("losses: drops are not counted ({why})"));
+                Vec::new()
+            }
         }
     };
     Ok(Probes { ebpf, stages, losses, partial, drop_reasons })
