@@ -94,10 +94,21 @@ fn lock_names_the_mmap_lock_by_kind_and_caller() {
     let run = latprobe(&["lock", "--top", "50", "--format", "json", "--", &w, "mmap-churn", "4", "3000"]);
     run.assert_success();
     let locks = locks(&run);
-    // A lock is shown with its last waiter's stack: a map, an unmap, or the
-    // page fault that touched the new mapping (which takes it for reading).
-    let callers =
-        ["vm_mmap", "vm_munmap", "do_mmap", "munmap", "lock_mm_and_find_vma", "do_user_addr_fault", "exc_page_fault"];
+    // A lock is shown with its last waiter's stack: a map, an unmap, the
+    // page fault that touched the new mapping (which takes it for reading),
+    // or a worker thread exiting (exit_mm, inlined into do_exit, takes it
+    // too: seen as the last waiter on 6.1-rt).
+    let callers = [
+        "vm_mmap",
+        "vm_munmap",
+        "do_mmap",
+        "munmap",
+        "lock_mm_and_find_vma",
+        "do_user_addr_fault",
+        "exc_page_fault",
+        "exit_mm",
+        "do_exit",
+    ];
     let mmap = taken_in(&locks, &callers);
     let rwsem: Vec<&&Value> = mmap.iter().filter(|l| is_rwsem(l)).collect();
     assert!(!rwsem.is_empty(), "no rwsem contention in the mmap/munmap path:\n{}", run.stdout);

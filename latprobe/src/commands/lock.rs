@@ -47,7 +47,7 @@ const MAX_DATA_OFFSET: u64 = 1024;
 
 /// Function-name prefixes of the locking code itself: a waiter's stack is
 /// named after its first frame outside them.
-const LOCKING_FRAMES: [&str; 22] = [
+const LOCKING_FRAMES: [&str; 23] = [
     "_raw_",
     "raw_spin_",
     "do_raw_",
@@ -65,6 +65,7 @@ const LOCKING_FRAMES: [&str; 22] = [
     "rt_spin",
     "rtlock_",
     "rwbase_",
+    "__rwbase_",
     "percpu_down_",
     "__percpu_down_",
     "rt_read_",
