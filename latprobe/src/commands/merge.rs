@@ -36,13 +36,19 @@ pub async fn run(args: MergeArgs) -> Result<()> {
         "at most {MAX_FILES} files can be merged at once ({} given)",
         args.files.len()
     );
-    let mut files = Vec::new();
+    // Counted as the files are read: each histogram held costs tens of KiB,
+    // so the bound must stop the reading, not follow it.
+    let (mut files, mut rows) = (Vec::new(), 0usize);
     for path in &args.files {
-        files.push(merge_input::read(path)?);
+        let file = merge_input::read(path)?;
+        rows += file.series.len();
+        ensure!(
+            rows <= MAX_ROWS,
+            "over {MAX_ROWS} histograms across the files: at most that many can be merged at once"
+        );
+        files.push(file);
     }
     name_hosts_uniquely(&mut files, &args.files);
-    let rows: usize = files.iter().map(|f| f.series.len()).sum();
-    ensure!(rows <= MAX_ROWS, "{rows} histograms across the files: at most {MAX_ROWS} can be merged at once");
     let mut out = String::new();
     for (name, series) in by_series(files)? {
         out += &match args.format {
