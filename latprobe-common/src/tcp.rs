@@ -146,6 +146,16 @@ pub struct SockStart {
     pub tgid: u32,
 }
 
+/// The listener a CPU is taking a SYN or a last ACK for, and its
+/// `sk_drops` then.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ListenCheck {
+    pub sk: u64,
+    pub drops: u32,
+    pub _pad: u32,
+}
+
 /// A received segment's arrival, keyed by its `sk_buff` address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -247,6 +257,7 @@ pub mod globals {
     pub const SKB_CB_OFF: &str = "TCP_SKB_CB_OFF";
     pub const SK_ACK_BACKLOG_OFF: &str = "TCP_SK_ACK_BACKLOG_OFF";
     pub const SK_MAX_ACK_BACKLOG_OFF: &str = "TCP_SK_MAX_ACK_BACKLOG_OFF";
+    pub const SK_DROPS_OFF: &str = "TCP_SK_DROPS_OFF";
     /// `tcp_request_sock.snt_synack`: when its first SYN-ACK left, in µs.
     pub const REQ_SNT_SYNACK_OFF: &str = "TCP_REQ_SNT_SYNACK_OFF";
     pub const SK_RCVBUF_OFF: &str = "TCP_SK_RCVBUF_OFF";
@@ -258,7 +269,7 @@ pub mod globals {
     pub const SKB_NETWORK_HEADER_OFF: &str = "TCP_SKB_NETWORK_HEADER_OFF";
     pub const SKB_TRANSPORT_HEADER_OFF: &str = "TCP_SKB_TRANSPORT_HEADER_OFF";
 
-    pub const ALL: [&str; 28] = [
+    pub const ALL: [&str; 29] = [
         TARGET_TGID,
         PORTS,
         PORTS_N,
@@ -280,6 +291,7 @@ pub mod globals {
         SKB_CB_OFF,
         SK_ACK_BACKLOG_OFF,
         SK_MAX_ACK_BACKLOG_OFF,
+        SK_DROPS_OFF,
         REQ_SNT_SYNACK_OFF,
         SK_RCVBUF_OFF,
         SKB_SK_OFF,
@@ -363,6 +375,11 @@ pub mod programs {
         ("tcp_listen_ack", "tcp_v4_syn_recv_sock"),
         ("tcp_listen_ack6", "tcp_v6_syn_recv_sock"),
     ];
+    /// fexit of each of `LISTEN`'s functions, in the same order: where the
+    /// drop is seen.
+    pub const LISTEN_EXIT: [&str; 3] = ["tcp_listen_syn_exit", "tcp_listen_ack_exit", "tcp_listen_ack6_exit"];
+    /// The kretprobe taken where fexit there is refused, for any of them.
+    pub const LISTEN_KRETPROBE: &str = "tcp_listen_kretprobe";
     /// The kprobe taken where fentry on a last-ACK drop point is refused,
     /// attached to each that needs it.
     pub const LISTEN_ACK_KPROBE: &str = "tcp_listen_ack_kprobe";

@@ -19,8 +19,9 @@
 //!   Nothing runs per packet but that fexit, which reads one shared counter
 //!   of prunes under way and returns when there is none.
 //! - losses: the `tcp_retransmit_*` and reset tracepoints count per port and
-//!   send the connection through the ring buffer; fentry where a listener
-//!   takes a SYN or a last ACK counts those it drops with a full accept queue.
+//!   send the connection through the ring buffer; fentry and fexit where a
+//!   listener takes a SYN or a last ACK count those it drops with a full
+//!   accept queue.
 //!
 //! Socket starts live in a preallocated hash map (per-bucket locks, no global
 //! lock, no allocation on the packet path), removed when the wait ends or the
@@ -46,8 +47,8 @@ use aya_ebpf::{
 use latprobe_common::{
     func::{BucketGroup, FuncStats},
     tcp::{
-        by, event, histogram_index, loss, stage, start, state, LossCounts, Lost, SkbStart, SockStart, TcpEvent,
-        MAX_DROP_REASONS, MAX_PORTS, PID_KEY, REMOTE_PORT,
+        by, event, histogram_index, loss, stage, start, state, ListenCheck, LossCounts, Lost, SkbStart, SockStart,
+        TcpEvent, MAX_DROP_REASONS, MAX_PORTS, PID_KEY, REMOTE_PORT,
     },
     COMM_LEN,
 };
@@ -97,6 +98,8 @@ static TCP_SKB_CB_OFF: u32 = 0;
 static TCP_SK_ACK_BACKLOG_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static TCP_SK_MAX_ACK_BACKLOG_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SK_DROPS_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static TCP_REQ_SNT_SYNACK_OFF: u32 = 0;
 #[unsafe(no_mangle)]
@@ -161,6 +164,11 @@ static TCP_COLLAPSES: HashMap<u64, u64, 1> = HashMap::new();
 /// Task (see `task_key`) → the socket whose prune it began.
 #[btf_map]
 static TCP_PRUNING: HashMap<u64, u64, 1> = HashMap::new();
+
+/// The listener whose SYN or last ACK this CPU is taking, and its drops
+/// then (see `listen_entry`).
+#[btf_map]
+static TCP_LISTEN_CHECK: PerCpuArray<ListenCheck, 1> = PerCpuArray::new();
 
 /// Prunes under way, machine-wide: written only when one starts or ends.
 #[btf_map]
@@ -681,12 +689,21 @@ fn accept_queue_full(sk: *const c_void) -> bool {
     queued > room
 }
 
+// A listener drops a SYN (`tcp_conn_request`) or a handshake's last ACK
+// (`tcp_v4_syn_recv_sock`, `tcp_v6_syn_recv_sock`) when its accept queue is
+// full. The queue is read at the function's return, when the kernel has
+// decided: read at its entry, a connection another CPU queued meanwhile
+// would hide the drop. A drop also adds one to the listener's `sk_drops`
+// (`tcp_listendrop`), which tells it from a call that succeeded just before
+// another filled the queue. The entry remembers, per CPU, the listener and
+// its drops: these functions run in softirq (or with bottom halves off), so
+// one CPU runs one of them at a time.
+
 // fentry `tcp_conn_request(struct request_sock_ops *rsk_ops, const struct
-// tcp_request_sock_ops *af_ops, struct sock *sk, struct sk_buff *skb)`: a SYN
-// for listener `sk`, dropped if its accept queue is full.
+// tcp_request_sock_ops *af_ops, struct sock *sk, struct sk_buff *skb)`.
 #[fentry(function = "tcp_conn_request")]
 pub fn tcp_listen_syn(ctx: FEntryContext) -> i32 {
-    on_last_ack(ctx.arg(2));
+    listen_entry(ctx.arg(2));
     0
 }
 
@@ -694,24 +711,23 @@ pub fn tcp_listen_syn(ctx: FEntryContext) -> i32 {
 #[kprobe]
 pub fn tcp_listen_syn_kprobe(ctx: ProbeContext) -> i32 {
     if let Some(sk) = ctx.arg::<*const c_void>(2) {
-        on_last_ack(sk);
+        listen_entry(sk);
     }
     0
 }
 
 // fentry `tcp_v4_syn_recv_sock(const struct sock *sk, struct sk_buff *skb,
-// struct request_sock *req, …)`: a handshake's last ACK for listener `sk`;
-// the connection is not created if its accept queue is full.
+// struct request_sock *req, …)`.
 #[fentry(function = "tcp_v4_syn_recv_sock")]
 pub fn tcp_listen_ack(ctx: FEntryContext) -> i32 {
-    on_last_ack(ctx.arg(0));
+    listen_entry(ctx.arg(0));
     0
 }
 
 // fentry `tcp_v6_syn_recv_sock`, the IPv6 twin with the same arguments.
 #[fentry(function = "tcp_v6_syn_recv_sock")]
 pub fn tcp_listen_ack6(ctx: FEntryContext) -> i32 {
-    on_last_ack(ctx.arg(0));
+    listen_entry(ctx.arg(0));
     0
 }
 
@@ -720,15 +736,65 @@ pub fn tcp_listen_ack6(ctx: FEntryContext) -> i32 {
 #[kprobe]
 pub fn tcp_listen_ack_kprobe(ctx: ProbeContext) -> i32 {
     if let Some(sk) = ctx.arg::<*const c_void>(0) {
-        on_last_ack(sk);
+        listen_entry(sk);
     }
     0
 }
 
-/// A SYN or a last ACK for listener `sk`: dropped if its queue is full.
+// The returns of the three, as fexit (one program each: a trampoline is
+// per function) or as one kretprobe for all.
+#[fexit(function = "tcp_conn_request")]
+pub fn tcp_listen_syn_exit(_ctx: FExitContext) -> i32 {
+    listen_exit();
+    0
+}
+
+#[fexit(function = "tcp_v4_syn_recv_sock")]
+pub fn tcp_listen_ack_exit(_ctx: FExitContext) -> i32 {
+    listen_exit();
+    0
+}
+
+#[fexit(function = "tcp_v6_syn_recv_sock")]
+pub fn tcp_listen_ack6_exit(_ctx: FExitContext) -> i32 {
+    listen_exit();
+    0
+}
+
+#[kretprobe]
+pub fn tcp_listen_kretprobe(_ctx: RetProbeContext) -> i32 {
+    listen_exit();
+    0
+}
+
 #[inline(always)]
-fn on_last_ack(sk: *const c_void) {
-    if accept_queue_full(sk) {
+fn listen_check() -> Option<&'static mut ListenCheck> {
+    // SAFETY: per-CPU array slots are valid for the program's lifetime.
+    TCP_LISTEN_CHECK.get_ptr_mut(0).and_then(|p| unsafe { p.as_mut() })
+}
+
+/// Listener `sk` takes a SYN or a last ACK on this CPU.
+#[inline(always)]
+fn listen_entry(sk: *const c_void) {
+    if let Some(check) = listen_check() {
+        check.sk = sk as u64;
+        check.drops = field::<u32>(sk, &TCP_SK_DROPS_OFF).unwrap_or(0);
+    }
+}
+
+/// The call that `listen_entry` saw returns: a drop with the queue full
+/// is an overflow.
+#[inline(always)]
+fn listen_exit() {
+    let Some(check) = listen_check() else { return };
+    let sk = check.sk as *const c_void;
+    check.sk = 0;
+    if sk.is_null() {
+        // Its entry was not seen (tracing began inside the call).
+        return;
+    }
+    let dropped = field::<u32>(sk, &TCP_SK_DROPS_OFF).is_some_and(|d| d != check.drops);
+    if dropped && accept_queue_full(sk) {
         count_loss(sk, loss::LISTEN_OVERFLOW);
     }
 }

@@ -445,6 +445,8 @@ mod tests {
         names.push(tcp::programs::COLLAPSED_KPROBE);
         names.push(tcp::programs::PRUNE_END_KRETPROBE);
         names.push(tcp::programs::LISTEN_SYN_KPROBE);
+        names.extend(tcp::programs::LISTEN_EXIT);
+        names.push(tcp::programs::LISTEN_KRETPROBE);
         names.push(latprobe_common::SLOT_OWNERS);
         check_both_builds(super::TCP_OBJECT, super::TCP_COMPAT_OBJECT, &names);
     }

@@ -306,6 +306,9 @@ pub struct SockOffsets {
     pub skb_cb: u32,
     pub ack_backlog: u32,
     pub max_ack_backlog: u32,
+    /// `sock.sk_drops`, which a listener's drops add to; `None` where the
+    /// kernel keeps it otherwise.
+    pub drops: Option<u32>,
     /// `tcp_request_sock.snt_synack`.
     pub snt_synack: u32,
     /// `sock.sk_rcvbuf`, bytes.
@@ -342,6 +345,7 @@ impl SockOffsets {
             skb_cb: field("sk_buff", "cb", 48)?,
             ack_backlog: field("sock", "sk_ack_backlog", 4)?,
             max_ack_backlog: field("sock", "sk_max_ack_backlog", 4)?,
+            drops: field("sock", "sk_drops", 4).ok(),
             snt_synack: field("tcp_request_sock", "snt_synack", 8)?,
             rcvbuf: field("sock", "sk_rcvbuf", 4)?,
             skb_sk: field("sk_buff", "sk", 8)?,

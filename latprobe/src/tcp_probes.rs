@@ -106,6 +106,7 @@ pub fn start(config: &Config) -> Result<Probes> {
         64 * page
     };
     let o = &offsets;
+    let drops_off = o.drops.unwrap_or(0);
     let mut ebpf = bpf::load_tcp(|loader| {
         loader
             .override_global(globals::TARGET_TGID, &config.tgid, true)
@@ -129,6 +130,7 @@ pub fn start(config: &Config) -> Result<Probes> {
             .override_global(globals::SKB_CB_OFF, &o.skb_cb, true)
             .override_global(globals::SK_ACK_BACKLOG_OFF, &o.ack_backlog, true)
             .override_global(globals::SK_MAX_ACK_BACKLOG_OFF, &o.max_ack_backlog, true)
+            .override_global(globals::SK_DROPS_OFF, &drops_off, true)
             .override_global(globals::REQ_SNT_SYNACK_OFF, &o.snt_synack, true)
             .override_global(globals::SK_RCVBUF_OFF, &o.rcvbuf, true)
             .override_global(globals::SKB_SK_OFF, &o.skb_sk, true)
@@ -186,23 +188,13 @@ pub fn start(config: &Config) -> Result<Probes> {
     // Each drop point on its own: 6.1 refuses fentry on the six-argument
     // tcp_v4_syn_recv_sock (ENOTSUPP), yet takes tcp_conn_request.
     let whats = ["SYNs", "handshakes' last ACKs", "IPv6 handshakes' last ACKs"];
-    for (program, what) in programs::LISTEN.iter().zip(whats) {
-        let kprobe =
-            if program.0 == programs::LISTEN[0].0 { programs::LISTEN_SYN_KPROBE } else { programs::LISTEN_ACK_KPROBE };
-        let mut attached = match config.attach {
-            AttachMode::Kprobe => Availability::Unavailable(format!("{}: --attach kprobe", program.1)),
-            _ => attach_all(&[*program]),
+    for (i, what) in whats.into_iter().enumerate() {
+        let why = match offsets.drops {
+            Some(_) => attach_listen_drop(config.attach, i, &mut attach_all).err(),
+            None => Some("sock.sk_drops is not in the kernel's BTF".to_string()),
         };
-        if !attached.attached() && config.attach != AttachMode::Fentry {
-            let fallback = attach_all(&[(kprobe, program.1)]);
-            if fallback.attached() {
-                attached = fallback;
-            }
-        }
-        if let Availability::Unavailable(why) = attached {
-            partial.push(format!(
-                "losses: {what} dropped by a full accept queue are not counted (needs fentry or a kprobe on {why})"
-            ));
+        if let Some(why) = why {
+            partial.push(format!("losses: {what} dropped by a full accept queue are not counted ({why})"));
         }
     }
     let accept = match accept {
@@ -285,13 +277,46 @@ fn attach_collapse(
     })
 }
 
+/// The `i`th of a listener's drop points (`programs::LISTEN`): its return
+/// first (fexit, else a kretprobe), then its entry (fentry, else a kprobe),
+/// as `mode` allows. Err says what was refused.
+fn attach_listen_drop(
+    mode: AttachMode,
+    i: usize,
+    attach_all: &mut impl FnMut(&[(&'static str, &'static str)]) -> Availability,
+) -> Result<(), String> {
+    let (entry, target) = programs::LISTEN[i];
+    let kprobe = if i == 0 { programs::LISTEN_SYN_KPROBE } else { programs::LISTEN_ACK_KPROBE };
+    let parts = [
+        (programs::LISTEN_EXIT[i], programs::LISTEN_KRETPROBE, "fexit", "a kretprobe"),
+        (entry, kprobe, "fentry", "a kprobe"),
+    ];
+    for (program, probe, trampoline, probe_kind) in parts {
+        let mut refused = Vec::new();
+        if mode != AttachMode::Kprobe {
+            match attach_all(&[(program, target)]) {
+                Availability::Attached(_) => continue,
+                Availability::Unavailable(why) => refused.push(format!("{trampoline}: {why}")),
+            }
+        }
+        if mode != AttachMode::Fentry {
+            match attach_all(&[(probe, target)]) {
+                Availability::Attached(_) => continue,
+                Availability::Unavailable(why) => refused.push(format!("{probe_kind}: {why}")),
+            }
+        }
+        return Err(format!("needs {trampoline} or {probe_kind} on {target}: {}", refused.join("; ")));
+    }
+    Ok(())
+}
+
 /// The mechanism of a program, by its kind.
 fn mechanism_of(program: &str) -> &'static str {
     if programs::SOFTIRQ.iter().any(|(p, _)| *p == program) {
         "raw_tp"
-    } else if programs::ACCEPT.iter().any(|(_, p)| *p == program) {
+    } else if programs::ACCEPT.iter().any(|(_, p)| *p == program) || programs::LISTEN_EXIT.contains(&program) {
         "fexit"
-    } else if program == programs::PRUNE_END_KRETPROBE {
+    } else if program == programs::PRUNE_END_KRETPROBE || program == programs::LISTEN_KRETPROBE {
         "kretprobe"
     } else if [
         programs::LISTEN_ACK_KPROBE,
@@ -349,6 +374,7 @@ fn attach(ebpf: &mut Ebpf, btf: &AyaBtf, name: &str, target: &str) -> Result<()>
 /// Unloads every `tcp_` program, detaching its links; safe to call twice.
 pub fn unload_all(ebpf: &mut Ebpf) {
     let all = programs::SOFTIRQ.iter().chain(&programs::RXQUEUE).chain(&programs::LOSSES).chain(&programs::LISTEN);
+    let listen_exits = programs::LISTEN_EXIT.iter().copied();
     let accept = programs::ACCEPT.iter().map(|(_, p)| *p);
     let single = [
         &programs::STATE,
@@ -364,8 +390,9 @@ pub fn unload_all(ebpf: &mut Ebpf) {
         programs::COLLAPSE_START_KPROBE,
         programs::COLLAPSED_KPROBE,
         programs::PRUNE_END_KRETPROBE,
+        programs::LISTEN_KRETPROBE,
     ];
-    for name in all.chain(single).map(|(p, _)| *p).chain(accept).chain(kprobe) {
+    for name in all.chain(single).map(|(p, _)| *p).chain(accept).chain(listen_exits).chain(kprobe) {
         let _ = match ebpf.program_mut(name) {
             Some(Program::BtfTracePoint(p)) => p.unload(),
             Some(Program::RawTracePoint(p)) => p.unload(),

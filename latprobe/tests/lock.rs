@@ -209,6 +209,7 @@ fn lock_during_counts_only_the_waits_inside_slow_calls() {
     let least = if rt { 11_880 } else { 12_000 };
     let accounted = |calls: &Value| {
         let n = u64_of(calls, "calls") + u64_of(calls, "entries_missed") + u64_of(calls, "exits_missed");
+        eprintln!("--during on {}: {n} munmap calls accounted for: {calls}", kernel_name());
         assert!((least..=12_064).contains(&n), "every munmap call of the workload, or its loss: {calls}");
     };
     let run = during("1us");
