@@ -30,6 +30,9 @@ pub const TASK_ENTRIES: u32 = 16_384;
 pub const LOCK_ENTRIES: u32 = 8_192;
 /// Distinct waiter stacks kept.
 pub const STACK_ENTRIES: u32 = 4_096;
+/// Distinct (lock, stack, process) waiters whose totals are kept; waits of
+/// more are counted on their lock but not by waiter.
+pub const WAITER_ENTRIES: u32 = 16_384;
 /// Bytes of the event ring buffer with `--slower`.
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 
@@ -66,11 +69,26 @@ pub struct LockStats {
     pub max_ns: u64,
     /// The flags of its last wait.
     pub flags: u32,
-    /// The last waiter's stack (see `Waiting::stack_id`).
-    pub stack_id: i32,
-    /// The last waiter.
-    pub tgid: u32,
     pub _pad: u32,
+}
+
+/// Who waited on a lock, and from where.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WaiterKey {
+    pub lock: u64,
+    /// The waiter's kernel stack (see `Waiting::stack_id`).
+    pub stack_id: i32,
+    pub tgid: u32,
+}
+
+/// The waits of one `WaiterKey`, shared by all CPUs (added to atomically).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WaiterStats {
+    pub count: u64,
+    pub total_ns: u64,
+    /// The name of the first of its threads that waited.
     pub comm: [u8; COMM_LEN],
 }
 
@@ -128,6 +146,8 @@ pub struct Lost {
     pub too_deep: u64,
     /// A wait on a lock past `LOCK_ENTRIES` distinct ones.
     pub no_lock_entry: u64,
+    /// A wait counted on its lock but not by waiter (past `WAITER_ENTRIES`).
+    pub no_waiter_entry: u64,
     /// Waits over the threshold that did not fit in the ring buffer.
     pub events: u64,
 }
@@ -203,9 +223,11 @@ pub mod maps {
     /// tid → `Call` of `--during`'s function.
     pub const CALLS: &str = "LOCK_CALLS";
     pub const CALL_COUNTS: &str = "LOCK_CALL_COUNTS";
+    /// `WaiterKey` → `WaiterStats`.
+    pub const WAITERS: &str = "LOCK_WAITERS";
 
-    pub const ALL: [&str; 11] =
-        [TASKS, LOCKS, SLOTS, NEXT_SLOT, STATS, BUCKETS, STACKS, LOST, EVENTS, CALLS, CALL_COUNTS];
+    pub const ALL: [&str; 12] =
+        [TASKS, LOCKS, SLOTS, NEXT_SLOT, STATS, BUCKETS, STACKS, LOST, EVENTS, CALLS, CALL_COUNTS, WAITERS];
 }
 
 /// The `lock_` programs, as (program, raw tracepoint).
@@ -229,12 +251,18 @@ mod pod {
     unsafe impl aya::Pod for LockEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CallCounts {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for WaiterKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for WaiterStats {}
 }
 
 const _: () = assert!(core::mem::size_of::<Waiting>() == 24);
 const _: () = assert!(core::mem::size_of::<TaskWaits>() == 8 + 24 * MAX_DEPTH);
-const _: () = assert!(core::mem::size_of::<LockStats>() == 8 * 3 + 4 * 4 + COMM_LEN);
-const _: () = assert!(core::mem::size_of::<Lost>() == 32);
+const _: () = assert!(core::mem::size_of::<LockStats>() == 8 * 3 + 4 * 2);
+const _: () = assert!(core::mem::size_of::<WaiterKey>() == 16);
+const _: () = assert!(core::mem::size_of::<WaiterStats>() == 16 + COMM_LEN);
+const _: () = assert!(core::mem::size_of::<Lost>() == 40);
 const _: () = assert!(core::mem::size_of::<LockEvent>() == 8 * 3 + 4 * 6 + COMM_LEN + 8 * MAX_STACK);
 const _: () = assert!(core::mem::size_of::<HeldWait>() == 24);
 const _: () = assert!(core::mem::size_of::<Call>() == 24 + 24 * MAX_CALL_WAITS);

@@ -29,7 +29,8 @@ use aya_ebpf::{
 use latprobe_common::{
     func::{BucketGroup, FuncStats, MAX_STACK},
     lock::{
-        Call, CallCounts, HeldWait, LockEvent, LockStats, Lost, TaskWaits, Waiting, IDLE_KEY, MAX_CALL_WAITS, MAX_DEPTH,
+        Call, CallCounts, HeldWait, LockEvent, LockStats, Lost, TaskWaits, WaiterKey, WaiterStats, Waiting, IDLE_KEY,
+        MAX_CALL_WAITS, MAX_DEPTH,
     },
     COMM_LEN,
 };
@@ -89,6 +90,12 @@ static LOCK_CALLS: HashMap<u32, Call, 1> = HashMap::new();
 
 #[btf_map]
 static LOCK_CALL_COUNTS: PerCpuArray<CallCounts, 1> = PerCpuArray::new();
+
+/// Who waited on each lock and from where: what names a lock and lists its
+/// waiters and their stacks. One entry for all CPUs (its counts are added
+/// atomically), as a per-CPU copy of every waiter would not fit 256 CPUs.
+#[btf_map]
+static LOCK_WAITERS: HashMap<WaiterKey, WaiterStats, 1> = HashMap::new();
 
 #[inline(always)]
 fn lost() -> Option<&'static mut Lost> {
@@ -385,14 +392,39 @@ fn count(w: &Waiting, wait: u64, tgid: u32) {
         s.max_ns = wait;
     }
     s.flags = w.flags;
-    s.stack_id = w.stack_id;
-    s.tgid = tgid;
-    s.comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    count_waiter(w, wait, tgid);
     let slot = crate::slots::key_slot(&LOCK_SLOT_OF, &LOCK_NEXT_SLOT, global(&LOCK_SLOTS_N), w.lock);
     // SAFETY: per-CPU array slots are valid for the program's lifetime.
     if let Some(h) = LOCK_STATS.get_ptr_mut(slot as u32).and_then(|p| unsafe { p.as_mut() }) {
         helpers::record(h, &LOCK_BUCKETS, slot, wait);
     }
+}
+
+/// Adds a wait to the totals of its waiter: process, lock and stack.
+#[inline(always)]
+fn count_waiter(w: &Waiting, wait: u64, tgid: u32) {
+    let key = WaiterKey { lock: w.lock, stack_id: w.stack_id, tgid };
+    let stats = match LOCK_WAITERS.get_ptr_mut(key) {
+        Some(p) => p,
+        None => {
+            let first = WaiterStats { count: 0, total_ns: 0, comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]) };
+            let _ = LOCK_WAITERS.insert(key, first, u64::from(BPF_NOEXIST));
+            match LOCK_WAITERS.get_ptr_mut(key) {
+                Some(p) => p,
+                None => {
+                    if let Some(l) = lost() {
+                        add(&mut l.no_waiter_entry, 1);
+                    }
+                    return;
+                }
+            }
+        }
+    };
+    // SAFETY: a live value of our map; its counters are only added to
+    // atomically.
+    let s = unsafe { &mut *stats };
+    add(&mut s.count, 1);
+    add(&mut s.total_ns, wait);
 }
 
 /// Sends one slow wait to userspace.

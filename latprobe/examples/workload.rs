@@ -60,6 +60,11 @@
 //!                           in one new directory (its inode lock contended)
 //!   mmap-churn THREADS N    THREADS threads each map, touch and unmap
 //!                           64 KiB N times (the process's mmap lock contended)
+//!   futex-churn THREADS DUR 256 threads wait on one futex; for DUR,
+//!                           THREADS threads call FUTEX_WAKE_BITSET for a bit
+//!                           none waits for: the kernel walks all 256 under
+//!                           the futex's hash-bucket spinlock and wakes none
+//!                           (the spinlock contended, held most of the time)
 //!   spin DUR                burn CPU for DUR
 //!   pin CPU                 run the following steps on CPU only
 //!   report                  print `elapsed_ns=N` since the workload started,
@@ -346,6 +351,62 @@ fn mmap_churn(threads: usize, n: u64) {
                 }
             });
         }
+    });
+}
+
+fn futex_churn(threads: usize, how_long: Duration) {
+    use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+    const PARKED: usize = 256;
+    let word = AtomicU32::new(0);
+    let parked = AtomicUsize::new(0);
+    let done = AtomicBool::new(false);
+    let futex = |op: i32, val: u32, bitset: u32| {
+        // SAFETY: a futex call on a live, aligned u32 of this process, no
+        // timeout (null), no second futex.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                word.as_ptr(),
+                op | libc::FUTEX_PRIVATE_FLAG,
+                val,
+                std::ptr::null::<libc::timespec>(),
+                std::ptr::null::<u32>(),
+                bitset,
+            )
+        }
+    };
+    thread::scope(|s| {
+        for _ in 0..PARKED {
+            s.spawn(|| {
+                parked.fetch_add(1, Ordering::AcqRel);
+                while !done.load(Ordering::Acquire) {
+                    futex(libc::FUTEX_WAIT_BITSET, 0, 1);
+                }
+            });
+        }
+        // The waiters parked (or about to) before the wakers start.
+        while parked.load(Ordering::Acquire) < PARKED {
+            sleep(Duration::from_millis(10));
+        }
+        sleep(Duration::from_millis(100));
+        let until = Instant::now() + how_long;
+        let wakers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(move || {
+                    while Instant::now() < until {
+                        // No waiter is in bitset 2: the kernel walks them all
+                        // under the bucket's lock and wakes none.
+                        futex(libc::FUTEX_WAKE_BITSET, i32::MAX as u32, 1 << 1);
+                    }
+                })
+            })
+            .collect();
+        for w in wakers {
+            w.join().expect("waker");
+        }
+        done.store(true, Ordering::Release);
+        word.store(1, Ordering::Release);
+        futex(libc::FUTEX_WAKE, i32::MAX as u32, 0);
     });
 }
 
@@ -667,6 +728,10 @@ fn main() {
             }
             ("mmap-churn", [threads, n, tail @ ..]) => {
                 mmap_churn(number(threads) as usize, number(n));
+                tail
+            }
+            ("futex-churn", [threads, d, tail @ ..]) => {
+                futex_churn(number(threads) as usize, duration(d));
                 tail
             }
             ("spin", [d, tail @ ..]) => {

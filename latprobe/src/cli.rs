@@ -111,12 +111,15 @@ Every wait on a contended kernel lock (the lock:contention_begin/end
 tracepoints, Linux 5.19+: they fire only on a lock's slow path) is added to
 its lock's totals in the kernel, per CPU. Locks are named by their kernel
 symbol when they are static (rtnl_mutex), else by kind and by where they are
-taken: the first function of the waiters' stacks outside locking code.
-The first --max-locks locks seen get HDR percentiles of their waits.
+taken: the first function outside locking code of the stacks its waiters
+waited from longest. Each lock lists the processes that waited on it, most
+waited first. The first --max-locks locks seen get HDR percentiles of their
+waits.
 
 Examples:
   latprobe lock --secs 10
   latprobe lock --pid 4242 --top 5 --secs 30
+  latprobe lock --stacks --top 3                each lock's most waited-from stacks
   latprobe lock --slower 10ms --stacks          every wait over 10 ms, with its stack
   latprobe lock --during apparmor_socket_sendmsg --slower 10ms
                                                 the locks inside the slow calls only
@@ -142,8 +145,9 @@ pub struct LockArgs {
     /// --during, what counts as a slow call of FUNC
     #[arg(long, value_name = "DUR", value_parser = duration::parse_arg)]
     pub slower: Option<u64>,
-    /// With --slower: the waiter's kernel stack with each wait
-    #[arg(long, requires = "slower", conflicts_with = "during")]
+    /// Each lock's waiters' kernel stacks, most waited from first (the top
+    /// 3); with --slower, also each slow wait's stack
+    #[arg(long)]
     pub stacks: bool,
     /// Count only the waits inside calls of kernel function FUNC that took
     /// at least --slower: which lock made the slow calls slow

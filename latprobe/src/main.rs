@@ -14,6 +14,7 @@ mod histogram;
 mod kallsyms;
 mod kernel_hist;
 mod kretprobe;
+mod lock_waiters;
 mod merge_input;
 mod output;
 mod report;

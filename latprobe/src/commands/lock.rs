@@ -19,8 +19,8 @@ use aya::{
 use latprobe_common::{
     hdr,
     lock::{
-        flags, globals, maps, programs, CallCounts, LockEvent, LockStats, Lost, LOCK_ENTRIES, STACK_ENTRIES,
-        TASK_ENTRIES,
+        flags, globals, maps, programs, CallCounts, LockEvent, LockStats, Lost, WaiterKey, WaiterStats, LOCK_ENTRIES,
+        STACK_ENTRIES, TASK_ENTRIES, WAITER_ENTRIES,
     },
     COMM_LEN,
 };
@@ -35,6 +35,7 @@ use crate::{
     histogram::QUANTILES,
     kallsyms::{self, KernelSymbols},
     kernel_hist::HistMaps,
+    lock_waiters::{self, Waiters},
     output::{self, text},
     report::{frames_json, Format, Period},
     run::{Ring, Run, Step, BATCH, SETTLE_TIME},
@@ -115,9 +116,6 @@ struct LockRow {
     total_ns: u64,
     max_ns: u64,
     flags: u32,
-    stack_id: i32,
-    tgid: u32,
-    comm: String,
 }
 
 /// The maps and symbols a report is read from.
@@ -128,6 +126,7 @@ struct Source {
     stacks: StackTraceMap<MapData>,
     lost: PerCpuArray<MapData, Lost>,
     calls: PerCpuArray<MapData, CallCounts>,
+    waiters: BpfHashMap<MapData, WaiterKey, WaiterStats>,
     /// `--during` FUNC and its slow-call threshold.
     during: Option<(String, u64)>,
     text: Option<KernelSymbols>,
@@ -140,26 +139,12 @@ impl Source {
         let mut rows = Vec::new();
         for entry in self.locks.iter() {
             let (addr, per_cpu) = entry.context("reading LOCK_LOCKS")?;
-            let mut row = LockRow {
-                addr,
-                count: 0,
-                total_ns: 0,
-                max_ns: 0,
-                flags: 0,
-                stack_id: -1,
-                tgid: 0,
-                comm: String::new(),
-            };
+            let mut row = LockRow { addr, count: 0, total_ns: 0, max_ns: 0, flags: 0 };
             for s in per_cpu.iter().filter(|s| s.count > 0) {
                 row.count += s.count;
                 row.total_ns += s.total_ns;
                 row.max_ns = row.max_ns.max(s.max_ns);
                 row.flags = s.flags;
-                if s.stack_id >= 0 {
-                    row.stack_id = s.stack_id;
-                }
-                row.tgid = s.tgid;
-                row.comm = text::comm(&s.comm);
             }
             if row.count > 0 {
                 rows.push(row);
@@ -175,6 +160,7 @@ impl Source {
             no_task_entry: a.no_task_entry + l.no_task_entry,
             too_deep: a.too_deep + l.too_deep,
             no_lock_entry: a.no_lock_entry + l.no_lock_entry,
+            no_waiter_entry: a.no_waiter_entry + l.no_waiter_entry,
             events: a.events + l.events,
         }))
     }
@@ -216,6 +202,11 @@ impl Source {
             let function = s.split('+').next().unwrap_or_default().to_string();
             (!LOCKING_FRAMES.iter().any(|p| function.starts_with(p))).then_some(function)
         })
+    }
+
+    /// Where a lock is taken: the caller its waiters waited from longest.
+    fn main_caller(&self, waiters: &[lock_waiters::Waiter]) -> Option<String> {
+        lock_waiters::main_caller(waiters, |id| self.caller(id))
     }
 
     fn name(&self, addr: u64) -> Option<String> {
@@ -271,6 +262,7 @@ pub async fn run(args: LockArgs) -> Result<()> {
             .map_max_entries(maps::STATS, slots)
             .map_max_entries(maps::BUCKETS, slots * hdr::GROUPS as u32)
             .map_max_entries(maps::STACKS, STACK_ENTRIES)
+            .map_max_entries(maps::WAITERS, WAITER_ENTRIES)
             .map_max_entries(maps::EVENTS, ring_bytes);
     })?;
     attach(&mut ebpf)?;
@@ -286,6 +278,7 @@ pub async fn run(args: LockArgs) -> Result<()> {
         stacks: StackTraceMap::try_from(take(&mut ebpf, maps::STACKS)?).context("map LOCK_STACK_MAP")?,
         lost: PerCpuArray::try_from(take(&mut ebpf, maps::LOST)?).context("map LOCK_LOST")?,
         calls: PerCpuArray::try_from(take(&mut ebpf, maps::CALL_COUNTS)?).context("map LOCK_CALL_COUNTS")?,
+        waiters: BpfHashMap::try_from(take(&mut ebpf, maps::WAITERS)?).context("map LOCK_WAITERS")?,
         during: args.during.clone().zip(args.slower),
         text: kallsyms::for_stacks(),
         data: KernelSymbols::load_data().ok(),
@@ -317,7 +310,8 @@ pub async fn run(args: LockArgs) -> Result<()> {
                 let delta = since(&rows, &previous);
                 let period = Period { name: "interval", elapsed: now - last_report, unprinted: 0 };
                 let (lost, calls) = (source.lost()?, source.calls(&ebpf)?);
-                output::report(render(&delta, &source, &lost, &calls, &period, &args, false));
+                let waiters = Waiters::read(&source.waiters)?;
+                output::report(render(&delta, &source, &waiters, &lost, &calls, &period, &args, false));
                 if let Some(cost) = cost.as_mut() {
                     output::report(cost.since_last(&ebpf).render("interval", args.format));
                 }
@@ -335,7 +329,8 @@ pub async fn run(args: LockArgs) -> Result<()> {
     let discarded = ring.drain_until(run.drain_deadline(), |e| printer.print(&e))?;
     let unprinted = discarded + output::settle_records(run.drain_deadline() + SETTLE_TIME);
     let period = Period { name: "final", elapsed: run.elapsed(), unprinted };
-    output::report(render(&source.rows()?, &source, &source.lost()?, &calls, &period, &args, true));
+    let waiters = Waiters::read(&source.waiters)?;
+    output::report(render(&source.rows()?, &source, &waiters, &source.lost()?, &calls, &period, &args, true));
     if let Some(cost) = final_cost {
         output::report(cost.render("final", args.format));
     }
@@ -467,8 +462,37 @@ struct LockJson<'a> {
     p99_ns: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     p999_ns: Option<u64>,
-    last_pid: u32,
-    last_comm: &'a str,
+    /// The processes that waited, since tracing began, most waited first
+    /// (the first `MAX_LISTED`)…
+    waiters: Vec<WaiterJson>,
+    /// …of this many.
+    processes: usize,
+    /// With `--stacks`: the waiters' kernel stacks, since tracing began,
+    /// most waited first (the first `MAX_STACKS`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stacks: Option<Vec<StackJson>>,
+}
+
+/// Processes listed per lock in JSON.
+const MAX_LISTED: usize = 8;
+/// Stacks shown per lock with `--stacks`.
+const MAX_STACKS: usize = 3;
+
+#[derive(Serialize)]
+struct WaiterJson {
+    pid: u32,
+    comm: String,
+    waits: u64,
+    wait_ns: u64,
+}
+
+#[derive(Serialize)]
+struct StackJson {
+    waits: u64,
+    wait_ns: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    caller: Option<String>,
+    frames: Vec<crate::report::FrameJson>,
 }
 
 #[derive(Serialize)]
@@ -483,6 +507,8 @@ struct LockSummaryJson<'a> {
     untimed_task_table_full: u64,
     untimed_too_deep: u64,
     uncounted_lock_table_full: u64,
+    /// Counted on their lock, but not by waiter (the waiter table full).
+    unattributed_waits: u64,
     events_lost: u64,
     events_unprinted: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -506,9 +532,11 @@ struct DuringJson<'a> {
 }
 
 /// The top locks by total wait, and what was lost.
+#[allow(clippy::too_many_arguments)]
 fn render(
     rows: &[LockRow],
     source: &Source,
+    waiters: &Waiters,
     lost: &Lost,
     calls: &Calls,
     period: &Period,
@@ -533,21 +561,45 @@ fn render(
             let mut out = String::new();
             for r in &top {
                 let p = percentiles(r);
+                let of_lock = waiters.of(r.addr);
+                let processes = lock_waiters::processes(of_lock);
+                let stacks = args.stacks.then(|| {
+                    lock_waiters::stacks(of_lock)
+                        .into_iter()
+                        .take(MAX_STACKS)
+                        .map(|s| StackJson {
+                            waits: s.count,
+                            wait_ns: s.total_ns,
+                            caller: source.caller(s.key),
+                            frames: frames_json(&source.stack(s.key)),
+                        })
+                        .collect()
+                });
                 let json = LockJson {
                     kind: "lock",
                     period: period.name,
                     lock: format!("{:#x}", r.addr),
                     name: source.name(r.addr),
                     lock_kind: kind(r.flags),
-                    caller: source.caller(r.stack_id),
+                    caller: source.main_caller(of_lock),
                     count: r.count,
                     total_ns: r.total_ns,
                     max_ns: r.max_ns,
                     p50_ns: p.map(|p| p[0]),
                     p99_ns: p.map(|p| p[1]),
                     p999_ns: p.map(|p| p[2]),
-                    last_pid: r.tgid,
-                    last_comm: &r.comm,
+                    waiters: processes
+                        .iter()
+                        .take(MAX_LISTED)
+                        .map(|s| WaiterJson {
+                            pid: s.key.0,
+                            comm: s.key.1.clone(),
+                            waits: s.count,
+                            wait_ns: s.total_ns,
+                        })
+                        .collect(),
+                    processes: processes.len(),
+                    stacks,
                 };
                 out += &serde_json::to_string(&json).expect("lock serializes");
                 out.push('\n');
@@ -562,6 +614,7 @@ fn render(
                 untimed_task_table_full: lost.no_task_entry,
                 untimed_too_deep: lost.too_deep,
                 uncounted_lock_table_full: lost.no_lock_entry,
+                unattributed_waits: lost.no_waiter_entry,
                 events_lost: lost.events,
                 events_unprinted: period.unprinted,
                 during: source.during.as_ref().map(|(function, slower_ns)| DuringJson {
@@ -615,19 +668,20 @@ fn render(
             }
             let _ = writeln!(
                 out,
-                "  {:>9} {:>7} {:>9} {:>9} {:>9} {:>9}  {:<14} {:<32} last waiter",
+                "  {:>9} {:>7} {:>9} {:>9} {:>9} {:>9}  {:<14} {:<32} waiters",
                 "total", "waits", "max", "p50", "p99", "p99.9", "kind", "lock"
             );
             for r in top {
                 let p = percentiles(r);
                 let q = |i: usize| p.map_or("-".to_string(), |p| format_ns(p[i]));
+                let of_lock = waiters.of(r.addr);
                 let name = source
                     .name(r.addr)
-                    .or_else(|| source.caller(r.stack_id).map(|c| format!("in {c}")))
+                    .or_else(|| source.main_caller(of_lock).map(|c| format!("in {c}")))
                     .unwrap_or_else(|| format!("{:#x}", r.addr));
                 let _ = writeln!(
                     out,
-                    "  {:>9} {:>7} {:>9} {:>9} {:>9} {:>9}  {:<14} {:<32} pid={} ({})",
+                    "  {:>9} {:>7} {:>9} {:>9} {:>9} {:>9}  {:<14} {:<32} {}",
                     format_ns(r.total_ns),
                     r.count,
                     format_ns(r.max_ns),
@@ -636,9 +690,11 @@ fn render(
                     q(2),
                     kind(r.flags),
                     name,
-                    r.tgid,
-                    r.comm
+                    waiters_text(&lock_waiters::processes(of_lock))
                 );
+                if args.stacks {
+                    stacks_text(&mut out, source, of_lock);
+                }
             }
             if lost.no_task_entry + lost.too_deep + lost.no_lock_entry > 0 {
                 let _ = writeln!(
@@ -646,6 +702,13 @@ fn render(
                     "  LOST: {} waits untimed ({TASK_ENTRIES} tasks already waiting), {} nested too deep, {} on \
                      locks past the first {LOCK_ENTRIES}",
                     lost.no_task_entry, lost.too_deep, lost.no_lock_entry
+                );
+            }
+            if lost.no_waiter_entry > 0 {
+                let _ = writeln!(
+                    out,
+                    "  {} waits counted on their lock but not by waiter (past {WAITER_ENTRIES} waiters)",
+                    lost.no_waiter_entry
                 );
             }
             if lost.events > 0 || period.unprinted > 0 {
@@ -658,6 +721,39 @@ fn render(
             }
             out + "\n"
         }
+    }
+}
+
+/// A lock's waiting processes, most waited first: `pid=156 (workload)`,
+/// or `pid=156 (workload) 81%, 2 more`.
+fn waiters_text(processes: &[lock_waiters::Share<(u32, String)>]) -> String {
+    let Some(first) = processes.first() else { return "-".to_string() };
+    let mut line = format!("pid={} ({})", first.key.0, first.key.1);
+    if processes.len() > 1 {
+        let all: u64 = processes.iter().map(|p| p.total_ns).sum();
+        let share = (first.total_ns as f64 * 100.0 / all.max(1) as f64).round();
+        let _ = write!(line, " {share}%, {} more", processes.len() - 1);
+    }
+    line
+}
+
+/// `--stacks`: a lock's most waited-from stacks, under its row.
+fn stacks_text(out: &mut String, source: &Source, waiters: &[lock_waiters::Waiter]) {
+    let stacks = lock_waiters::stacks(waiters);
+    let shown = stacks.len().min(MAX_STACKS);
+    for (i, s) in stacks.iter().take(MAX_STACKS).enumerate() {
+        let _ =
+            writeln!(out, "      stack {} of {}: {} waits, {}", i + 1, stacks.len(), s.count, format_ns(s.total_ns));
+        let frames = source.stack(s.key);
+        if frames.is_empty() {
+            let _ = writeln!(out, "        (not recorded: the stack table was full)");
+        }
+        for (addr, symbol) in frames {
+            let _ = writeln!(out, "        {}", symbol.unwrap_or_else(|| format!("{addr:#x}")));
+        }
+    }
+    if stacks.len() > shown {
+        let _ = writeln!(out, "      ({} more stacks)", stacks.len() - shown);
     }
 }
 
