@@ -45,6 +45,10 @@ pub struct Waiting {
     pub flags: u32,
     /// The waiter's kernel stack in the stack map, negative if not taken.
     pub stack_id: i32,
+    /// The `task_struct` that owned the lock when the wait began, where the
+    /// kernel records owners (mutex, rwsem held for writing, rt_mutex); 0
+    /// otherwise.
+    pub holder: u64,
 }
 
 /// The waits a task is in, innermost last. Keyed by tid (idle tasks, which
@@ -56,6 +60,15 @@ pub struct TaskWaits {
     pub _pad: u32,
     pub waits: [Waiting; MAX_DEPTH],
 }
+
+/// An offset global for a field this kernel does not have.
+pub const NO_FIELD: u32 = u32::MAX;
+
+/// The low bits of a lock's owner word that are flags, not the task's
+/// address (`MUTEX_FLAGS`, `RWSEM_OWNER_FLAGS_MASK`, `RT_MUTEX_HAS_WAITERS`).
+pub const OWNER_FLAGS: u64 = 0x7;
+/// `RWSEM_READER_OWNED`: the owner word names only the last reader, a hint.
+pub const RWSEM_READER_OWNED: u64 = 1;
 
 /// Key bit of an idle task's waits.
 pub const IDLE_KEY: u32 = 1 << 31;
@@ -105,6 +118,7 @@ pub struct HeldWait {
     pub wait_ns: u64,
     pub flags: u32,
     pub stack_id: i32,
+    pub holder: u64,
 }
 
 /// One task's call of `--during`'s function in flight.
@@ -146,7 +160,8 @@ pub struct Lost {
     pub too_deep: u64,
     /// A wait on a lock past `LOCK_ENTRIES` distinct ones.
     pub no_lock_entry: u64,
-    /// A wait counted on its lock but not by waiter (past `WAITER_ENTRIES`).
+    /// A wait counted on its lock but not by waiter or holder (past
+    /// `WAITER_ENTRIES`).
     pub no_waiter_entry: u64,
     /// Waits over the threshold that did not fit in the ring buffer.
     pub events: u64,
@@ -191,8 +206,16 @@ pub mod globals {
     /// last at least `DURING_SLOWER_NS`.
     pub const DURING: &str = "LOCK_DURING";
     pub const DURING_SLOWER_NS: &str = "LOCK_DURING_SLOWER_NS";
+    /// Offsets of the owner word in `struct mutex`, `struct rw_semaphore`
+    /// and `struct rt_mutex_base` (`NO_FIELD` where the kernel has none),
+    /// and of `task_struct.tgid` and `.comm`.
+    pub const MUTEX_OWNER_OFF: &str = "LOCK_MUTEX_OWNER_OFF";
+    pub const RWSEM_OWNER_OFF: &str = "LOCK_RWSEM_OWNER_OFF";
+    pub const RT_MUTEX_OWNER_OFF: &str = "LOCK_RT_MUTEX_OWNER_OFF";
+    pub const TASK_TGID_OFF: &str = "LOCK_TASK_TGID_OFF";
+    pub const TASK_COMM_OFF: &str = "LOCK_TASK_COMM_OFF";
 
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 14] = [
         TARGET_TGID,
         TARGET_CPU,
         COMM_PREFIX,
@@ -202,6 +225,11 @@ pub mod globals {
         LOCK_SLOTS,
         DURING,
         DURING_SLOWER_NS,
+        MUTEX_OWNER_OFF,
+        RWSEM_OWNER_OFF,
+        RT_MUTEX_OWNER_OFF,
+        TASK_TGID_OFF,
+        TASK_COMM_OFF,
     ];
 }
 
@@ -225,9 +253,12 @@ pub mod maps {
     pub const CALL_COUNTS: &str = "LOCK_CALL_COUNTS";
     /// `WaiterKey` → `WaiterStats`.
     pub const WAITERS: &str = "LOCK_WAITERS";
+    /// `WaiterKey` of the holder (its `stack_id` 0) → `WaiterStats` of the
+    /// waits it made others wait.
+    pub const HOLDERS: &str = "LOCK_HOLDERS";
 
-    pub const ALL: [&str; 12] =
-        [TASKS, LOCKS, SLOTS, NEXT_SLOT, STATS, BUCKETS, STACKS, LOST, EVENTS, CALLS, CALL_COUNTS, WAITERS];
+    pub const ALL: [&str; 13] =
+        [TASKS, LOCKS, SLOTS, NEXT_SLOT, STATS, BUCKETS, STACKS, LOST, EVENTS, CALLS, CALL_COUNTS, WAITERS, HOLDERS];
 }
 
 /// The `lock_` programs, as (program, raw tracepoint).
@@ -257,13 +288,13 @@ mod pod {
     unsafe impl aya::Pod for WaiterStats {}
 }
 
-const _: () = assert!(core::mem::size_of::<Waiting>() == 24);
-const _: () = assert!(core::mem::size_of::<TaskWaits>() == 8 + 24 * MAX_DEPTH);
+const _: () = assert!(core::mem::size_of::<Waiting>() == 32);
+const _: () = assert!(core::mem::size_of::<TaskWaits>() == 8 + 32 * MAX_DEPTH);
 const _: () = assert!(core::mem::size_of::<LockStats>() == 8 * 3 + 4 * 2);
 const _: () = assert!(core::mem::size_of::<WaiterKey>() == 16);
 const _: () = assert!(core::mem::size_of::<WaiterStats>() == 16 + COMM_LEN);
 const _: () = assert!(core::mem::size_of::<Lost>() == 40);
 const _: () = assert!(core::mem::size_of::<LockEvent>() == 8 * 3 + 4 * 6 + COMM_LEN + 8 * MAX_STACK);
-const _: () = assert!(core::mem::size_of::<HeldWait>() == 24);
-const _: () = assert!(core::mem::size_of::<Call>() == 24 + 24 * MAX_CALL_WAITS);
+const _: () = assert!(core::mem::size_of::<HeldWait>() == 32);
+const _: () = assert!(core::mem::size_of::<Call>() == 24 + 32 * MAX_CALL_WAITS);
 const _: () = assert!(core::mem::size_of::<CallCounts>() == 32);

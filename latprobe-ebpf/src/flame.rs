@@ -19,13 +19,13 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf, StackTrace},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{btf_map, btf_tracepoint, perf_event},
     programs::{tracing::StackIdContext, BtfTracePointContext, PerfEventContext},
 };
 use latprobe_common::flame::{Drops, OffCpuStart, Pending, StackKey, MAX_PENDING};
 
-use crate::helpers::{add, global, masked};
+use crate::helpers::{add, field, global, masked};
 
 #[unsafe(no_mangle)]
 static FL_TGID: u32 = 0;
@@ -142,17 +142,7 @@ fn pending(task: Option<*mut c_void>, create: bool) -> Option<&'static mut Pendi
 /// wherever the hash is used with tasks other than the current one).
 #[inline(always)]
 fn task_tid(task: *mut c_void) -> Option<u32> {
-    task_u32(task, &FL_TASK_PID_OFF)
-}
-
-/// The `u32` of `task` at the offset in global `off` (from the running
-/// kernel's BTF).
-#[inline(always)]
-fn task_u32(task: *mut c_void, off: &u32) -> Option<u32> {
-    let at = task.cast::<u8>().wrapping_add(global(off) as usize);
-    // SAFETY: reads 4 bytes of the task; the helper fails cleanly on a bad
-    // address.
-    unsafe { bpf_probe_read_kernel(at.cast::<u32>()) }.ok()
+    field::<u32>(task, &FL_TASK_PID_OFF)
 }
 
 /// `fn` calls this when that call ends: its stacks count if it was slow.
@@ -313,7 +303,7 @@ pub fn fl_switch(ctx: BtfTracePointContext) -> i32 {
     }
     let prev: *mut c_void = ctx.arg(1);
     let next: *mut c_void = ctx.arg(2);
-    let prev_state = task_u32(prev, &FL_TASK_STATE_OFF).unwrap_or(0);
+    let prev_state = field::<u32>(prev, &FL_TASK_STATE_OFF).unwrap_or(0);
     // No start for the idle task (tid 0, one per CPU: "blocked" would be the
     // time the CPU was busy, and the hash would mix all CPUs' under one key),
     // nor for a task's last switch: it never comes back, and in the hash its

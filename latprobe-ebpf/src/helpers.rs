@@ -1,5 +1,5 @@
 //! Building blocks every command's kernel programs share: reading load-time
-//! globals, per-CPU counters, indexing the verifier can follow, and adding a
+//! globals and kernel fields at their offsets, per-CPU counters, indexing the verifier can follow, and adding a
 //! value to an in-kernel HDR histogram.
 
 use core::ptr::read_volatile;
@@ -9,6 +9,16 @@ use latprobe_common::{
     func::{BucketGroup, FuncStats, GROUP_COUNT_SLOTS},
     hdr,
 };
+
+/// A field of a kernel object at the offset in load-time global `off`
+/// (Rust eBPF has no CO-RE: userspace found the offset in the kernel's BTF).
+#[inline(always)]
+pub fn field<T>(object: *const core::ffi::c_void, off: &u32) -> Option<T> {
+    let at = object.cast::<u8>().wrapping_add(global(off) as usize);
+    // SAFETY: the helper reads kernel memory and fails cleanly on a bad
+    // address; `object` is a kernel pointer a probe handed us.
+    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(at.cast::<T>()).ok() }
+}
 
 /// A load-time global (`EbpfLoader::override_global`).
 #[inline(always)]

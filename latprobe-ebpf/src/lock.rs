@@ -29,13 +29,13 @@ use aya_ebpf::{
 use latprobe_common::{
     func::{BucketGroup, FuncStats, MAX_STACK},
     lock::{
-        Call, CallCounts, HeldWait, LockEvent, LockStats, Lost, TaskWaits, WaiterKey, WaiterStats, Waiting, IDLE_KEY,
-        MAX_CALL_WAITS, MAX_DEPTH,
+        flags, Call, CallCounts, HeldWait, LockEvent, LockStats, Lost, TaskWaits, WaiterKey, WaiterStats, Waiting,
+        IDLE_KEY, MAX_CALL_WAITS, MAX_DEPTH, NO_FIELD, OWNER_FLAGS, RWSEM_READER_OWNED,
     },
     COMM_LEN,
 };
 
-use crate::helpers::{self, add, global, masked};
+use crate::helpers::{self, add, field, global, masked};
 
 // Load-time globals (see `latprobe_common::lock::globals`).
 #[unsafe(no_mangle)]
@@ -56,6 +56,16 @@ static LOCK_SLOTS_N: u32 = 0;
 static LOCK_DURING: u32 = 0;
 #[unsafe(no_mangle)]
 static LOCK_DURING_SLOWER_NS: u64 = 0;
+#[unsafe(no_mangle)]
+static LOCK_MUTEX_OWNER_OFF: u32 = NO_FIELD;
+#[unsafe(no_mangle)]
+static LOCK_RWSEM_OWNER_OFF: u32 = NO_FIELD;
+#[unsafe(no_mangle)]
+static LOCK_RT_MUTEX_OWNER_OFF: u32 = NO_FIELD;
+#[unsafe(no_mangle)]
+static LOCK_TASK_TGID_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static LOCK_TASK_COMM_OFF: u32 = 0;
 
 #[btf_map]
 static LOCK_TASKS: HashMap<u32, TaskWaits, 1> = HashMap::new();
@@ -96,6 +106,10 @@ static LOCK_CALL_COUNTS: PerCpuArray<CallCounts, 1> = PerCpuArray::new();
 /// atomically), as a per-CPU copy of every waiter would not fit 256 CPUs.
 #[btf_map]
 static LOCK_WAITERS: HashMap<WaiterKey, WaiterStats, 1> = HashMap::new();
+
+/// The tasks that held each lock as others began to wait, and those waits.
+#[btf_map]
+static LOCK_HOLDERS: HashMap<WaiterKey, WaiterStats, 1> = HashMap::new();
 
 #[inline(always)]
 fn lost() -> Option<&'static mut Lost> {
@@ -178,8 +192,14 @@ pub fn lock_begin(ctx: RawTracePointContext) -> i32 {
     };
     // SAFETY: masked into range.
     let slot = unsafe { waits.waits.get_unchecked_mut(masked(depth, MAX_DEPTH)) };
-    // SAFETY: a helper without arguments.
-    *slot = Waiting { lock, ts_ns: unsafe { bpf_ktime_get_ns() }, flags: flags as u32, stack_id };
+    *slot = Waiting {
+        lock,
+        // SAFETY: a helper without arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        flags: flags as u32,
+        stack_id,
+        holder: owner(lock, flags as u32),
+    };
     waits.depth += 1;
     0
 }
@@ -255,7 +275,7 @@ fn hold(key: u32, w: &Waiting, wait: u64) {
     }
     // SAFETY: masked into range.
     let slot = unsafe { call.waits.get_unchecked_mut(masked(held, MAX_CALL_WAITS)) };
-    *slot = HeldWait { lock: w.lock, wait_ns: wait, flags: w.flags, stack_id: w.stack_id };
+    *slot = HeldWait { lock: w.lock, wait_ns: wait, flags: w.flags, stack_id: w.stack_id, holder: w.holder };
     call.held += 1;
 }
 
@@ -318,7 +338,7 @@ fn call_exit(stack_at: u64) {
             if i < held {
                 // SAFETY: masked into range.
                 let h = unsafe { *call.waits.get_unchecked(masked(i, MAX_CALL_WAITS)) };
-                let w = Waiting { lock: h.lock, ts_ns: 0, flags: h.flags, stack_id: h.stack_id };
+                let w = Waiting { lock: h.lock, ts_ns: 0, flags: h.flags, stack_id: h.stack_id, holder: h.holder };
                 count(&w, h.wait_ns, tgid);
             }
             i += 1;
@@ -392,7 +412,15 @@ fn count(w: &Waiting, wait: u64, tgid: u32) {
         s.max_ns = wait;
     }
     s.flags = w.flags;
-    count_waiter(w, wait, tgid);
+    let waiter = WaiterKey { lock: w.lock, stack_id: w.stack_id, tgid };
+    count_in(&LOCK_WAITERS, waiter, wait, || bpf_get_current_comm().unwrap_or([0; COMM_LEN]));
+    let holder = w.holder as *const core::ffi::c_void;
+    if !holder.is_null() {
+        if let Some(tgid) = field::<u32>(holder, &LOCK_TASK_TGID_OFF) {
+            let comm = || field::<[u8; COMM_LEN]>(holder, &LOCK_TASK_COMM_OFF).unwrap_or([0; COMM_LEN]);
+            count_in(&LOCK_HOLDERS, WaiterKey { lock: w.lock, stack_id: 0, tgid }, wait, comm);
+        }
+    }
     let slot = crate::slots::key_slot(&LOCK_SLOT_OF, &LOCK_NEXT_SLOT, global(&LOCK_SLOTS_N), w.lock);
     // SAFETY: per-CPU array slots are valid for the program's lifetime.
     if let Some(h) = LOCK_STATS.get_ptr_mut(slot as u32).and_then(|p| unsafe { p.as_mut() }) {
@@ -400,16 +428,38 @@ fn count(w: &Waiting, wait: u64, tgid: u32) {
     }
 }
 
-/// Adds a wait to the totals of its waiter: process, lock and stack.
+/// The task that owns `lock`, a lock of kind `lock_flags`, where the kernel
+/// records it: 0 for spinlocks, rwlocks, percpu-rwsems and readers.
 #[inline(always)]
-fn count_waiter(w: &Waiting, wait: u64, tgid: u32) {
-    let key = WaiterKey { lock: w.lock, stack_id: w.stack_id, tgid };
-    let stats = match LOCK_WAITERS.get_ptr_mut(key) {
+fn owner(lock: u64, lock_flags: u32) -> u64 {
+    let off = if lock_flags & flags::RT != 0 {
+        &LOCK_RT_MUTEX_OWNER_OFF
+    } else if lock_flags & flags::MUTEX != 0 {
+        &LOCK_MUTEX_OWNER_OFF
+    } else if lock_flags & (flags::SPIN | flags::PERCPU) == 0 {
+        &LOCK_RWSEM_OWNER_OFF
+    } else {
+        return 0;
+    };
+    if global(off) == NO_FIELD {
+        return 0;
+    }
+    let word = field::<u64>(lock as *const core::ffi::c_void, off).unwrap_or(0);
+    // An rwsem's owner word names a reader only as a hint.
+    if core::ptr::eq(off, &LOCK_RWSEM_OWNER_OFF) && word & RWSEM_READER_OWNED != 0 {
+        return 0;
+    }
+    word & !OWNER_FLAGS
+}
+
+/// Adds a wait to `key`'s totals in `table`, created named `comm()` if new.
+#[inline(always)]
+fn count_in(table: &HashMap<WaiterKey, WaiterStats, 1>, key: WaiterKey, wait: u64, comm: impl Fn() -> [u8; COMM_LEN]) {
+    let stats = match table.get_ptr_mut(key) {
         Some(p) => p,
         None => {
-            let first = WaiterStats { count: 0, total_ns: 0, comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]) };
-            let _ = LOCK_WAITERS.insert(key, first, u64::from(BPF_NOEXIST));
-            match LOCK_WAITERS.get_ptr_mut(key) {
+            let _ = table.insert(key, WaiterStats { count: 0, total_ns: 0, comm: comm() }, u64::from(BPF_NOEXIST));
+            match table.get_ptr_mut(key) {
                 Some(p) => p,
                 None => {
                     if let Some(l) = lost() {

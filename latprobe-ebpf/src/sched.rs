@@ -25,7 +25,7 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, generated::bpf_get_stack,
+        generated::bpf_get_stack,
     },
     macros::{btf_map, btf_tracepoint, raw_tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext},
@@ -37,7 +37,7 @@ use latprobe_common::{
     COMM_LEN,
 };
 
-use crate::helpers::{self, add, global};
+use crate::helpers::{self, add, field, global};
 
 // Load-time globals (see `latprobe_common::sched::globals`).
 #[unsafe(no_mangle)]
@@ -105,15 +105,6 @@ static RQ_NEXT_SLOT: Array<u64, 1> = Array::new();
 
 #[btf_map]
 static RQ_EVENTS: RingBuf<RunqEvent, 4096> = RingBuf::new();
-
-/// `struct task_struct` field at the offset in global `off`.
-#[inline(always)]
-fn field<T>(task: *const c_void, off: &u32) -> Option<T> {
-    let at = task.cast::<u8>().wrapping_add(global(off) as usize);
-    // SAFETY: the helper reads kernel memory and fails cleanly on a bad
-    // address; `task` is a task_struct the tracepoint handed us.
-    unsafe { bpf_probe_read_kernel(at.cast::<T>()).ok() }
-}
 
 #[inline(always)]
 fn lost() -> Option<&'static mut Lost> {

@@ -53,7 +53,7 @@ use latprobe_common::{
     COMM_LEN,
 };
 
-use crate::helpers::{self, add, global, masked};
+use crate::helpers::{self, add, field, global, masked};
 
 // Load-time globals (see `latprobe_common::tcp::globals`).
 #[unsafe(no_mangle)]
@@ -183,15 +183,6 @@ const NET_RX_SOFTIRQ: u32 = 3;
 fn now() -> u64 {
     // SAFETY: a helper without arguments.
     unsafe { bpf_ktime_get_ns() }
-}
-
-/// A field of a kernel object at the offset in global `off`.
-#[inline(always)]
-fn field<T>(object: *const c_void, off: &u32) -> Option<T> {
-    let at = object.cast::<u8>().wrapping_add(global(off) as usize);
-    // SAFETY: the helper reads kernel memory and fails cleanly on a bad
-    // address; `object` is a pointer a tracepoint handed us.
-    unsafe { bpf_probe_read_kernel(at.cast::<T>()).ok() }
 }
 
 #[inline(always)]

@@ -60,6 +60,9 @@
 //!                           in one new directory (its inode lock contended)
 //!   mmap-churn THREADS N    THREADS threads each map, touch and unmap
 //!                           64 KiB N times (the process's mmap lock contended)
+//!   dir-churn-in DIR THREADS N
+//!                           the same in directory DIR, which exists (two
+//!                           such processes contend on its lock)
 //!   futex-churn THREADS DUR 256 threads wait on one futex; for DUR,
 //!                           THREADS threads call FUTEX_WAKE_BITSET for a bit
 //!                           none waits for: the kernel walks all 256 under
@@ -312,19 +315,25 @@ fn listen(port: u16, backlog: i32) -> TcpListener {
 fn dir_churn(threads: usize, n: u64) {
     let dir = env::temp_dir().join(format!("latprobe-dir-churn-{}", std::process::id()));
     fs::create_dir_all(&dir).expect("create the churn directory");
+    churn_in(&dir, threads, n);
+    fs::remove_dir(&dir).expect("remove the churn directory");
+}
+
+/// THREADS threads each create and unlink N files in `dir`, named by this
+/// process and thread so that processes sharing `dir` never collide.
+fn churn_in(dir: &std::path::Path, threads: usize, n: u64) {
+    let me = std::process::id();
     thread::scope(|s| {
         for t in 0..threads {
-            let dir = &dir;
             s.spawn(move || {
                 for i in 0..n {
-                    let path = dir.join(format!("{t}-{i}"));
-                    drop(File::create(&path).expect("create"));
+                    let path = dir.join(format!("{me}-{t}-{i}"));
+                    drop(File::create(&path).unwrap_or_else(|e| usage(&format!("create {}: {e}", path.display()))));
                     fs::remove_file(&path).expect("unlink");
                 }
             });
         }
     });
-    fs::remove_dir(&dir).expect("remove the churn directory");
 }
 
 fn mmap_churn(threads: usize, n: u64) {
@@ -728,6 +737,10 @@ fn main() {
             }
             ("mmap-churn", [threads, n, tail @ ..]) => {
                 mmap_churn(number(threads) as usize, number(n));
+                tail
+            }
+            ("dir-churn-in", [dir, threads, n, tail @ ..]) => {
+                churn_in(std::path::Path::new(dir), number(threads) as usize, number(n));
                 tail
             }
             ("futex-churn", [threads, d, tail @ ..]) => {

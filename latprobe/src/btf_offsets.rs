@@ -357,6 +357,27 @@ impl SockOffsets {
     }
 }
 
+/// Where the kernel keeps the owner of a sleeping lock: the `owner` word of
+/// `struct mutex`, `struct rw_semaphore` and `struct rt_mutex_base` (a task
+/// pointer with flag bits), `NO_FIELD` for a struct this kernel lacks (a
+/// PREEMPT_RT kernel builds its mutex on an rt_mutex_base, and has no
+/// `mutex.owner`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockOwnerOffsets {
+    pub mutex: u32,
+    pub rwsem: u32,
+    pub rt_mutex: u32,
+}
+
+impl LockOwnerOffsets {
+    pub fn from_btf(btf: &Btf) -> Self {
+        let owner = |strukt: &str| {
+            btf.member(strukt, "owner").filter(|m| m.size == 8).map_or(latprobe_common::lock::NO_FIELD, |m| m.offset)
+        };
+        Self { mutex: owner("mutex"), rwsem: owner("rw_semaphore"), rt_mutex: owner("rt_mutex_base") }
+    }
+}
+
 /// Whether task-local storage can allocate under the run-queue lock. Since
 /// "bpf: Use bpf_mem_cache_alloc/free in bpf_local_storage_elem" (2023),
 /// storage elements come from BPF's own allocator, which is safe in any

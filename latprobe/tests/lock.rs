@@ -139,6 +139,49 @@ fn lock_names_the_mmap_lock_by_kind_and_caller() {
 }
 
 #[test]
+fn lock_names_the_process_holding_a_lock_its_waiters_wait_on() {
+    let name = "lock_names_the_process_holding_a_lock_its_waiters_wait_on";
+    if let Some(why) = contention_unavailable() {
+        return skip(name, &why);
+    }
+    let w = workload();
+    let dir = std::env::temp_dir().join(format!("latprobe-holder-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("test directory");
+    let shared = dir.display().to_string();
+    // Two processes create and unlink files in one directory: each create
+    // and unlink holds the directory's lock. Only the second is traced: some
+    // of its waits are on the lock while the first (untraced) one holds it.
+    // The other runs for longer than the traced one could; stopped after.
+    let mut other = std::process::Command::new(&w)
+        .args(["dir-churn-in", &shared, "2", "1000000"])
+        .spawn()
+        .expect("start the other");
+    let run = latprobe(&["lock", "--top", "50", "--format", "json", "--", &w, "dir-churn-in", &shared, "2", "3000"]);
+    let _ = other.kill();
+    let _ = other.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    run.assert_success();
+    let locks = locks(&run);
+    let held_by_other: Vec<&Value> = locks
+        .iter()
+        .filter(|l| l["holders"].as_array().into_iter().flatten().any(|h| u64_of(h, "pid") == u64::from(other.id())))
+        .collect();
+    assert!(!held_by_other.is_empty(), "no lock held by the other process (pid {}):\n{}", other.id(), run.stdout);
+    let lock = held_by_other[0];
+    assert!(is_rwsem(lock), "the directory's lock, a rwsem (or an rt_mutex on PREEMPT_RT): {lock}");
+    let holders = lock["holders"].as_array().expect("holders");
+    let caused: u64 = holders.iter().map(|h| u64_of(h, "waits")).sum();
+    assert!(caused > 0 && caused <= u64_of(lock, "count"), "the holders caused at most the lock's waits: {lock}");
+    assert!(holders.iter().all(|h| h["comm"] == "workload"), "{lock}");
+    eprintln!(
+        "dir-churn-in on {}: {} waits on the directory's {}, {caused} while a known task held it",
+        kernel_name(),
+        u64_of(lock, "count"),
+        lock["lock_kind"]
+    );
+}
+
+#[test]
 fn lock_names_a_contended_spinlock_and_where_it_is_taken() {
     if let Some(why) = contention_unavailable() {
         return skip("lock_names_a_contended_spinlock_and_where_it_is_taken", &why);

@@ -27,7 +27,7 @@ use latprobe_common::{
 use serde::Serialize;
 
 use crate::{
-    bpf,
+    bpf, btf_offsets,
     cli::LockArgs,
     clock::WallClock,
     cost,
@@ -108,6 +108,18 @@ struct Calls {
     exits_missed: u64,
 }
 
+/// Who waited on each lock, and who held it meanwhile.
+struct Who {
+    waiters: Waiters,
+    holders: Waiters,
+}
+
+impl Who {
+    fn read(source: &Source) -> Result<Self> {
+        Ok(Self { waiters: Waiters::read(&source.waiters)?, holders: Waiters::read(&source.holders)? })
+    }
+}
+
 /// One lock's waits since tracing began (or over an interval).
 #[derive(Clone, Debug)]
 struct LockRow {
@@ -127,6 +139,7 @@ struct Source {
     lost: PerCpuArray<MapData, Lost>,
     calls: PerCpuArray<MapData, CallCounts>,
     waiters: BpfHashMap<MapData, WaiterKey, WaiterStats>,
+    holders: BpfHashMap<MapData, WaiterKey, WaiterStats>,
     /// `--during` FUNC and its slow-call threshold.
     during: Option<(String, u64)>,
     text: Option<KernelSymbols>,
@@ -242,6 +255,11 @@ pub async fn run(args: LockArgs) -> Result<()> {
     let stacks = u32::from(args.stacks);
     let slots = args.max_locks + 1;
     let ring_bytes = if threshold != u64::MAX { latprobe_common::lock::EVENTS_RING_BYTES } else { bpf::page_size() };
+    let btf = btf_offsets::Btf::from_sys_fs()?;
+    let task = btf_offsets::TaskOffsets::from_btf(&btf)?;
+    let owners = btf_offsets::LockOwnerOffsets::from_btf(&btf);
+    drop(btf);
+    output::verbose(&format!("lock owner offsets from BTF: {owners:?}"));
     let mut cost = cost::start_or_explain();
     let mut ebpf = bpf::load_lock(|loader| {
         loader
@@ -254,6 +272,11 @@ pub async fn run(args: LockArgs) -> Result<()> {
             .override_global(globals::LOCK_SLOTS, &args.max_locks, true)
             .override_global(globals::DURING, &during, true)
             .override_global(globals::DURING_SLOWER_NS, &during_slower, true)
+            .override_global(globals::MUTEX_OWNER_OFF, &owners.mutex, true)
+            .override_global(globals::RWSEM_OWNER_OFF, &owners.rwsem, true)
+            .override_global(globals::RT_MUTEX_OWNER_OFF, &owners.rt_mutex, true)
+            .override_global(globals::TASK_TGID_OFF, &task.tgid, true)
+            .override_global(globals::TASK_COMM_OFF, &task.comm, true)
             .map_max_entries(maps::CALLS, TASK_ENTRIES)
             .map_max_entries(maps::TASKS, TASK_ENTRIES)
             .map_max_entries(maps::LOCKS, LOCK_ENTRIES)
@@ -263,6 +286,7 @@ pub async fn run(args: LockArgs) -> Result<()> {
             .map_max_entries(maps::BUCKETS, slots * hdr::GROUPS as u32)
             .map_max_entries(maps::STACKS, STACK_ENTRIES)
             .map_max_entries(maps::WAITERS, WAITER_ENTRIES)
+            .map_max_entries(maps::HOLDERS, WAITER_ENTRIES)
             .map_max_entries(maps::EVENTS, ring_bytes);
     })?;
     attach(&mut ebpf)?;
@@ -279,6 +303,7 @@ pub async fn run(args: LockArgs) -> Result<()> {
         lost: PerCpuArray::try_from(take(&mut ebpf, maps::LOST)?).context("map LOCK_LOST")?,
         calls: PerCpuArray::try_from(take(&mut ebpf, maps::CALL_COUNTS)?).context("map LOCK_CALL_COUNTS")?,
         waiters: BpfHashMap::try_from(take(&mut ebpf, maps::WAITERS)?).context("map LOCK_WAITERS")?,
+        holders: BpfHashMap::try_from(take(&mut ebpf, maps::HOLDERS)?).context("map LOCK_HOLDERS")?,
         during: args.during.clone().zip(args.slower),
         text: kallsyms::for_stacks(),
         data: KernelSymbols::load_data().ok(),
@@ -310,8 +335,8 @@ pub async fn run(args: LockArgs) -> Result<()> {
                 let delta = since(&rows, &previous);
                 let period = Period { name: "interval", elapsed: now - last_report, unprinted: 0 };
                 let (lost, calls) = (source.lost()?, source.calls(&ebpf)?);
-                let waiters = Waiters::read(&source.waiters)?;
-                output::report(render(&delta, &source, &waiters, &lost, &calls, &period, &args, false));
+                let who = Who::read(&source)?;
+                output::report(render(&delta, &source, &who, &lost, &calls, &period, &args, false));
                 if let Some(cost) = cost.as_mut() {
                     output::report(cost.since_last(&ebpf).render("interval", args.format));
                 }
@@ -329,8 +354,8 @@ pub async fn run(args: LockArgs) -> Result<()> {
     let discarded = ring.drain_until(run.drain_deadline(), |e| printer.print(&e))?;
     let unprinted = discarded + output::settle_records(run.drain_deadline() + SETTLE_TIME);
     let period = Period { name: "final", elapsed: run.elapsed(), unprinted };
-    let waiters = Waiters::read(&source.waiters)?;
-    output::report(render(&source.rows()?, &source, &waiters, &source.lost()?, &calls, &period, &args, true));
+    let who = Who::read(&source)?;
+    output::report(render(&source.rows()?, &source, &who, &source.lost()?, &calls, &period, &args, true));
     if let Some(cost) = final_cost {
         output::report(cost.render("final", args.format));
     }
@@ -467,6 +492,10 @@ struct LockJson<'a> {
     waiters: Vec<WaiterJson>,
     /// …of this many.
     processes: usize,
+    /// The processes whose tasks held the lock as waits began, where the
+    /// kernel records a lock's owner (mutex, rwsem held for writing,
+    /// rt_mutex), with the waits each caused, since tracing began.
+    holders: Vec<WaiterJson>,
     /// With `--stacks`: the waiters' kernel stacks, since tracing began,
     /// most waited first (the first `MAX_STACKS`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -484,6 +513,12 @@ struct WaiterJson {
     comm: String,
     waits: u64,
     wait_ns: u64,
+}
+
+impl WaiterJson {
+    fn of(share: &lock_waiters::Share<(u32, String)>) -> Self {
+        Self { pid: share.key.0, comm: share.key.1.clone(), waits: share.count, wait_ns: share.total_ns }
+    }
 }
 
 #[derive(Serialize)]
@@ -536,7 +571,7 @@ struct DuringJson<'a> {
 fn render(
     rows: &[LockRow],
     source: &Source,
-    waiters: &Waiters,
+    who: &Who,
     lost: &Lost,
     calls: &Calls,
     period: &Period,
@@ -561,8 +596,9 @@ fn render(
             let mut out = String::new();
             for r in &top {
                 let p = percentiles(r);
-                let of_lock = waiters.of(r.addr);
+                let of_lock = who.waiters.of(r.addr);
                 let processes = lock_waiters::processes(of_lock);
+                let holders = lock_waiters::processes(who.holders.of(r.addr));
                 let stacks = args.stacks.then(|| {
                     lock_waiters::stacks(of_lock)
                         .into_iter()
@@ -588,17 +624,9 @@ fn render(
                     p50_ns: p.map(|p| p[0]),
                     p99_ns: p.map(|p| p[1]),
                     p999_ns: p.map(|p| p[2]),
-                    waiters: processes
-                        .iter()
-                        .take(MAX_LISTED)
-                        .map(|s| WaiterJson {
-                            pid: s.key.0,
-                            comm: s.key.1.clone(),
-                            waits: s.count,
-                            wait_ns: s.total_ns,
-                        })
-                        .collect(),
+                    waiters: processes.iter().take(MAX_LISTED).map(WaiterJson::of).collect(),
                     processes: processes.len(),
+                    holders: holders.iter().take(MAX_LISTED).map(WaiterJson::of).collect(),
                     stacks,
                 };
                 out += &serde_json::to_string(&json).expect("lock serializes");
@@ -674,14 +702,19 @@ fn render(
             for r in top {
                 let p = percentiles(r);
                 let q = |i: usize| p.map_or("-".to_string(), |p| format_ns(p[i]));
-                let of_lock = waiters.of(r.addr);
+                let of_lock = who.waiters.of(r.addr);
+                let holders = lock_waiters::processes(who.holders.of(r.addr));
+                let held_by = match holders.is_empty() {
+                    true => String::new(),
+                    false => format!("; held by {}", waiters_text(&holders)),
+                };
                 let name = source
                     .name(r.addr)
                     .or_else(|| source.main_caller(of_lock).map(|c| format!("in {c}")))
                     .unwrap_or_else(|| format!("{:#x}", r.addr));
                 let _ = writeln!(
                     out,
-                    "  {:>9} {:>7} {:>9} {:>9} {:>9} {:>9}  {:<14} {:<32} {}",
+                    "  {:>9} {:>7} {:>9} {:>9} {:>9} {:>9}  {:<14} {:<32} {}{held_by}",
                     format_ns(r.total_ns),
                     r.count,
                     format_ns(r.max_ns),
