@@ -116,24 +116,47 @@ pub const MAX_CALL_WAITS: usize = 8;
 pub struct HeldWait {
     pub lock: u64,
     pub wait_ns: u64,
-    pub flags: u32,
-    pub stack_id: i32,
     pub holder: u64,
+    pub flags: u16,
+    /// The frame (`Call::frames`, 0 the outermost) whose call holds it.
+    pub level: u16,
+    pub stack_id: i32,
 }
 
-/// One task's call of `--during`'s function in flight.
+/// Calls of `--during`'s function one task can be inside at once: nested
+/// ones, and ones whose return the kernel did not run the program for.
+pub const MAX_FRAMES: usize = 4;
+
+/// One call of `--during`'s function in flight.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Frame {
+    /// Where the probe's context sat on the kernel stack at the call's
+    /// entry. The return of the same call sits at the same place (fexit), or
+    /// within `RETURN_SLACK` of it (kretprobe); a call nested in it, lower.
+    /// Not a depth: the kernel moves each syscall's stack by a random
+    /// offset (CONFIG_RANDOMIZE_KSTACK_OFFSET).
+    pub stack_at: u64,
+    pub start_ns: u64,
+}
+
+/// How far a kretprobe's context may sit from its kprobe's.
+pub const RETURN_SLACK: u64 = 256;
+
+/// One task's calls of `--during`'s function in flight, and the waits they
+/// hold.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Call {
-    pub start_ns: u64,
-    /// Where the outermost call's probe context sat on the kernel stack: a
-    /// call entered deeper is nested in it; one entered at or above it
-    /// means the outermost call returned unseen (the kernel skipped the exit
-    /// program), and one returning at or above it is the outermost's return.
-    pub stack_at: u64,
+    /// Valid entries of `frames`, outermost first, each lower on the stack
+    /// than the one before.
+    pub depth: u32,
     /// Valid entries of `waits`.
     pub held: u32,
-    pub _pad: u32,
+    /// Waits that did not fit in `waits`, counted as dropped if a slow call
+    /// ends before the outermost does.
+    pub overflow: u64,
+    pub frames: [Frame; MAX_FRAMES],
     pub waits: [HeldWait; MAX_CALL_WAITS],
 }
 
@@ -256,9 +279,25 @@ pub mod maps {
     /// `WaiterKey` of the holder (its `stack_id` 0) → `WaiterStats` of the
     /// waits it made others wait.
     pub const HOLDERS: &str = "LOCK_HOLDERS";
+    /// One `Call` of zeroes, what a task's first call is made from.
+    pub const CALL_ZERO: &str = "LOCK_CALL_ZERO";
 
-    pub const ALL: [&str; 13] =
-        [TASKS, LOCKS, SLOTS, NEXT_SLOT, STATS, BUCKETS, STACKS, LOST, EVENTS, CALLS, CALL_COUNTS, WAITERS, HOLDERS];
+    pub const ALL: [&str; 14] = [
+        TASKS,
+        LOCKS,
+        SLOTS,
+        NEXT_SLOT,
+        STATS,
+        BUCKETS,
+        STACKS,
+        LOST,
+        EVENTS,
+        CALLS,
+        CALL_COUNTS,
+        WAITERS,
+        HOLDERS,
+        CALL_ZERO,
+    ];
 }
 
 /// The `lock_` programs, as (program, raw tracepoint).
@@ -296,5 +335,5 @@ const _: () = assert!(core::mem::size_of::<WaiterStats>() == 16 + COMM_LEN);
 const _: () = assert!(core::mem::size_of::<Lost>() == 40);
 const _: () = assert!(core::mem::size_of::<LockEvent>() == 8 * 3 + 4 * 6 + COMM_LEN + 8 * MAX_STACK);
 const _: () = assert!(core::mem::size_of::<HeldWait>() == 32);
-const _: () = assert!(core::mem::size_of::<Call>() == 24 + 32 * MAX_CALL_WAITS);
+const _: () = assert!(core::mem::size_of::<Call>() == 16 + 16 * MAX_FRAMES + 32 * MAX_CALL_WAITS);
 const _: () = assert!(core::mem::size_of::<CallCounts>() == 32);

@@ -29,8 +29,9 @@ use aya_ebpf::{
 use latprobe_common::{
     func::{BucketGroup, FuncStats, MAX_STACK},
     lock::{
-        flags, Call, CallCounts, HeldWait, LockEvent, LockStats, Lost, TaskWaits, WaiterKey, WaiterStats, Waiting,
-        IDLE_KEY, MAX_CALL_WAITS, MAX_DEPTH, NO_FIELD, OWNER_FLAGS, RWSEM_READER_OWNED,
+        flags, Call, CallCounts, Frame, HeldWait, LockEvent, LockStats, Lost, TaskWaits, WaiterKey, WaiterStats,
+        Waiting, IDLE_KEY, MAX_CALL_WAITS, MAX_DEPTH, MAX_FRAMES, NO_FIELD, OWNER_FLAGS, RETURN_SLACK,
+        RWSEM_READER_OWNED,
     },
     COMM_LEN,
 };
@@ -100,6 +101,11 @@ static LOCK_CALLS: HashMap<u32, Call, 1> = HashMap::new();
 
 #[btf_map]
 static LOCK_CALL_COUNTS: PerCpuArray<CallCounts, 1> = PerCpuArray::new();
+
+/// A `Call` of zeroes, never written: what a task's first call is inserted
+/// from (a `Call` is too big for the BPF stack).
+#[btf_map]
+static LOCK_CALL_ZERO: Array<Call, 1> = Array::new();
 
 /// Who waited on each lock and from where: what names a lock and lists its
 /// waiters and their stacks. One entry for all CPUs (its counts are added
@@ -262,21 +268,99 @@ fn call_counts() -> Option<&'static mut CallCounts> {
 }
 
 /// `--during`: a wait that ended inside a call of the function is held by
-/// the call until it ends; one outside every call is not counted.
+/// the innermost call in flight until it ends; one outside every call is not
+/// counted.
 #[inline(always)]
 fn hold(key: u32, w: &Waiting, wait: u64) {
     // SAFETY: a live value of our map, only touched by this task.
     let Some(call) = LOCK_CALLS.get_ptr_mut(key).map(|p| unsafe { &mut *p }) else { return };
+    let depth = call.depth as usize;
+    if depth == 0 {
+        return;
+    }
     let held = call.held as usize;
     if held >= MAX_CALL_WAITS {
-        // Counted if the call turns out slow (see `call_exit`).
-        call.held += 1;
+        call.overflow += 1;
         return;
     }
     // SAFETY: masked into range.
     let slot = unsafe { call.waits.get_unchecked_mut(masked(held, MAX_CALL_WAITS)) };
-    *slot = HeldWait { lock: w.lock, wait_ns: wait, flags: w.flags, stack_id: w.stack_id, holder: w.holder };
+    *slot = HeldWait {
+        lock: w.lock,
+        wait_ns: wait,
+        holder: w.holder,
+        flags: w.flags as u16,
+        level: (depth - 1) as u16,
+        stack_id: w.stack_id,
+    };
     call.held += 1;
+}
+
+/// What becomes of the waits of the frames being closed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    /// Calls whose return was never seen: their waits are dropped.
+    Lost,
+    /// A call that ended fast: its waits pass to the call it is nested in
+    /// (counted if that one turns out slow), or are dropped.
+    Fast,
+    /// A call that ended slow: its waits are counted, for process `tgid`.
+    Slow(u32),
+}
+
+/// Closes `call`'s frames from `level` on.
+#[inline(always)]
+fn close_frames(call: &mut Call, level: usize, how: Closing) {
+    let held = call.held as usize;
+    let mut kept = 0usize;
+    let mut i = 0;
+    while i < MAX_CALL_WAITS {
+        if i < held {
+            // SAFETY: masked into range.
+            let mut h = unsafe { *call.waits.get_unchecked(masked(i, MAX_CALL_WAITS)) };
+            let keep = if (h.level as usize) < level {
+                true
+            } else if let Closing::Slow(tgid) = how {
+                let flags = u32::from(h.flags);
+                let w = Waiting { lock: h.lock, ts_ns: 0, flags, stack_id: h.stack_id, holder: h.holder };
+                count(&w, h.wait_ns, tgid);
+                false
+            } else if how == Closing::Fast && level > 0 {
+                h.level = (level - 1) as u16;
+                true
+            } else {
+                false
+            };
+            if keep {
+                // SAFETY: masked into range; `kept` <= `i`.
+                unsafe { *call.waits.get_unchecked_mut(masked(kept, MAX_CALL_WAITS)) = h };
+                kept += 1;
+            }
+        }
+        i += 1;
+    }
+    call.held = kept as u32;
+    call.depth = level as u32;
+}
+
+/// How many of `call`'s innermost frames sit below `limit` on the stack
+/// (lower addresses), from the innermost out.
+#[inline(always)]
+fn frames_below(call: &Call, limit: u64) -> usize {
+    let depth = (call.depth as usize).min(MAX_FRAMES);
+    let mut below = 0;
+    let mut i = 0;
+    while i < MAX_FRAMES {
+        if below < depth {
+            // SAFETY: masked into range.
+            let f = unsafe { call.frames.get_unchecked(masked(depth - 1 - below, MAX_FRAMES)) };
+            if f.stack_at < limit {
+                below += 1;
+            }
+        }
+        i += 1;
+    }
+    below
 }
 
 /// `--during`: the current task enters the function; `stack_at` is where
@@ -290,68 +374,88 @@ fn call_entry(stack_at: u64) {
         return;
     }
     let key = task_key(pid_tgid as u32, cpu);
-    // SAFETY: a live value of our map, only touched by this task.
-    if let Some(call) = LOCK_CALLS.get_ptr_mut(key).map(|p| unsafe { &mut *p }) {
-        // The stack grows down: deeper is a nested call, counted with its
-        // outermost one.
-        if stack_at < call.stack_at {
-            return;
-        }
-        // The outermost call returned unseen (the kernel skipped the exit
-        // program, which userspace reads in its recursion misses): start
-        // over.
-        let _ = LOCK_CALLS.remove(key);
-    }
-    // SAFETY: a helper without arguments.
-    let start_ns = unsafe { bpf_ktime_get_ns() };
-    let call = Call { start_ns, stack_at, held: 0, _pad: 0, waits: [HeldWait::default(); MAX_CALL_WAITS] };
-    if LOCK_CALLS.insert(key, call, u64::from(BPF_NOEXIST)).is_err() {
+    let untimed = || {
         if let Some(c) = call_counts() {
             add(&mut c.untimed, 1);
         }
+    };
+    if LOCK_CALLS.get_ptr_mut(key).is_none() {
+        // SAFETY: a map slot nothing writes.
+        let Some(zero) = (unsafe { LOCK_CALL_ZERO.get(0) }) else { return untimed() };
+        if LOCK_CALLS.insert(key, zero, u64::from(BPF_NOEXIST)).is_err() {
+            return untimed();
+        }
     }
+    // SAFETY: a live value of our map, only touched by this task.
+    let Some(call) = LOCK_CALLS.get_ptr_mut(key).map(|p| unsafe { &mut *p }) else { return untimed() };
+    // A call in flight sits higher on the stack than one it calls: frames
+    // at or below this one are calls whose return the kernel skipped (it
+    // never re-enters a program on one CPU; on PREEMPT_RT a preempted run
+    // blocks the next), which userspace reads in the exit's misses.
+    let stale = frames_below(call, stack_at.saturating_add(1));
+    let depth = call.depth as usize - stale.min(call.depth as usize);
+    if stale > 0 {
+        close_frames(call, depth, Closing::Lost);
+    }
+    if depth >= MAX_FRAMES {
+        return untimed();
+    }
+    // SAFETY: a helper without arguments.
+    let start_ns = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: masked into range.
+    unsafe { *call.frames.get_unchecked_mut(masked(depth, MAX_FRAMES)) = Frame { stack_at, start_ns } };
+    call.depth = depth as u32 + 1;
 }
 
-/// `--during`: the current task returns from the function. When that is
-/// its outermost call's return and the call was slow, the waits it held are
-/// counted.
+/// `--during`: the current task returns from the function, its context at
+/// `stack_at`, within `slack` of its entry's. The call is counted; when it
+/// was slow, the waits it held are; when fast, they pass to the call it is
+/// nested in.
 #[inline(always)]
-fn call_exit(stack_at: u64) {
+fn call_exit(stack_at: u64, slack: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: a helper without arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let key = task_key(pid_tgid as u32, cpu);
     // SAFETY: a live value of our map, only touched by this task.
     let Some(call) = LOCK_CALLS.get_ptr_mut(key).map(|p| unsafe { &mut *p }) else { return };
-    if stack_at < call.stack_at {
-        // A nested call returns.
+    // Frames below this return's entry are calls it made whose return the
+    // kernel skipped.
+    let stale = frames_below(call, stack_at.saturating_sub(slack));
+    let depth = call.depth as usize - stale.min(call.depth as usize);
+    if stale > 0 {
+        close_frames(call, depth, Closing::Lost);
+    }
+    if depth == 0 || depth > MAX_FRAMES {
+        // Its entry was not seen (skipped, or before tracing began).
+        return;
+    }
+    let level = depth - 1;
+    // SAFETY: masked into range.
+    let frame = unsafe { *call.frames.get_unchecked(masked(level, MAX_FRAMES)) };
+    if frame.stack_at > stack_at.saturating_add(slack) {
+        // The innermost call in flight is an outer one: this call's entry
+        // was not seen.
         return;
     }
     // SAFETY: a helper without arguments.
-    let took = unsafe { bpf_ktime_get_ns() }.saturating_sub(call.start_ns);
+    let took = unsafe { bpf_ktime_get_ns() }.saturating_sub(frame.start_ns);
     let slow = took >= global(&LOCK_DURING_SLOWER_NS);
-    let held = call.held as usize;
-    if slow {
-        let tgid = (pid_tgid >> 32) as u32;
-        let mut i = 0;
-        while i < MAX_CALL_WAITS {
-            if i < held {
-                // SAFETY: masked into range.
-                let h = unsafe { *call.waits.get_unchecked(masked(i, MAX_CALL_WAITS)) };
-                let w = Waiting { lock: h.lock, ts_ns: 0, flags: h.flags, stack_id: h.stack_id, holder: h.holder };
-                count(&w, h.wait_ns, tgid);
-            }
-            i += 1;
-        }
+    close_frames(call, level, if slow { Closing::Slow((pid_tgid >> 32) as u32) } else { Closing::Fast });
+    let overflow = call.overflow;
+    if slow || level == 0 {
+        call.overflow = 0;
     }
-    let _ = LOCK_CALLS.remove(key);
+    if level == 0 {
+        // Freed when no call is in flight: the table holds only tasks
+        // inside the function.
+        let _ = LOCK_CALLS.remove(key);
+    }
     if let Some(c) = call_counts() {
         add(&mut c.calls, 1);
         if slow {
             add(&mut c.slow_calls, 1);
-            if held > MAX_CALL_WAITS {
-                add(&mut c.waits_dropped, (held - MAX_CALL_WAITS) as u64);
-            }
+            add(&mut c.waits_dropped, overflow);
         }
     }
 }
@@ -370,7 +474,7 @@ pub fn lock_call_entry(ctx: FEntryContext) -> i32 {
 
 #[fexit]
 pub fn lock_call_exit(ctx: FExitContext) -> i32 {
-    call_exit(ctx.as_ptr() as u64);
+    call_exit(ctx.as_ptr() as u64, 0);
     0
 }
 
@@ -382,7 +486,7 @@ pub fn lock_call_kprobe(ctx: ProbeContext) -> i32 {
 
 #[kretprobe]
 pub fn lock_call_kretprobe(ctx: RetProbeContext) -> i32 {
-    call_exit(ctx.as_ptr() as u64);
+    call_exit(ctx.as_ptr() as u64, RETURN_SLACK);
     0
 }
 

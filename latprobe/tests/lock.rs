@@ -305,14 +305,14 @@ fn lock_during_counts_only_the_waits_inside_slow_calls() {
     // the 12,000 it makes, and the few its runtime makes (thread stacks).
     // A call is missed when the kernel skips latprobe's program at its entry
     // or return (never re-entered on one CPU: on PREEMPT_RT, where programs
-    // can be preempted, that happens).
-    // On PREEMPT_RT about 20 of the 12,000 calls go unaccounted, the same
-    // number run after run (not yet explained; the skips the kernel counts
-    // there are other processes' calls too): within 1% there.
-    let rt = std::fs::read_to_string("/sys/kernel/realtime").is_ok_and(|r| r.trim() == "1");
-    let least = if rt { 11_880 } else { 12_000 };
+    // can be preempted, that happens). The kernel's skip counts include
+    // other processes' calls: a few more than the workload's are possible.
+    let least = 12_000;
     let accounted = |calls: &Value| {
-        let n = u64_of(calls, "calls") + u64_of(calls, "entries_missed") + u64_of(calls, "exits_missed");
+        let n = u64_of(calls, "calls")
+            + u64_of(calls, "entries_missed")
+            + u64_of(calls, "exits_missed")
+            + u64_of(calls, "untimed_calls");
         eprintln!("--during on {}: {n} munmap calls accounted for: {calls}", kernel_name());
         assert!((least..=12_064).contains(&n), "every munmap call of the workload, or its loss: {calls}");
     };
