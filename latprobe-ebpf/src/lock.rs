@@ -380,8 +380,7 @@ fn call_entry(stack_at: u64) {
         }
     };
     if LOCK_CALLS.get_ptr_mut(key).is_none() {
-        // SAFETY: a map slot nothing writes.
-        let Some(zero) = (unsafe { LOCK_CALL_ZERO.get(0) }) else { return untimed() };
+        let Some(zero) = LOCK_CALL_ZERO.get(0) else { return untimed() };
         if LOCK_CALLS.insert(key, zero, u64::from(BPF_NOEXIST)).is_err() {
             return untimed();
         }
