@@ -6,6 +6,7 @@ use crate::{attach::AttachMode, duration, report::Format, sched_probes::TpMode};
 
 const EXAMPLES: &str = "\
 Examples:
+  latprobe doctor                              what this kernel allows, what each command uses here
   latprobe fn net_rx_action --secs 30          p99.9 and max of the NET_RX softirq work
   latprobe fn net_rx_action tcp_collapse --slower 5ms --stacks
                                                which calls were slow, and from where
@@ -81,6 +82,26 @@ pub enum Command {
     /// Merge histograms from many hosts (a JSON report or HDR log per host): the sick hosts first
     #[command(after_help = MERGE_EXAMPLES)]
     Merge(MergeArgs),
+    /// What this kernel allows, and which mechanism each command uses here and why
+    #[command(after_help = DOCTOR_EXAMPLES)]
+    Doctor(DoctorArgs),
+}
+
+const DOCTOR_EXAMPLES: &str = "\
+The first thing to run on an unknown box. Prints the kernel's facts (release,
+PREEMPT_RT, BTF, lockdown, privileges, the BPF and perf sysctls), then runs
+each command for a second under -v and shows what it chose (fentry or
+kprobe, task storage or a hash, tp_btf or raw_tp), what it fell back from,
+or the one line saying why it cannot run here. Takes about 10-20 seconds.
+
+Examples:
+  sudo latprobe doctor
+  sudo latprobe doctor --format json | jq -r 'select(.type==\"doctor_check\") | [.command, .works] | @tsv'";
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
 }
 
 const MERGE_EXAMPLES: &str = "\

@@ -52,6 +52,7 @@ fn main() -> ExitCode {
             cli::Command::Tcp(args) => commands::tcp::run(args).await,
             cli::Command::Lock(args) => commands::lock::run(args).await,
             cli::Command::Merge(args) => commands::merge::run(args).await,
+            cli::Command::Doctor(args) => commands::doctor::run(args).await,
         }
     });
     // Probes are detached by now; what is left is writing out. A stalled

@@ -1,5 +1,6 @@
 //! One module per latprobe command.
 
+pub mod doctor;
 pub mod flame;
 pub mod func;
 pub mod lock;
