@@ -22,6 +22,11 @@ const HDR_LOG_HELP: &str = "Also write each interval's histograms to FILE as an 
 (one tagged entry per histogram per --interval, or one for the whole run), for HdrHistogram's tools and \
 `latprobe merge`";
 
+/// What `--listen` serves, said once for every command that has it.
+const LISTEN_HELP: &str = "Serve /metrics at ADDR:PORT while running, for Prometheus: each histogram \
+(cumulative since the start, buckets from 1us to 60s), untimed calls and latprobe's own cost. \
+A bare :PORT is 127.0.0.1:PORT; any other address only as typed (0.0.0.0:PORT for all)";
+
 /// Longest run `--secs` accepts: 100 days.
 pub const MAX_SECS: u64 = 100 * 24 * 3600;
 
@@ -221,6 +226,8 @@ pub struct TcpArgs {
     pub format: Format,
     #[arg(long, value_name = "FILE", help = HDR_LOG_HELP)]
     pub hdr_log: Option<std::path::PathBuf>,
+    #[arg(long, value_name = "ADDR:PORT", help = LISTEN_HELP)]
+    pub listen: Option<crate::metrics::ListenAddr>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -319,6 +326,8 @@ pub struct FnArgs {
     pub format: Format,
     #[arg(long, value_name = "FILE", help = HDR_LOG_HELP)]
     pub hdr_log: Option<std::path::PathBuf>,
+    #[arg(long, value_name = "ADDR:PORT", help = LISTEN_HELP)]
+    pub listen: Option<crate::metrics::ListenAddr>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -402,6 +411,8 @@ pub struct RunqlatArgs {
     pub format: Format,
     #[arg(long, value_name = "FILE", help = HDR_LOG_HELP)]
     pub hdr_log: Option<std::path::PathBuf>,
+    #[arg(long, value_name = "ADDR:PORT", help = LISTEN_HELP)]
+    pub listen: Option<crate::metrics::ListenAddr>,
     #[command(flatten)]
     pub run: RunArgs,
 }

@@ -15,6 +15,7 @@ mod kallsyms;
 mod kernel_hist;
 mod kretprobe;
 mod merge_input;
+mod metrics;
 mod output;
 mod report;
 mod run;
