@@ -209,7 +209,7 @@ pub async fn run(args: RunqlatArgs) -> Result<()> {
     let mut out = String::new();
     let rows = source.rows(&probes)?;
     if let Some(exporter) = exporter.as_ref() {
-        exporter.publish(&series(&rows), final_cost.as_ref());
+        exporter.publish(&series(&rows), &[], final_cost.as_ref());
     }
     if rows.is_empty() && args.format == Format::Text {
         out += "runqlat: no waits seen\n";
@@ -231,8 +231,8 @@ pub async fn run(args: RunqlatArgs) -> Result<()> {
 fn series(rows: &[Row]) -> Vec<Series<'_>> {
     rows.iter()
         .map(|row| Series {
-            function: "runqlat",
-            key: row.key.as_deref(),
+            function: "runqlat".into(),
+            key: row.key.clone(),
             latencies: &row.totals.latencies,
             untimed: row.totals.missed,
             outliers_lost: row.totals.outliers_lost,
@@ -242,7 +242,7 @@ fn series(rows: &[Row]) -> Vec<Series<'_>> {
 
 fn publish(exporter: &Exporter, rows: &[Row], cost: Option<&cost::SelfCost>, probes: &Probes) {
     let cost: Option<Cost> = cost.map(|c| c.whole_run(&probes.ebpf));
-    exporter.publish(&series(rows), cost.as_ref());
+    exporter.publish(&series(rows), &[], cost.as_ref());
 }
 
 fn render(row: &Row, latencies: &Latencies, attach: &str, period: &str, elapsed: Duration, format: Format) -> String {

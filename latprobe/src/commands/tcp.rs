@@ -31,6 +31,7 @@ use crate::{
     duration::format_ns,
     histogram::{Latencies, QUANTILES},
     kernel_hist::{self, HistMaps},
+    metrics::{self, Exporter, Series},
     output::{
         self,
         hdr_log::{series_tag, HdrLog},
@@ -246,15 +247,36 @@ impl Snapshot {
     /// The measured stages' histograms with something in them, named as in
     /// the JSON reports (`tcp:accept[port=8080]`), for `--hdr-log`.
     fn series(&self, probes: &Probes) -> Vec<(String, Latencies)> {
+        self.metrics(probes)
+            .into_iter()
+            .map(|s| (series_tag(&s.function, s.key.as_deref()), s.latencies.clone()))
+            .collect()
+    }
+
+    /// The same histograms as `--listen` serves them: function and key apart.
+    fn metrics(&self, probes: &Probes) -> Vec<Series<'_>> {
         self.stages
             .iter()
             .filter(|row| row.latencies.count() > 0)
             .filter(|row| matches!(probes.stages[row.stage as usize], Availability::Attached(_)))
-            .map(|row| {
-                let name = format!("tcp:{}", stage::NAMES[row.stage as usize]);
-                (series_tag(&name, Some(&row.key.label())), row.latencies.clone())
+            .map(|row| Series {
+                function: format!("tcp:{}", stage::NAMES[row.stage as usize]),
+                key: Some(row.key.label()),
+                latencies: &row.latencies,
+                untimed: 0,
+                outliers_lost: 0,
             })
             .collect()
+    }
+
+    /// What could not be measured, named as in the JSON report: its
+    /// counts are for all stages at once, not per histogram.
+    fn lost(&self) -> [(&'static str, u64); 3] {
+        [
+            ("untimed_sockets", self.lost.sock_table_full),
+            ("untimed_prunes", self.lost.collapse_table_full),
+            ("events_lost", self.lost.events),
+        ]
     }
 
     fn empty() -> Snapshot {
@@ -268,6 +290,7 @@ pub async fn run(args: TcpArgs) -> Result<()> {
     }
     let mut run = Run::prepare(&args.run, None, None)?;
     let mut hdr_log = args.hdr_log.as_deref().map(HdrLog::create).transpose()?;
+    let exporter = args.listen.as_ref().map(Exporter::start).transpose()?;
     let config = Config {
         tgid: run.tgid(),
         ports: args.port.clone(),
@@ -306,8 +329,9 @@ pub async fn run(args: TcpArgs) -> Result<()> {
     }
     output::say(&format!("tracing tcp: {}; Ctrl-C to end", attached.join(", ")));
     run.report_every(args.interval);
-    if args.by == TcpBy::Pid {
-        run.poll_every(Duration::from_millis(500));
+    let own_poll = (args.by == TcpBy::Pid).then_some(Duration::from_millis(500));
+    if let Some(period) = metrics::poll_period(exporter.as_ref(), own_poll) {
+        run.poll_every(period);
     }
     run.activate()?;
     if let Some(log) = hdr_log.as_mut() {
@@ -321,11 +345,19 @@ pub async fn run(args: TcpArgs) -> Result<()> {
             Step::Records => {
                 ring.drain(BATCH, |e| printer.print(&e))?;
             }
-            Step::Poll => source.remember_comms()?,
+            Step::Poll => {
+                source.remember_comms()?;
+                if let Some(exporter) = exporter.as_ref() {
+                    publish(exporter, &source.snapshot()?, &probes, cost.as_ref());
+                }
+            }
             Step::Interval => {
                 let now = Instant::now();
                 source.remember_comms()?;
                 let snapshot = source.snapshot()?;
+                if let Some(exporter) = exporter.as_ref() {
+                    publish(exporter, &snapshot, &probes, cost.as_ref());
+                }
                 let delta = snapshot.since(&previous)?;
                 let period = Period { name: "interval", elapsed: now - last_report, unprinted: 0 };
                 output::report(render(&delta, &source, &probes, &period, args.format));
@@ -353,12 +385,21 @@ pub async fn run(args: TcpArgs) -> Result<()> {
     let period = Period { name: "final", elapsed: run.elapsed(), unprinted };
     source.remember_comms()?;
     let snapshot = source.snapshot()?;
+    if let Some(exporter) = exporter.as_ref() {
+        exporter.publish(&snapshot.metrics(&probes), &snapshot.lost(), final_cost.as_ref());
+    }
     output::report(render(&snapshot, &source, &probes, &period, args.format));
     if let Some(cost) = final_cost {
         output::report(cost.render("final", args.format));
     }
     let last = snapshot.since(&previous)?.series(&probes);
     hdr_log.map_or(Ok(()), |log| log.end(&last))
+}
+
+/// Makes `snapshot` (cumulative since the start) what `--listen` serves.
+fn publish(exporter: &Exporter, snapshot: &Snapshot, probes: &Probes, cost: Option<&cost::SelfCost>) {
+    let cost = cost.map(|c| c.whole_run(&probes.ebpf));
+    exporter.publish(&snapshot.metrics(probes), &snapshot.lost(), cost.as_ref());
 }
 
 #[derive(Serialize)]

@@ -37,9 +37,9 @@ pub fn bounds_ns() -> impl Iterator<Item = u64> {
 pub struct Series<'a> {
     /// The function, stage (`tcp:accept`) or command (`runqlat`), as in the
     /// JSON reports' `function`.
-    pub function: &'a str,
+    pub function: String,
     /// `cpu=3`, `port=443`, …, as in the JSON reports' `key`.
-    pub key: Option<&'a str>,
+    pub key: Option<String>,
     pub latencies: &'a Latencies,
     /// Calls or waits that happened but could not be timed.
     pub untimed: u64,
@@ -64,14 +64,17 @@ struct Histogram {
 #[derive(Debug, Default)]
 pub struct Exposition {
     histograms: Vec<Histogram>,
+    /// Counts of what the command could not measure, by what it was
+    /// (`untimed_sockets`, …), beside the per-series ones.
+    lost: Vec<(&'static str, u64)>,
     /// Program runs and their nanoseconds since the start, when measured.
     cost: Option<(u64, u64)>,
 }
 
 impl Exposition {
-    pub fn of(series: &[Series], cost: Option<&Cost>) -> Exposition {
+    pub fn of(series: &[Series], lost: &[(&'static str, u64)], cost: Option<&Cost>) -> Exposition {
         let histograms = series.iter().map(Histogram::of).collect();
-        Exposition { histograms, cost: cost.map(|c| (c.runs, c.run_ns)) }
+        Exposition { histograms, lost: lost.to_vec(), cost: cost.map(|c| (c.runs, c.run_ns)) }
     }
 }
 
@@ -97,8 +100,8 @@ impl Histogram {
         }
         let buckets = bounds.iter().map(|&b| b as f64 / 1e9).chain(std::iter::once(f64::MAX)).zip(counts).collect();
         Histogram {
-            function: s.function.to_string(),
-            key: s.key.map(str::to_string),
+            function: s.function.clone(),
+            key: s.key.clone(),
             sum_seconds: s.latencies.sum_ns() as f64 / 1e9,
             count: s.latencies.count(),
             buckets,
@@ -176,6 +179,17 @@ impl Collector for Scrape {
                 }
             }
         }
+        if !e.lost.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "latprobe_lost",
+                "What could not be measured, by what it was (as the JSON report names it)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (what, count) in &e.lost {
+                ConstCounter::new(*count).encode(family.encode_family(&[("what", Label(what))])?)?;
+            }
+        }
         if let Some((runs, run_ns)) = e.cost {
             let runs_help = "Runs of latprobe's BPF programs, as the kernel counts them";
             ConstCounter::new(runs).encode(encoder.encode_descriptor(
@@ -223,8 +237,9 @@ mod tests {
         let values = [10, 500, 1_000, 1_100, 1_279, 1_280, 5_000_000, 65_000_000_000];
         let l = Latencies::of(&values);
         let sum: u64 = values.iter().sum();
-        let series = [Series { function: "do_nanosleep", key: None, latencies: &l, untimed: 2, outliers_lost: 1 }];
-        let text = encode(Arc::new(Exposition::of(&series, None)));
+        let series =
+            [Series { function: "do_nanosleep".into(), key: None, latencies: &l, untimed: 2, outliers_lost: 1 }];
+        let text = encode(Arc::new(Exposition::of(&series, &[], None)));
         let buckets = lines(&text, "latprobe_latency_seconds_bucket{");
         assert_eq!(buckets.len(), 105, "{text}");
         let counts: Vec<u64> = buckets.iter().map(|l| l.rsplit(' ').next().unwrap().parse().unwrap()).collect();
@@ -254,9 +269,14 @@ mod tests {
     #[test]
     fn labels_are_escaped_and_keys_kept() {
         let l = Latencies::of(&[2_000]);
-        let series =
-            [Series { function: "a\"b\\c\nd", key: Some("cpu=3"), latencies: &l, untimed: 0, outliers_lost: 0 }];
-        let text = encode(Arc::new(Exposition::of(&series, None)));
+        let series = [Series {
+            function: "a\"b\\c\nd".into(),
+            key: Some("cpu=3".into()),
+            latencies: &l,
+            untimed: 0,
+            outliers_lost: 0,
+        }];
+        let text = encode(Arc::new(Exposition::of(&series, &[], None)));
         let count = &lines(&text, "latprobe_latency_seconds_count")[0];
         assert_eq!(count, "latprobe_latency_seconds_count{function=\"a\\\"b\\\\c\\nd\",key=\"cpu=3\"} 1");
     }
@@ -264,7 +284,8 @@ mod tests {
     #[test]
     fn cost_is_counted_and_nothing_traced_is_valid() {
         let cost = Cost { elapsed: std::time::Duration::from_secs(1), runs: 1234, run_ns: 5_000_000, cpus: 2 };
-        let text = encode(Arc::new(Exposition::of(&[], Some(&cost))));
+        let text = encode(Arc::new(Exposition::of(&[], &[("events_lost", 3)], Some(&cost))));
+        assert_eq!(lines(&text, "latprobe_lost_total"), ["latprobe_lost_total{what=\"events_lost\"} 3"]);
         assert_eq!(lines(&text, "latprobe_bpf_runs_total"), ["latprobe_bpf_runs_total 1234"]);
         assert_eq!(lines(&text, "latprobe_bpf_run_seconds_total"), ["latprobe_bpf_run_seconds_total 0.005"]);
         assert_eq!(encode(Arc::default()), "# EOF\n");

@@ -52,9 +52,9 @@ impl Exporter {
         Ok(Exporter { current })
     }
 
-    /// Makes `series` (cumulative since the start) and the programs' cost
-    /// so far what the next scrape sees.
-    pub fn publish(&self, series: &[Series], cost: Option<&Cost>) {
-        self.current.send_replace(Arc::new(Exposition::of(series, cost)));
+    /// Makes `series` and `lost` (cumulative since the start) and the
+    /// programs' cost so far what the next scrape sees.
+    pub fn publish(&self, series: &[Series], lost: &[(&'static str, u64)], cost: Option<&Cost>) {
+        self.current.send_replace(Arc::new(Exposition::of(series, lost, cost)));
     }
 }
