@@ -160,6 +160,10 @@ pub struct LockArgs {
     /// text for people, json for one JSON object per line
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    #[arg(long, value_name = "FILE", help = HDR_LOG_HELP)]
+    pub hdr_log: Option<std::path::PathBuf>,
+    #[arg(long, value_name = "ADDR:PORT", help = LISTEN_HELP)]
+    pub listen: Option<crate::metrics::ListenAddr>,
     #[command(flatten)]
     pub run: RunArgs,
 }

@@ -32,10 +32,15 @@ use crate::{
     clock::WallClock,
     cost,
     duration::format_ns,
-    histogram::QUANTILES,
+    histogram::{Latencies, QUANTILES},
     kallsyms::{self, KernelSymbols},
     kernel_hist::HistMaps,
-    output::{self, text},
+    metrics::{self, Exporter, Series},
+    output::{
+        self,
+        hdr_log::{series_tag, HdrLog},
+        text,
+    },
     report::{frames_json, Format, Period},
     run::{Ring, Run, Step, BATCH, SETTLE_TIME},
     sched_probes::comm_prefix,
@@ -222,6 +227,19 @@ impl Source {
         self.data.as_ref().and_then(|d| d.data_at(addr, MAX_DATA_OFFSET))
     }
 
+    /// Each lock with a histogram slot, cumulative since the start, keyed
+    /// `lock=NAME` (its kernel symbol) or `lock=0xADDR` (as the JSON's
+    /// `name` and `lock`): the series of `--hdr-log` and `--listen`.
+    fn histograms(&self, rows: &[LockRow]) -> Result<Vec<(u64, String, Latencies)>> {
+        rows.iter()
+            .filter_map(|r| Some((r.addr, self.slot_of(r.addr)?)))
+            .map(|(addr, slot)| {
+                let key = format!("lock={}", self.name(addr).unwrap_or_else(|| format!("{addr:#x}")));
+                Ok((addr, key, self.hist.totals(slot)?.latencies))
+            })
+            .collect()
+    }
+
     /// HDR percentiles of a lock with a histogram slot.
     fn slot_of(&self, addr: u64) -> Option<usize> {
         self.slots.get(&addr, 0).ok().map(|s| s as usize).filter(|&s| s >= 1 && s <= self.max_locks)
@@ -233,6 +251,8 @@ pub async fn run(args: LockArgs) -> Result<()> {
     if args.top == 0 {
         bail!("--top must be at least 1");
     }
+    let mut hdr_log = args.hdr_log.as_deref().map(HdrLog::create).transpose()?;
+    let exporter = args.listen.as_ref().map(Exporter::start).transpose()?;
     let comm = match &args.comm {
         Some(c) => comm_prefix(c)?,
         None => [0; COMM_LEN],
@@ -302,9 +322,16 @@ pub async fn run(args: LockArgs) -> Result<()> {
     };
     output::say(&format!("tracing lock contention (raw_tp contention_begin, contention_end){inside}; Ctrl-C to end"));
     run.report_every(args.interval);
+    if let Some(period) = metrics::poll_period(exporter.as_ref(), None) {
+        run.poll_every(period);
+    }
     run.activate()?;
+    if let Some(log) = hdr_log.as_mut() {
+        log.begin(&format!("lock (raw_tp contention_begin, contention_end){inside}"));
+    }
     let mut last_report = Instant::now();
     let mut previous: HashMap<u64, LockRow> = HashMap::new();
+    let mut logged = Logged::default();
     let end = loop {
         match run.next(Some(&mut ring)).await? {
             Step::Ended(end) => break end,
@@ -318,13 +345,27 @@ pub async fn run(args: LockArgs) -> Result<()> {
                 let period = Period { name: "interval", elapsed: now - last_report, unprinted: 0 };
                 let (lost, calls) = (source.lost()?, source.calls(&ebpf)?);
                 output::report(render(&delta, &source, &lost, &calls, &period, &args, false));
+                let histograms = source.histograms(&rows)?;
+                if let Some(exporter) = exporter.as_ref() {
+                    let cost = cost.as_ref().map(|c| c.whole_run(&ebpf));
+                    exporter.publish(&series(&histograms), &lost_counts(&lost), cost.as_ref());
+                }
+                if let Some(log) = hdr_log.as_mut() {
+                    log.interval(&logged.since(&histograms)?);
+                }
                 if let Some(cost) = cost.as_mut() {
                     output::report(cost.since_last(&ebpf).render("interval", args.format));
                 }
                 previous = rows.into_iter().map(|r| (r.addr, r)).collect();
                 last_report = now;
             }
-            Step::Poll => {}
+            Step::Poll => {
+                if let Some(exporter) = exporter.as_ref() {
+                    let histograms = source.histograms(&source.rows()?)?;
+                    let cost = cost.as_ref().map(|c| c.whole_run(&ebpf));
+                    exporter.publish(&series(&histograms), &lost_counts(&source.lost()?), cost.as_ref());
+                }
+            }
         }
     };
 
@@ -335,11 +376,61 @@ pub async fn run(args: LockArgs) -> Result<()> {
     let discarded = ring.drain_until(run.drain_deadline(), |e| printer.print(&e))?;
     let unprinted = discarded + output::settle_records(run.drain_deadline() + SETTLE_TIME);
     let period = Period { name: "final", elapsed: run.elapsed(), unprinted };
-    output::report(render(&source.rows()?, &source, &source.lost()?, &calls, &period, &args, true));
+    let (rows, lost) = (source.rows()?, source.lost()?);
+    let histograms = source.histograms(&rows)?;
+    if let Some(exporter) = exporter.as_ref() {
+        exporter.publish(&series(&histograms), &lost_counts(&lost), final_cost.as_ref());
+    }
+    output::report(render(&rows, &source, &lost, &calls, &period, &args, true));
     if let Some(cost) = final_cost {
         output::report(cost.render("final", args.format));
     }
-    Ok(())
+    let last = logged.since(&histograms)?;
+    hdr_log.map_or(Ok(()), |log| log.end(&last))
+}
+
+/// What `--listen` serves of each lock's histogram.
+fn series(histograms: &[(u64, String, Latencies)]) -> Vec<Series<'_>> {
+    histograms
+        .iter()
+        .map(|(_, key, latencies)| Series {
+            function: "lock".into(),
+            key: Some(key.clone()),
+            latencies,
+            untimed: 0,
+            outliers_lost: 0,
+        })
+        .collect()
+}
+
+/// What could not be measured, named as in the JSON summary.
+fn lost_counts(lost: &Lost) -> [(&'static str, u64); 4] {
+    [
+        ("untimed_task_table_full", lost.no_task_entry),
+        ("untimed_too_deep", lost.too_deep),
+        ("uncounted_lock_table_full", lost.no_lock_entry),
+        ("events_lost", lost.events),
+    ]
+}
+
+/// Each lock's histogram as of the previous `--hdr-log` entry.
+#[derive(Default)]
+struct Logged(HashMap<u64, Latencies>);
+
+impl Logged {
+    /// Each lock's waits since the previous entry, tagged `lock[lock=…]`.
+    fn since(&mut self, histograms: &[(u64, String, Latencies)]) -> Result<Vec<(String, Latencies)>> {
+        let mut entries = Vec::new();
+        for (addr, key, latencies) in histograms {
+            let delta = match self.0.get(addr) {
+                Some(before) => latencies.since(before)?,
+                None => latencies.clone(),
+            };
+            entries.push((series_tag("lock", Some(key)), delta));
+            self.0.insert(*addr, latencies.clone());
+        }
+        Ok(entries)
+    }
 }
 
 fn attach(ebpf: &mut Ebpf) -> Result<()> {
