@@ -266,3 +266,21 @@ fn url_encoded(s: &str) -> String {
         })
         .collect()
 }
+
+/// A taken port, or an address that is not one, fails in one line before
+/// anything is attached.
+#[test]
+fn a_bad_listen_address_fails_before_tracing() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("a_bad_listen_address_fails_before_tracing", &why);
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for command in [&["runqlat"][..], &["lock"], &["tcp"], &["fn", "do_nanosleep"]] {
+        let run = latprobe(&[command, &["--listen", &addr, "--secs", "1"]].concat());
+        assert_one_line_error(&run, &format!("--listen {addr}: cannot listen there (a port in use?"));
+        assert!(!run.stderr.contains("tracing"), "failed before attaching: {}", run.stderr);
+    }
+    let run = latprobe(&["runqlat", "--listen", "example.com:9464", "--secs", "1"]);
+    assert_one_line_error(&run, "is not ADDR:PORT");
+}
