@@ -162,8 +162,16 @@ fn listen_serves_the_exact_count_while_running() {
     // Every call sleeps 1 ms: none is counted at or below 1 ms.
     assert_eq!(sample(&metrics, "latprobe_latency_seconds_bucket", "le=\"0.000917504\""), Some(0.0), "{metrics}");
     assert_eq!(http_get(&addr, "/").0, 404);
+    // A request head past 8 KiB is refused (431), not buffered.
+    use std::io::{Read, Write};
+    let mut big = std::net::TcpStream::connect(&addr).unwrap();
+    big.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let pad = "a".repeat(16 << 10);
+    let _ = write!(big, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nX-Pad: {pad}\r\n\r\n");
+    let mut answer = String::new();
+    let _ = big.read_to_string(&mut answer);
+    assert!(!answer.starts_with("HTTP/1.1 200"), "a 16 KiB head was served: {}", &answer[..answer.len().min(200)]);
 
-    use std::io::Read;
     idle.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
     let mut byte = [0u8; 1];
     let closed = matches!(idle.read(&mut byte), Ok(0) | Err(_));
