@@ -35,7 +35,7 @@ use crate::{
     histogram::{Latencies, QUANTILES},
     kallsyms::{self, KernelSymbols},
     kernel_hist::HistMaps,
-    metrics::{self, Exporter, Series},
+    metrics::{self, Counter, Exporter, Series},
     output::{
         self,
         hdr_log::{series_tag, HdrLog},
@@ -404,12 +404,12 @@ fn series(histograms: &[(u64, String, Latencies)]) -> Vec<Series<'_>> {
 }
 
 /// What could not be measured, named as in the JSON summary.
-fn lost_counts(lost: &Lost) -> [(&'static str, u64); 4] {
+fn lost_counts(lost: &Lost) -> [Counter; 4] {
     [
-        ("untimed_task_table_full", lost.no_task_entry),
-        ("untimed_too_deep", lost.too_deep),
-        ("uncounted_lock_table_full", lost.no_lock_entry),
-        ("events_lost", lost.events),
+        Counter::lost("untimed_task_table_full", lost.no_task_entry),
+        Counter::lost("untimed_too_deep", lost.too_deep),
+        Counter::lost("uncounted_lock_table_full", lost.no_lock_entry),
+        Counter::lost("events_lost", lost.events),
     ]
 }
 

@@ -31,7 +31,7 @@ use crate::{
     duration::format_ns,
     histogram::{Latencies, QUANTILES},
     kernel_hist::{self, HistMaps},
-    metrics::{self, Exporter, Series},
+    metrics::{self, Counter, Exporter, Series},
     output::{
         self,
         hdr_log::{series_tag, HdrLog},
@@ -269,14 +269,29 @@ impl Snapshot {
             .collect()
     }
 
-    /// What could not be measured, named as in the JSON report: its
-    /// counts are for all stages at once, not per histogram.
-    fn lost(&self) -> [(&'static str, u64); 3] {
-        [
-            ("untimed_sockets", self.lost.sock_table_full),
-            ("untimed_prunes", self.lost.collapse_table_full),
-            ("events_lost", self.lost.events),
-        ]
+    /// What `--listen` serves beside the histograms: what could not be
+    /// measured, named as in the JSON summary (for all stages at once), and
+    /// each key's losses, named as in its `tcp_losses` record, when losses
+    /// are counted.
+    fn counters(&self, probes: &Probes) -> Vec<Counter> {
+        let mut counters = vec![
+            Counter::lost("untimed_sockets", self.lost.sock_table_full),
+            Counter::lost("untimed_prunes", self.lost.collapse_table_full),
+            Counter::lost("events_lost", self.lost.events),
+        ];
+        if matches!(probes.losses, Availability::Attached(_)) {
+            for row in &self.losses {
+                for (kind, &count) in LOSS_NAMES.iter().zip(&row.counts) {
+                    counters.push(Counter {
+                        name: "latprobe_tcp_losses",
+                        help: "Packets and connections lost, per key, by kind (as the tcp_losses JSON record names it)",
+                        labels: vec![("key", row.key.label()), ("kind", kind.to_string())],
+                        value: count,
+                    });
+                }
+            }
+        }
+        counters
     }
 
     fn empty() -> Snapshot {
@@ -386,7 +401,7 @@ pub async fn run(args: TcpArgs) -> Result<()> {
     source.remember_comms()?;
     let snapshot = source.snapshot()?;
     if let Some(exporter) = exporter.as_ref() {
-        exporter.publish(&snapshot.metrics(&probes), &snapshot.lost(), final_cost.as_ref());
+        exporter.publish(&snapshot.metrics(&probes), &snapshot.counters(&probes), final_cost.as_ref());
     }
     output::report(render(&snapshot, &source, &probes, &period, args.format));
     if let Some(cost) = final_cost {
@@ -399,7 +414,38 @@ pub async fn run(args: TcpArgs) -> Result<()> {
 /// Makes `snapshot` (cumulative since the start) what `--listen` serves.
 fn publish(exporter: &Exporter, snapshot: &Snapshot, probes: &Probes, cost: Option<&cost::SelfCost>) {
     let cost = cost.map(|c| c.whole_run(&probes.ebpf));
-    exporter.publish(&snapshot.metrics(probes), &snapshot.lost(), cost.as_ref());
+    exporter.publish(&snapshot.metrics(probes), &snapshot.counters(probes), cost.as_ref());
+}
+
+/// Each kind of loss as its `tcp_losses` record and `--listen` name it,
+/// indexed by `loss::*`.
+const LOSS_NAMES: [&str; loss::COUNT as usize] = [
+    "syn_retransmits",
+    "synack_retransmits",
+    "retransmits",
+    "resets_sent",
+    "resets_received",
+    "listen_overflows",
+    "collapsed_skbs",
+    "drops",
+];
+
+impl<'a> LossJson<'a> {
+    fn of(period: &'a str, key: &'a str, c: &[u64; loss::COUNT as usize]) -> Self {
+        LossJson {
+            kind: "tcp_losses",
+            period,
+            key,
+            syn_retransmits: c[loss::SYN_RETRANS as usize],
+            synack_retransmits: c[loss::SYNACK_RETRANS as usize],
+            retransmits: c[loss::RETRANS as usize],
+            resets_sent: c[loss::RESET_SENT as usize],
+            resets_received: c[loss::RESET_RECEIVED as usize],
+            listen_overflows: c[loss::LISTEN_OVERFLOW as usize],
+            collapsed_skbs: c[loss::COLLAPSED as usize],
+            drops: c[loss::DROPPED as usize],
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -515,21 +561,7 @@ fn render_json(
     }
     for row in losses {
         let key = row.key.label();
-        let c = &row.counts;
-        let json = LossJson {
-            kind: "tcp_losses",
-            period: period.name,
-            key: &key,
-            syn_retransmits: c[loss::SYN_RETRANS as usize],
-            synack_retransmits: c[loss::SYNACK_RETRANS as usize],
-            retransmits: c[loss::RETRANS as usize],
-            resets_sent: c[loss::RESET_SENT as usize],
-            resets_received: c[loss::RESET_RECEIVED as usize],
-            listen_overflows: c[loss::LISTEN_OVERFLOW as usize],
-            collapsed_skbs: c[loss::COLLAPSED as usize],
-            drops: c[loss::DROPPED as usize],
-        };
-        out += &serde_json::to_string(&json).expect("losses serialize");
+        out += &serde_json::to_string(&LossJson::of(period.name, &key, &row.counts)).expect("losses serialize");
         out.push('\n');
     }
     let reasons = drops_by_reason(&snapshot.drops, probes);
@@ -787,5 +819,19 @@ impl EventPrinter {
             }
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_names_are_the_json_fields() {
+        let counts: [u64; loss::COUNT as usize] = std::array::from_fn(|i| i as u64 + 1);
+        let json: serde_json::Value = serde_json::to_value(LossJson::of("final", "port=80", &counts)).unwrap();
+        for (i, name) in LOSS_NAMES.iter().enumerate() {
+            assert_eq!(json[name], i as u64 + 1, "{name} in {json}");
+        }
     }
 }

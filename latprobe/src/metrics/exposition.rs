@@ -47,6 +47,29 @@ pub struct Series<'a> {
     pub outliers_lost: u64,
 }
 
+/// One value of a labelled counter beside the histograms: what a command
+/// could not measure, or what it counted without timing (tcp's losses).
+#[derive(Clone, Debug)]
+pub struct Counter {
+    /// The family, without `_total` (the encoder adds it).
+    pub name: &'static str,
+    pub help: &'static str,
+    pub labels: Vec<(&'static str, String)>,
+    pub value: u64,
+}
+
+impl Counter {
+    /// `latprobe_lost_total{what=…}`: `what` is named as in the JSON report.
+    pub fn lost(what: &'static str, value: u64) -> Counter {
+        Counter {
+            name: "latprobe_lost",
+            help: "What could not be measured, by what it was (as the JSON report names it)",
+            labels: vec![("what", what.to_string())],
+            value,
+        }
+    }
+}
+
 /// A series reduced to what the exposition needs.
 #[derive(Debug, Clone)]
 struct Histogram {
@@ -64,17 +87,16 @@ struct Histogram {
 #[derive(Debug, Default)]
 pub struct Exposition {
     histograms: Vec<Histogram>,
-    /// Counts of what the command could not measure, by what it was
-    /// (`untimed_sockets`, …), beside the per-series ones.
-    lost: Vec<(&'static str, u64)>,
+    /// Counters beside the per-series ones, families in first-seen order.
+    counters: Vec<Counter>,
     /// Program runs and their nanoseconds since the start, when measured.
     cost: Option<(u64, u64)>,
 }
 
 impl Exposition {
-    pub fn of(series: &[Series], lost: &[(&'static str, u64)], cost: Option<&Cost>) -> Exposition {
+    pub fn of(series: &[Series], counters: &[Counter], cost: Option<&Cost>) -> Exposition {
         let histograms = series.iter().map(Histogram::of).collect();
-        Exposition { histograms, lost: lost.to_vec(), cost: cost.map(|c| (c.runs, c.run_ns)) }
+        Exposition { histograms, counters: counters.to_vec(), cost: cost.map(|c| (c.runs, c.run_ns)) }
     }
 }
 
@@ -179,15 +201,17 @@ impl Collector for Scrape {
                 }
             }
         }
-        if !e.lost.is_empty() {
-            let mut family = encoder.encode_descriptor(
-                "latprobe_lost",
-                "What could not be measured, by what it was (as the JSON report names it)",
-                None,
-                MetricType::Counter,
-            )?;
-            for (what, count) in &e.lost {
-                ConstCounter::new(*count).encode(family.encode_family(&[("what", Label(what))])?)?;
+        let mut families: Vec<&Counter> = Vec::new();
+        for c in &e.counters {
+            if !families.iter().any(|f| f.name == c.name) {
+                families.push(c);
+            }
+        }
+        for first in families {
+            let mut family = encoder.encode_descriptor(first.name, first.help, None, MetricType::Counter)?;
+            for c in e.counters.iter().filter(|c| c.name == first.name) {
+                let labels: Vec<(&str, Label)> = c.labels.iter().map(|(k, v)| (*k, Label(v))).collect();
+                ConstCounter::new(c.value).encode(family.encode_family(&labels)?)?;
             }
         }
         if let Some((runs, run_ns)) = e.cost {
@@ -284,8 +308,16 @@ mod tests {
     #[test]
     fn cost_is_counted_and_nothing_traced_is_valid() {
         let cost = Cost { elapsed: std::time::Duration::from_secs(1), runs: 1234, run_ns: 5_000_000, cpus: 2 };
-        let text = encode(Arc::new(Exposition::of(&[], &[("events_lost", 3)], Some(&cost))));
-        assert_eq!(lines(&text, "latprobe_lost_total"), ["latprobe_lost_total{what=\"events_lost\"} 3"]);
+        let text = encode(Arc::new(Exposition::of(
+            &[],
+            &[Counter::lost("events_lost", 3), Counter::lost("untimed_prunes", 0)],
+            Some(&cost),
+        )));
+        assert_eq!(
+            lines(&text, "latprobe_lost_total"),
+            ["latprobe_lost_total{what=\"events_lost\"} 3", "latprobe_lost_total{what=\"untimed_prunes\"} 0"]
+        );
+        assert_eq!(text.matches("# TYPE latprobe_lost counter").count(), 1, "{text}");
         assert_eq!(lines(&text, "latprobe_bpf_runs_total"), ["latprobe_bpf_runs_total 1234"]);
         assert_eq!(lines(&text, "latprobe_bpf_run_seconds_total"), ["latprobe_bpf_run_seconds_total 0.005"]);
         assert_eq!(encode(Arc::default()), "# EOF\n");

@@ -18,7 +18,7 @@ use anyhow::Result;
 use tokio::sync::watch;
 
 pub use address::ListenAddr;
-pub use exposition::{Exposition, Series};
+pub use exposition::{Counter, Exposition, Series};
 
 use crate::{cost::Cost, output};
 
@@ -52,9 +52,9 @@ impl Exporter {
         Ok(Exporter { current })
     }
 
-    /// Makes `series` and `lost` (cumulative since the start) and the
+    /// Makes `series` and `counters` (cumulative since the start) and the
     /// programs' cost so far what the next scrape sees.
-    pub fn publish(&self, series: &[Series], lost: &[(&'static str, u64)], cost: Option<&Cost>) {
-        self.current.send_replace(Arc::new(Exposition::of(series, lost, cost)));
+    pub fn publish(&self, series: &[Series], counters: &[Counter], cost: Option<&Cost>) {
+        self.current.send_replace(Arc::new(Exposition::of(series, counters, cost)));
     }
 }
