@@ -303,7 +303,8 @@ Examples:
   latprobe fn inet_csk_accept --attach kprobe
   latprobe fn /usr/sbin/nginx:ngx_process_events_and_timers --pid 4242
   latprobe fn do_nanosleep -- sleep 1
-  latprobe fn tcp_v4_rcv --interval 10s --hdr-log $(hostname).hlog";
+  latprobe fn tcp_v4_rcv --interval 10s --hdr-log $(hostname).hlog
+  latprobe fn tcp_v4_rcv --listen :9464        /metrics for Prometheus, on 127.0.0.1";
 
 #[derive(Args, Debug)]
 pub struct FnArgs {
@@ -390,6 +391,7 @@ Examples:
   latprobe runqlat --per-pid --max-pids 8 --secs 30 --format json
   latprobe runqlat --pid 4242 --secs 10
   latprobe runqlat --secs 60 --format json > $(hostname).json   then: latprobe merge *.json
+  latprobe runqlat --per-cpu --listen :9464    /metrics for Prometheus, on 127.0.0.1
   latprobe runqlat -- ./my-benchmark";
 
 #[derive(Args, Debug)]
