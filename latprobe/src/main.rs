@@ -16,6 +16,7 @@ mod kernel_hist;
 mod kretprobe;
 mod lock_waiters;
 mod merge_input;
+mod metrics;
 mod output;
 mod report;
 mod run;

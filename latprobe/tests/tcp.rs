@@ -496,3 +496,41 @@ fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
 }
+
+/// `tcp --listen` serves each key's losses as they happen: 4 connects
+/// refused are `resets_received` 4 for their port in a scrape taken while
+/// the run goes on, as in the final report.
+#[test]
+fn tcp_serves_each_keys_losses_on_listen() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("tcp_serves_each_keys_losses_on_listen", &why);
+    }
+    let (w, port) = (workload(), test_port(1).to_string());
+    let tracing = start_tracing(&["tcp", "--listen", ":0", "--format", "json", "--secs", "300"]);
+    let addr = metrics_address(tracing.said());
+    // Refused before the first scrape, so that the port is among the first
+    // keys seen (scrapes are connections too).
+    let status = std::process::Command::new(&w).args(["refused", &port, "4"]).status().unwrap();
+    assert!(status.success(), "workload refused: {status}");
+    let key = format!("key=\"to_port={port}\",kind=\"resets_received\"");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let metrics = loop {
+        let (code, metrics) = http_get(&addr, "/metrics");
+        assert_eq!(code, 200, "{metrics}");
+        if sample(&metrics, "latprobe_tcp_losses_total", &key) == Some(4.0) || std::time::Instant::now() > until {
+            break metrics;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(sample(&metrics, "latprobe_tcp_losses_total", &key), Some(4.0), "{metrics}");
+    assert_eq!(sample(&metrics, "latprobe_lost_total", "untimed_sockets"), Some(0.0), "{metrics}");
+    tracing.signal(libc::SIGINT);
+    let run = tracing.finish();
+    run.assert_success();
+    let losses = run
+        .records()
+        .into_iter()
+        .find(|r| r["type"] == "tcp_losses" && r["period"] == "final" && r["key"] == format!("to_port={port}"))
+        .unwrap_or_else(|| panic!("no losses for to_port={port}:\n{}", run.stdout));
+    assert_eq!(u64_of(&losses, "resets_received"), 4, "{losses}");
+}
