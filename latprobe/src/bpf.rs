@@ -5,7 +5,7 @@
 use std::{fs, sync::OnceLock};
 
 use anyhow::{bail, Context, Result};
-use aya::{programs::ProgramError, Ebpf, EbpfLoader};
+use aya::{programs::ProgramError, Btf, Ebpf, EbpfLoader};
 
 /// latprobe-ebpf's objects, built by build.rs: one per command (fn and flame
 /// share one, as flame's `--during` runs on fn's programs; so do runqlat and
@@ -225,9 +225,15 @@ pub fn slot_owners(limit: u32) -> u32 {
 }
 
 /// Loads `object`'s maps with `configure` applied (globals, map sizes).
-/// Programs are loaded one by one by the command that needs them.
-pub fn load<'a>(object: Object, configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
+/// Programs are loaded one by one by the command that needs them. `btf` is
+/// the kernel's, parsed once by the command ([`crate::attach::BtfLater`])
+/// and shared with its attach calls: each parse of vmlinux's BTF takes tens
+/// of milliseconds. Without it, the loader reads its own.
+pub fn load<'a>(object: Object, btf: Option<&'a Btf>, configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
+    if btf.is_some() {
+        loader.btf(btf);
+    }
     // aya has no userspace type for task storage; the kernel side needs none.
     loader.allow_unsupported_maps();
     configure(&mut loader);
@@ -235,13 +241,13 @@ pub fn load<'a>(object: Object, configure: impl FnOnce(&mut EbpfLoader<'a>)) -> 
 }
 
 /// Loads the lock object's maps with `configure` applied.
-pub fn load_lock<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
-    load(Object::Lock, configure)
+pub fn load_lock<'a>(btf: Option<&'a Btf>, configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
+    load(Object::Lock, btf, configure)
 }
 
 /// Loads the tcp object's maps with `configure` applied.
-pub fn load_tcp<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
-    load(Object::Tcp, configure)
+pub fn load_tcp<'a>(btf: Option<&'a Btf>, configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
+    load(Object::Tcp, btf, configure)
 }
 
 /// How many times the kernel skipped program `fd` because it would have
@@ -374,6 +380,16 @@ mod tests {
             assert!(fetch_atomics(full) > 0, "{name}: the full object has cmpxchg in its min/max updates");
             assert_eq!(fetch_atomics(compat), 0, "{name}: the compat object must hold no BPF_FETCH atomics");
         }
+    }
+
+    /// The benchmark's floor object, embedded here only to check its names:
+    /// latprobe itself never loads it (the `floor` example does).
+    static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latprobe-floor"));
+
+    #[test]
+    fn every_floor_name_the_bench_uses_is_in_the_floor_object() {
+        let missing = missing_from(FLOOR_OBJECT, &latprobe_common::floor::programs::ALL);
+        assert!(missing.is_empty(), "names missing from the floor object: {missing:?}");
     }
 
     #[test]

@@ -68,7 +68,8 @@ pub async fn run(args: FnArgs) -> Result<()> {
     let mut cost = cost::start_or_explain();
     let store = FrameStore::choose();
     output::verbose(store.describe());
-    let mut ebpf = bpf::load(bpf::Object::Fn, |loader| {
+    let btf = btf.get();
+    let mut ebpf = bpf::load(bpf::Object::Fn, btf.as_ref(), |loader| {
         store.configure(loader);
         loader
             .override_global(globals::TARGET_TGID, &tgid, true)
@@ -85,7 +86,7 @@ pub async fn run(args: FnArgs) -> Result<()> {
     {
         let mut attacher = Attacher {
             ebpf: &mut ebpf,
-            btf: btf.get(),
+            btf: btf.as_ref(),
             mode: args.attach,
             pid: (tgid != 0).then_some(tgid),
             returns: Vec::new(),
@@ -102,6 +103,8 @@ pub async fn run(args: FnArgs) -> Result<()> {
             });
         }
     }
+    // Everything is attached: the parsed BTF (megabytes) is not kept.
+    drop(btf);
     output::verbose(&kernel_hist::memory(targets.len(), "function"));
     let maps = HistMaps::take(&mut ebpf, maps::STATS, maps::BUCKETS)?;
     let mut ring: Ring<Outlier> = Ring::take(&mut ebpf, maps::OUTLIERS)?;
