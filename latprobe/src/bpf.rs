@@ -2,10 +2,14 @@
 //! (privileges, kernel BTF, locked-memory limits), and load errors on one
 //! line.
 
-use std::{fs, sync::OnceLock};
+use std::{
+    fs,
+    sync::{Mutex, OnceLock},
+    thread::JoinHandle,
+};
 
 use anyhow::{bail, Context, Result};
-use aya::{programs::ProgramError, Btf, Ebpf, EbpfLoader};
+use aya::{programs::ProgramError, Ebpf, EbpfLoader};
 
 /// latprobe-ebpf's objects, built by build.rs: one per command (fn and flame
 /// share one, as flame's `--during` runs on fn's programs; so do runqlat and
@@ -95,6 +99,7 @@ pub fn preflight() -> Result<()> {
     check_privileges()?;
     check_btf()?;
     raise_memlock();
+    prepare_loader();
     Ok(())
 }
 
@@ -224,16 +229,30 @@ pub fn slot_owners(limit: u32) -> u32 {
     }
 }
 
-/// Loads `object`'s maps with `configure` applied (globals, map sizes).
-/// Programs are loaded one by one by the command that needs them. `btf` is
-/// the kernel's, parsed once by the command ([`crate::attach::BtfLater`])
-/// and shared with its attach calls: each parse of vmlinux's BTF takes tens
-/// of milliseconds. Without it, the loader reads its own.
-pub fn load<'a>(object: Object, btf: Option<&'a Btf>, configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
-    let mut loader = EbpfLoader::new();
-    if btf.is_some() {
-        loader.btf(btf);
+/// aya's `EbpfLoader::new` parses the kernel's BTF (tens of milliseconds,
+/// hundreds under emulation) before anything can be configured. Made on its
+/// own thread from [`preflight`] on, that parse overlaps with latprobe's
+/// own BTF parse (offsets), the command's, and its other preparation,
+/// instead of following them.
+static PREPARED_LOADER: Mutex<Option<JoinHandle<EbpfLoader<'static>>>> = Mutex::new(None);
+
+fn prepare_loader() {
+    let mut prepared = PREPARED_LOADER.lock().unwrap_or_else(|e| e.into_inner());
+    if prepared.is_none() {
+        *prepared = Some(std::thread::spawn(EbpfLoader::new));
     }
+}
+
+/// The loader [`prepare_loader`] made, or a new one.
+fn loader() -> EbpfLoader<'static> {
+    let prepared = PREPARED_LOADER.lock().unwrap_or_else(|e| e.into_inner()).take();
+    prepared.and_then(|thread| thread.join().ok()).unwrap_or_default()
+}
+
+/// Loads `object`'s maps with `configure` applied (globals, map sizes).
+/// Programs are loaded one by one by the command that needs them.
+pub fn load<'a>(object: Object, configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
+    let mut loader = loader();
     // aya has no userspace type for task storage; the kernel side needs none.
     loader.allow_unsupported_maps();
     configure(&mut loader);
@@ -241,13 +260,13 @@ pub fn load<'a>(object: Object, btf: Option<&'a Btf>, configure: impl FnOnce(&mu
 }
 
 /// Loads the lock object's maps with `configure` applied.
-pub fn load_lock<'a>(btf: Option<&'a Btf>, configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
-    load(Object::Lock, btf, configure)
+pub fn load_lock<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
+    load(Object::Lock, configure)
 }
 
 /// Loads the tcp object's maps with `configure` applied.
-pub fn load_tcp<'a>(btf: Option<&'a Btf>, configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
-    load(Object::Tcp, btf, configure)
+pub fn load_tcp<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
+    load(Object::Tcp, configure)
 }
 
 /// How many times the kernel skipped program `fd` because it would have

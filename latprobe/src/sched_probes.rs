@@ -136,8 +136,7 @@ pub fn start(config: &Config) -> Result<Probes> {
         _ => 1,
     };
     let page = bpf::page_size();
-    let aya_btf = aya_btf.get();
-    let mut ebpf = bpf::load(bpf::Object::Sched, aya_btf.as_ref(), |loader| {
+    let mut ebpf = bpf::load(bpf::Object::Sched, |loader| {
         loader
             .override_global(globals::TARGET_TGID, &config.tgid, true)
             .override_global(globals::TARGET_TID, &config.tid, true)
@@ -161,6 +160,7 @@ pub fn start(config: &Config) -> Result<Probes> {
             .map_max_entries(maps::EVENTS, config.ring_bytes.max(page));
     })?;
 
+    let aya_btf = aya_btf.get();
     let mut failures = Vec::new();
     let mut chosen = None;
     if config.mode != TpMode::RawTp {

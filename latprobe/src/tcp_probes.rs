@@ -110,8 +110,7 @@ pub fn start(config: &Config) -> Result<Probes> {
     };
     let o = &offsets;
     let drops_off = o.drops.unwrap_or(0);
-    let kernel_btf = aya_btf.get().context("reading kernel BTF (/sys/kernel/btf/vmlinux) failed")?;
-    let mut ebpf = bpf::load_tcp(Some(&kernel_btf), |loader| {
+    let mut ebpf = bpf::load_tcp(|loader| {
         loader
             .override_global(globals::TARGET_TGID, &config.tgid, true)
             .override_global(globals::PORTS, &ports, true)
@@ -156,6 +155,7 @@ pub fn start(config: &Config) -> Result<Probes> {
             .map_max_entries(maps::DROPS, MAX_DROP_REASONS as u32);
     })?;
 
+    let kernel_btf = aya_btf.get().context("reading kernel BTF (/sys/kernel/btf/vmlinux) failed")?;
     let mut attach_all = |names: &[(&'static str, &'static str)]| -> Availability {
         match names.iter().try_for_each(|&(name, target)| attach(&mut ebpf, &kernel_btf, name, target)) {
             Ok(()) => Availability::Attached(mechanism_of(names[0].0)),

@@ -84,8 +84,8 @@ pub async fn run(args: FlameArgs) -> Result<()> {
     let during = args.during.as_deref().map(Target::parse).transpose()?;
     let outputs = Outputs::open(&args)?;
     let mut run = Run::prepare(&args.run, args.cpu, None)?;
-    // The loader, --during's fentry and the tp_btf programs share one parse.
-    let btf = BtfLater::start();
+    // The kernel's BTF for --during's fentry and the tp_btf programs, parsed meanwhile.
+    let btf = (during.is_some() || args.offcpu).then(BtfLater::start);
     let cost = cost::start_or_explain();
     let cpus = aya::util::online_cpus().map_err(|(_, e)| e).context("listing online CPUs")?;
     let tgid = run.tgid();
@@ -129,8 +129,7 @@ pub async fn run(args: FlameArgs) -> Result<()> {
     if during.is_some() {
         output::verbose(store.describe());
     }
-    let btf = btf.get();
-    let mut ebpf = bpf::load(bpf::Object::Fn, btf.as_ref(), |loader| {
+    let mut ebpf = bpf::load(bpf::Object::Fn, |loader| {
         store.configure(loader);
         loader
             .override_global(globals::USE_HASH, &use_hash, true)
@@ -150,6 +149,7 @@ pub async fn run(args: FlameArgs) -> Result<()> {
             .map_max_entries(maps::NEW_KEYS, new_keys_bytes)
             .map_max_entries(maps::STACKS, MAX_STACKS);
     })?;
+    let btf = btf.and_then(BtfLater::get);
     let mut gate = String::new();
     // The gate's return probe, if made in tracefs: kept until the end.
     let mut _gate_returns = Vec::new();

@@ -68,8 +68,7 @@ pub async fn run(args: FnArgs) -> Result<()> {
     let mut cost = cost::start_or_explain();
     let store = FrameStore::choose();
     output::verbose(store.describe());
-    let btf = btf.get();
-    let mut ebpf = bpf::load(bpf::Object::Fn, btf.as_ref(), |loader| {
+    let mut ebpf = bpf::load(bpf::Object::Fn, |loader| {
         store.configure(loader);
         loader
             .override_global(globals::TARGET_TGID, &tgid, true)
@@ -82,6 +81,7 @@ pub async fn run(args: FnArgs) -> Result<()> {
     })?;
 
     store.attach_cleanup(&mut ebpf)?;
+    let btf = btf.get();
     let mut traced = Vec::new();
     {
         let mut attacher = Attacher {

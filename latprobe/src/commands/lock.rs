@@ -231,8 +231,8 @@ impl Source {
 
 pub async fn run(args: LockArgs) -> Result<()> {
     let mut run = Run::prepare(&args.run, args.cpu, None)?;
-    // One parse of the kernel's BTF, for the loader and --during's fentry.
-    let btf = BtfLater::start();
+    // The kernel's BTF for --during's fentry, parsed meanwhile.
+    let btf = args.during.is_some().then(BtfLater::start);
     if args.top == 0 {
         bail!("--top must be at least 1");
     }
@@ -255,8 +255,7 @@ pub async fn run(args: LockArgs) -> Result<()> {
     let slots = args.max_locks + 1;
     let ring_bytes = if threshold != u64::MAX { latprobe_common::lock::EVENTS_RING_BYTES } else { bpf::page_size() };
     let mut cost = cost::start_or_explain();
-    let btf = btf.get();
-    let mut ebpf = bpf::load_lock(btf.as_ref(), |loader| {
+    let mut ebpf = bpf::load_lock(|loader| {
         loader
             .override_global(globals::TARGET_TGID, &tgid, true)
             .override_global(globals::TARGET_CPU, &cpu, true)
@@ -278,6 +277,7 @@ pub async fn run(args: LockArgs) -> Result<()> {
             .map_max_entries(maps::EVENTS, ring_bytes);
     })?;
     attach(&mut ebpf)?;
+    let btf = btf.and_then(BtfLater::get);
     let during_how = match &args.during {
         Some(func) => Some(attach_during(&mut ebpf, btf.as_ref(), func)?),
         None => None,
