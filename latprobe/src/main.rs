@@ -33,6 +33,7 @@ use clap::Parser;
 use output::text;
 
 fn main() -> ExitCode {
+    run::mark_process_start();
     run::child::run_gate_if_asked();
     let cli = cli::Cli::parse();
     output::set_verbose(cli.verbose);

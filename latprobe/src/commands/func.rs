@@ -83,11 +83,12 @@ pub async fn run(args: FnArgs) -> Result<()> {
     })?;
 
     store.attach_cleanup(&mut ebpf)?;
+    let btf = btf.get();
     let mut traced = Vec::new();
     {
         let mut attacher = Attacher {
             ebpf: &mut ebpf,
-            btf: btf.get(),
+            btf: btf.as_ref(),
             mode: args.attach,
             pid: (tgid != 0).then_some(tgid),
             returns: Vec::new(),
@@ -104,6 +105,8 @@ pub async fn run(args: FnArgs) -> Result<()> {
             });
         }
     }
+    // Everything is attached: the parsed BTF (megabytes) is not kept.
+    drop(btf);
     output::verbose(&kernel_hist::memory(targets.len(), "function"));
     let maps = HistMaps::take(&mut ebpf, maps::STATS, maps::BUCKETS)?;
     let mut ring: Ring<Outlier> = Ring::take(&mut ebpf, maps::OUTLIERS)?;

@@ -27,6 +27,7 @@ use latprobe_common::{
 use serde::Serialize;
 
 use crate::{
+    attach::BtfLater,
     bpf, btf_offsets,
     cli::LockArgs,
     clock::WallClock,
@@ -252,6 +253,8 @@ impl Source {
 
 pub async fn run(args: LockArgs) -> Result<()> {
     let mut run = Run::prepare(&args.run, args.cpu, None)?;
+    // The kernel's BTF for --during's fentry, parsed meanwhile.
+    let btf = args.during.is_some().then(BtfLater::start);
     if args.top == 0 {
         bail!("--top must be at least 1");
     }
@@ -310,10 +313,13 @@ pub async fn run(args: LockArgs) -> Result<()> {
             .map_max_entries(maps::EVENTS, ring_bytes);
     })?;
     attach(&mut ebpf)?;
+    let btf = btf.and_then(BtfLater::get);
     let during_how = match &args.during {
-        Some(func) => Some(attach_during(&mut ebpf, func)?),
+        Some(func) => Some(attach_during(&mut ebpf, btf.as_ref(), func)?),
         None => None,
     };
+    // Everything is attached: the parsed BTF (megabytes) is not kept.
+    drop(btf);
     let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing"));
     let source = Source {
         locks: PerCpuHashMap::try_from(take(&mut ebpf, maps::LOCKS)?).context("map LOCK_LOCKS")?,
@@ -473,15 +479,15 @@ fn attach(ebpf: &mut Ebpf) -> Result<()> {
 
 /// Attaches `--during`'s programs to FUNC: fentry/fexit, else
 /// kprobe/kretprobe. Returns the mechanism.
-fn attach_during(ebpf: &mut Ebpf, func: &str) -> Result<&'static str> {
+fn attach_during(ebpf: &mut Ebpf, btf: Option<&aya::Btf>, func: &str) -> Result<&'static str> {
     let fentry = (|| -> Result<()> {
-        let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+        let btf = btf.context("reading kernel BTF (/sys/kernel/btf/vmlinux) failed")?;
         let [entry, exit] = programs::DURING_FENTRY;
         let Some(Program::FEntry(p)) = ebpf.program_mut(entry) else { bail!("program {entry} missing") };
-        p.load(func, &btf).map_err(|e| anyhow!("{}", bpf::describe(&e)))?;
+        p.load(func, btf).map_err(|e| anyhow!("{}", bpf::describe(&e)))?;
         p.attach().map_err(|e| anyhow!("{}", bpf::describe(&e)))?;
         let Some(Program::FExit(p)) = ebpf.program_mut(exit) else { bail!("program {exit} missing") };
-        p.load(func, &btf).map_err(|e| anyhow!("{}", bpf::describe(&e)))?;
+        p.load(func, btf).map_err(|e| anyhow!("{}", bpf::describe(&e)))?;
         p.attach().map_err(|e| anyhow!("{}", bpf::describe(&e)))?;
         Ok(())
     })();
