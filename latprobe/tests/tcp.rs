@@ -193,11 +193,7 @@ fn tcp_refused_connections_count_resets_on_their_port() {
     let (w, port) = (workload(), test_port(1).to_string());
     let run = latprobe(&["tcp", "--format", "json", "--losses", "--", &w, "refused", &port, "4"]);
     run.assert_success();
-    let losses = run
-        .records()
-        .into_iter()
-        .find(|r| r["type"] == "tcp_losses" && r["period"] == "final" && r["key"] == format!("to_port={port}"))
-        .unwrap_or_else(|| panic!("no losses for to_port={port}:\n{}", run.stdout));
+    let losses = final_losses(&run, &format!("to_port={port}"));
     assert_eq!(u64_of(&losses, "resets_received"), 4, "{losses}");
     // Each reset also came as an event, with its connection.
     let events: Vec<Value> = run
@@ -222,11 +218,7 @@ fn tcp_refused_connections_count_resets_on_their_port() {
     assert!((4..=20).contains(&no_socket), "4 SYNs dropped with no socket: {drops}");
     // And those four on the closed port's row, known by their TCP headers
     // (no socket took them); nothing else of the port was dropped.
-    let port_row = run
-        .records()
-        .into_iter()
-        .find(|r| r["type"] == "tcp_losses" && r["period"] == "final" && r["key"] == format!("port={port}"))
-        .unwrap_or_else(|| panic!("no losses for port={port}:\n{}", run.stdout));
+    let port_row = final_losses(&run, &format!("port={port}"));
     assert_eq!(u64_of(&port_row, "drops"), 4, "{port_row}");
     // With --losses, each with its connection, from its headers, and its reason.
     let dropped: Vec<Value> = run
@@ -282,12 +274,7 @@ fn listen_overflows_agree(name: &str, step: &str) {
     if let Some(why) = summary["partial"].as_array().and_then(|p| p.iter().find_map(not_counted)) {
         return skip(name, why);
     }
-    let losses = |key: String| {
-        run.records()
-            .into_iter()
-            .find(|r| r["type"] == "tcp_losses" && r["period"] == "final" && r["key"] == key)
-            .unwrap_or_else(|| panic!("no losses for {key}:\n{}", run.stdout))
-    };
+    let losses = |key: String| final_losses(&run, &key);
     let listener = losses(format!("port={port}"));
     let clients = losses(format!("to_port={port}"));
     eprintln!(
@@ -305,6 +292,14 @@ fn listen_overflows_agree(name: &str, step: &str) {
     // the machine's speed (an emulated PREEMPT_RT guest is slow): the exact
     // check is the kernel's own counter, above.
     assert!(u64_of(&clients, "syn_retransmits") > 0, "{clients}");
+}
+
+/// The final `tcp_losses` record of `key`.
+fn final_losses(run: &Run, key: &str) -> Value {
+    run.records()
+        .into_iter()
+        .find(|r| r["type"] == "tcp_losses" && r["period"] == "final" && r["key"] == key)
+        .unwrap_or_else(|| panic!("no losses for {key}:\n{}", run.stdout))
 }
 
 /// The `workload: worker pid=P delay=NS` lines: each worker's pid and delay.
@@ -399,11 +394,7 @@ fn collapses_agree(name: &str, attach: &str) {
     assert!(episodes > 0, "the workload makes the kernel collapse: {pruned}\n{}", run.stderr);
     // Every segment merged away, as the kernel counted it (no other socket
     // on the machine collapses meanwhile).
-    let losses = run
-        .records()
-        .into_iter()
-        .find(|r| r["type"] == "tcp_losses" && r["period"] == "final" && r["key"] == key)
-        .unwrap_or_else(|| panic!("no losses for {key}:\n{}", run.stdout));
+    let losses = final_losses(&run, &key);
     assert_eq!(u64_of(&losses, "collapsed_skbs"), collapsed, "TCPRcvCollapsed is {collapsed}: {losses}");
     // The kernel counts a prune each time the buffer fills, also when it only
     // grows the buffer (tcp_clamp_window) and collapses nothing.
@@ -527,10 +518,6 @@ fn tcp_serves_each_keys_losses_on_listen() {
     tracing.signal(libc::SIGINT);
     let run = tracing.finish();
     run.assert_success();
-    let losses = run
-        .records()
-        .into_iter()
-        .find(|r| r["type"] == "tcp_losses" && r["period"] == "final" && r["key"] == format!("to_port={port}"))
-        .unwrap_or_else(|| panic!("no losses for to_port={port}:\n{}", run.stdout));
+    let losses = final_losses(&run, &format!("to_port={port}"));
     assert_eq!(u64_of(&losses, "resets_received"), 4, "{losses}");
 }

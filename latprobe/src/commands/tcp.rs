@@ -281,7 +281,7 @@ impl Snapshot {
         ];
         if matches!(probes.losses, Availability::Attached(_)) {
             for row in &self.losses {
-                for (kind, &count) in LOSS_NAMES.iter().zip(&row.counts) {
+                for (kind, &count) in loss::NAMES.iter().zip(&row.counts) {
                     counters.push(Counter {
                         name: "latprobe_tcp_losses",
                         help: "Packets and connections lost, per key, by kind (as the tcp_losses JSON record names it)",
@@ -416,19 +416,6 @@ fn publish(exporter: &Exporter, snapshot: &Snapshot, probes: &Probes, cost: Opti
     let cost = cost.map(|c| c.whole_run(&probes.ebpf));
     exporter.publish(&snapshot.metrics(probes), &snapshot.counters(probes), cost.as_ref());
 }
-
-/// Each kind of loss as its `tcp_losses` record and `--listen` name it,
-/// indexed by `loss::*`.
-const LOSS_NAMES: [&str; loss::COUNT as usize] = [
-    "syn_retransmits",
-    "synack_retransmits",
-    "retransmits",
-    "resets_sent",
-    "resets_received",
-    "listen_overflows",
-    "collapsed_skbs",
-    "drops",
-];
 
 impl<'a> LossJson<'a> {
     fn of(period: &'a str, key: &'a str, c: &[u64; loss::COUNT as usize]) -> Self {
@@ -830,7 +817,7 @@ mod tests {
     fn loss_names_are_the_json_fields() {
         let counts: [u64; loss::COUNT as usize] = std::array::from_fn(|i| i as u64 + 1);
         let json: serde_json::Value = serde_json::to_value(LossJson::of("final", "port=80", &counts)).unwrap();
-        for (i, name) in LOSS_NAMES.iter().enumerate() {
+        for (i, name) in loss::NAMES.iter().enumerate() {
             assert_eq!(json[name], i as u64 + 1, "{name} in {json}");
         }
     }
