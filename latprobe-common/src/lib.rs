@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod flame;
+pub mod floor;
 pub mod func;
 pub mod hdr;
 pub mod lock;

@@ -18,6 +18,11 @@
 //!   recurse N DEPTH DUR     N calls of a function recursing DEPTH deep, the
 //!                           innermost sleeping DUR (a uprobe target)
 //!   stdin                   wait for a line on stdin (a start gate for tests)
+//!   pingpong N              N round trips of one byte between the main
+//!                           thread and a second one over two pipes: 2N
+//!                           wakeups, each followed by a context switch
+//!                           (after `pin CPU`, one switch between the two
+//!                           threads each; `perf bench sched pipe`'s loop)
 //!   udp N                   N UDP datagrams over loopback (NET_RX softirqs)
 //!   tcp N                   N TCP connections over loopback, each accepted
 //!                           and sent one byte (N inet_csk_accept calls)
@@ -264,6 +269,27 @@ pub extern "C" fn latprobe_workload_rare(slow: bool, slow_us: u64) {
 }
 
 /// One-byte reads of /dev/zero for `d`: CPU time spent in vfs_read.
+/// `pingpong N`: each byte the main thread writes wakes the other, which
+/// answers on the second pipe, so every round trip is two wakeups and two
+/// switches on a context-switch-bound workload.
+fn pingpong(n: u64) {
+    let (mut to_peer_r, mut to_peer_w) = std::io::pipe().expect("pipe");
+    let (mut back_r, mut back_w) = std::io::pipe().expect("pipe");
+    let peer = thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        for _ in 0..n {
+            to_peer_r.read_exact(&mut byte).expect("pingpong peer read");
+            back_w.write_all(&byte).expect("pingpong peer write");
+        }
+    });
+    let mut byte = [0u8; 1];
+    for _ in 0..n {
+        to_peer_w.write_all(&byte).expect("pingpong write");
+        back_r.read_exact(&mut byte).expect("pingpong read");
+    }
+    peer.join().expect("pingpong peer");
+}
+
 fn read_zero_for(d: Duration) {
     let zero = File::open("/dev/zero").expect("open /dev/zero");
     let mut byte = [0u8; 1];
@@ -616,6 +642,10 @@ fn main() {
                 for _ in 0..number(n) {
                     (&zero).read_exact(&mut byte).expect("read /dev/zero");
                 }
+                tail
+            }
+            ("pingpong", [n, tail @ ..]) => {
+                pingpong(number(n));
                 tail
             }
             ("readfor", [d, tail @ ..]) => {

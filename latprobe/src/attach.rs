@@ -218,7 +218,7 @@ impl BtfLater {
 /// Everything needed to attach programs, gathered once.
 pub struct Attacher<'a> {
     pub ebpf: &'a mut Ebpf,
-    pub btf: Option<Btf>,
+    pub btf: Option<&'a Btf>,
     pub mode: AttachMode,
     pub pid: Option<u32>,
     /// The return probes made in tracefs, by slot: they live as long as the

@@ -2,7 +2,11 @@
 //! (privileges, kernel BTF, locked-memory limits), and load errors on one
 //! line.
 
-use std::{fs, sync::OnceLock};
+use std::{
+    fs,
+    sync::{Mutex, OnceLock},
+    thread::JoinHandle,
+};
 
 use anyhow::{bail, Context, Result};
 use aya::{programs::ProgramError, Ebpf, EbpfLoader};
@@ -95,6 +99,7 @@ pub fn preflight() -> Result<()> {
     check_privileges()?;
     check_btf()?;
     raise_memlock();
+    prepare_loader();
     Ok(())
 }
 
@@ -224,10 +229,30 @@ pub fn slot_owners(limit: u32) -> u32 {
     }
 }
 
+/// aya's `EbpfLoader::new` parses the kernel's BTF (tens of milliseconds,
+/// hundreds under emulation) before anything can be configured. Made on its
+/// own thread from [`preflight`] on, that parse overlaps with latprobe's
+/// own BTF parse (offsets), the command's, and its other preparation,
+/// instead of following them.
+static PREPARED_LOADER: Mutex<Option<JoinHandle<EbpfLoader<'static>>>> = Mutex::new(None);
+
+fn prepare_loader() {
+    let mut prepared = PREPARED_LOADER.lock().unwrap_or_else(|e| e.into_inner());
+    if prepared.is_none() {
+        *prepared = Some(std::thread::spawn(EbpfLoader::new));
+    }
+}
+
+/// The loader [`prepare_loader`] made, or a new one.
+fn loader() -> EbpfLoader<'static> {
+    let prepared = PREPARED_LOADER.lock().unwrap_or_else(|e| e.into_inner()).take();
+    prepared.and_then(|thread| thread.join().ok()).unwrap_or_default()
+}
+
 /// Loads `object`'s maps with `configure` applied (globals, map sizes).
 /// Programs are loaded one by one by the command that needs them.
 pub fn load<'a>(object: Object, configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
-    let mut loader = EbpfLoader::new();
+    let mut loader = loader();
     // aya has no userspace type for task storage; the kernel side needs none.
     loader.allow_unsupported_maps();
     configure(&mut loader);
@@ -374,6 +399,16 @@ mod tests {
             assert!(fetch_atomics(full) > 0, "{name}: the full object has cmpxchg in its min/max updates");
             assert_eq!(fetch_atomics(compat), 0, "{name}: the compat object must hold no BPF_FETCH atomics");
         }
+    }
+
+    /// The benchmark's floor object, embedded here only to check its names:
+    /// latprobe itself never loads it (the `floor` example does).
+    static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latprobe-floor"));
+
+    #[test]
+    fn every_floor_name_the_bench_uses_is_in_the_floor_object() {
+        let missing = missing_from(FLOOR_OBJECT, &latprobe_common::floor::programs::ALL);
+        assert!(missing.is_empty(), "names missing from the floor object: {missing:?}");
     }
 
     #[test]

@@ -23,6 +23,11 @@ const HDR_LOG_HELP: &str = "Also write each interval's histograms to FILE as an 
 (one tagged entry per histogram per --interval, or one for the whole run), for HdrHistogram's tools and \
 `latprobe merge`";
 
+/// What `--listen` serves, said once for every command that has it.
+const LISTEN_HELP: &str = "Serve /metrics at ADDR:PORT while running, for Prometheus: each histogram \
+(cumulative since the start, buckets from 1us to 60s), untimed calls and latprobe's own cost. \
+A bare :PORT is 127.0.0.1:PORT; any other address only as typed (0.0.0.0:PORT for all)";
+
 /// Longest run `--secs` accepts: 100 days.
 pub const MAX_SECS: u64 = 100 * 24 * 3600;
 
@@ -180,6 +185,10 @@ pub struct LockArgs {
     /// text for people, json for one JSON object per line
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    #[arg(long, value_name = "FILE", help = HDR_LOG_HELP)]
+    pub hdr_log: Option<std::path::PathBuf>,
+    #[arg(long, value_name = "ADDR:PORT", help = LISTEN_HELP)]
+    pub listen: Option<crate::metrics::ListenAddr>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -246,6 +255,8 @@ pub struct TcpArgs {
     pub format: Format,
     #[arg(long, value_name = "FILE", help = HDR_LOG_HELP)]
     pub hdr_log: Option<std::path::PathBuf>,
+    #[arg(long, value_name = "ADDR:PORT", help = LISTEN_HELP)]
+    pub listen: Option<crate::metrics::ListenAddr>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -317,7 +328,8 @@ Examples:
   latprobe fn inet_csk_accept --attach kprobe
   latprobe fn /usr/sbin/nginx:ngx_process_events_and_timers --pid 4242
   latprobe fn do_nanosleep -- sleep 1
-  latprobe fn tcp_v4_rcv --interval 10s --hdr-log $(hostname).hlog";
+  latprobe fn tcp_v4_rcv --interval 10s --hdr-log $(hostname).hlog
+  latprobe fn tcp_v4_rcv --listen :9464        /metrics for Prometheus, on 127.0.0.1";
 
 #[derive(Args, Debug)]
 pub struct FnArgs {
@@ -344,6 +356,8 @@ pub struct FnArgs {
     pub format: Format,
     #[arg(long, value_name = "FILE", help = HDR_LOG_HELP)]
     pub hdr_log: Option<std::path::PathBuf>,
+    #[arg(long, value_name = "ADDR:PORT", help = LISTEN_HELP)]
+    pub listen: Option<crate::metrics::ListenAddr>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -402,6 +416,7 @@ Examples:
   latprobe runqlat --per-pid --max-pids 8 --secs 30 --format json
   latprobe runqlat --pid 4242 --secs 10
   latprobe runqlat --secs 60 --format json > $(hostname).json   then: latprobe merge *.json
+  latprobe runqlat --per-cpu --listen :9464    /metrics for Prometheus, on 127.0.0.1
   latprobe runqlat -- ./my-benchmark";
 
 #[derive(Args, Debug)]
@@ -427,6 +442,8 @@ pub struct RunqlatArgs {
     pub format: Format,
     #[arg(long, value_name = "FILE", help = HDR_LOG_HELP)]
     pub hdr_log: Option<std::path::PathBuf>,
+    #[arg(long, value_name = "ADDR:PORT", help = LISTEN_HELP)]
+    pub listen: Option<crate::metrics::ListenAddr>,
     #[command(flatten)]
     pub run: RunArgs,
 }

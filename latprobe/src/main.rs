@@ -16,6 +16,7 @@ mod kernel_hist;
 mod kretprobe;
 mod lock_waiters;
 mod merge_input;
+mod metrics;
 mod output;
 mod report;
 mod run;
@@ -32,6 +33,7 @@ use clap::Parser;
 use output::text;
 
 fn main() -> ExitCode {
+    run::mark_process_start();
     run::child::run_gate_if_asked();
     let cli = cli::Cli::parse();
     output::set_verbose(cli.verbose);

@@ -19,6 +19,7 @@ use latprobe_common::{
 };
 
 use crate::{
+    attach::BtfLater,
     bpf,
     btf_offsets::{task_storage_safe_in_scheduler, Btf, TaskOffsets},
     output,
@@ -108,6 +109,9 @@ pub fn comm_prefix(comm: &str) -> Result<[u8; COMM_LEN]> {
 /// Loads the object with `config` and attaches the `rq_` programs.
 pub fn start(config: &Config) -> Result<Probes> {
     let note = output::verbose;
+    // aya's parse (for the loader and tp_btf) runs on its own thread while
+    // the offsets are read from latprobe's own, on this one.
+    let aya_btf = BtfLater::start();
     let btf = Btf::from_sys_fs()?;
     let offsets = TaskOffsets::from_btf(&btf)?;
     note(&format!(
@@ -156,10 +160,11 @@ pub fn start(config: &Config) -> Result<Probes> {
             .map_max_entries(maps::EVENTS, config.ring_bytes.max(page));
     })?;
 
+    let aya_btf = aya_btf.get();
     let mut failures = Vec::new();
     let mut chosen = None;
     if config.mode != TpMode::RawTp {
-        match attach_tp_btf(&mut ebpf, use_hash != 0) {
+        match attach_tp_btf(&mut ebpf, aya_btf.as_ref(), use_hash != 0) {
             Ok(()) => chosen = Some(Mechanism::TpBtf),
             Err(e) => {
                 note(&format!("tp_btf unavailable: {e:#}"));
@@ -207,8 +212,8 @@ pub fn start(config: &Config) -> Result<Probes> {
 
 /// Attaches the tp_btf programs; the exit one only with the hash map
 /// (`use_hash`), as task storage is freed with its task.
-fn attach_tp_btf(ebpf: &mut Ebpf, use_hash: bool) -> Result<()> {
-    let btf = AyaBtf::from_sys_fs().context("reading kernel BTF")?;
+fn attach_tp_btf(ebpf: &mut Ebpf, btf: Option<&AyaBtf>, use_hash: bool) -> Result<()> {
+    let btf = btf.context("reading kernel BTF (/sys/kernel/btf/vmlinux) failed")?;
     for (name, event) in programs::TP_BTF {
         if event == programs::EXIT_EVENT && !use_hash {
             continue;
@@ -217,7 +222,7 @@ fn attach_tp_btf(ebpf: &mut Ebpf, use_hash: bool) -> Result<()> {
             .program_mut(name)
             .with_context(|| format!("program {name} is missing from the embedded object"))?
             .try_into()?;
-        prog.load(event, &btf).map_err(|e| describe(name, e))?;
+        prog.load(event, btf).map_err(|e| describe(name, e))?;
         prog.attach().with_context(|| format!("attaching {name} to {event}"))?;
     }
     Ok(())

@@ -15,7 +15,7 @@ use latprobe_common::{
 };
 
 use crate::{
-    attach::AttachMode,
+    attach::{AttachMode, BtfLater},
     bpf,
     btf_offsets::{Btf, SockOffsets},
     output,
@@ -77,6 +77,9 @@ fn ephemeral_range() -> (u32, u32) {
 
 pub fn start(config: &Config) -> Result<Probes> {
     let note = output::verbose;
+    // aya's parse (for the loader and the attach calls) runs on its own
+    // thread while the offsets are read from latprobe's own, on this one.
+    let aya_btf = BtfLater::start();
     let btf = Btf::from_sys_fs()?;
     let offsets = SockOffsets::from_btf(&btf)?;
     note(&format!("sock offsets from BTF: {offsets:?}"));
@@ -152,7 +155,7 @@ pub fn start(config: &Config) -> Result<Probes> {
             .map_max_entries(maps::DROPS, MAX_DROP_REASONS as u32);
     })?;
 
-    let kernel_btf = AyaBtf::from_sys_fs().context("reading kernel BTF")?;
+    let kernel_btf = aya_btf.get().context("reading kernel BTF (/sys/kernel/btf/vmlinux) failed")?;
     let mut attach_all = |names: &[(&'static str, &'static str)]| -> Availability {
         match names.iter().try_for_each(|&(name, target)| attach(&mut ebpf, &kernel_btf, name, target)) {
             Ok(()) => Availability::Attached(mechanism_of(names[0].0)),

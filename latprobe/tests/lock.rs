@@ -333,3 +333,57 @@ fn lock_during_counts_only_the_waits_inside_slow_calls() {
     assert_eq!(u64_of(calls, "slow_calls"), 0, "{calls}");
     assert!(locks(&run).is_empty(), "waits of fast calls were counted:\n{}", run.stdout);
 }
+
+/// `lock --listen --hdr-log` over the workload's directory churn, traced
+/// by its name on the whole machine: once it has exited, each lock with a
+/// histogram has in a scrape exactly the waits of the final report, under
+/// the key `lock=NAME` or `lock=0xADDR`, and the interval log adds up to
+/// the same waits.
+#[test]
+fn lock_serves_and_logs_each_locks_histogram() {
+    if let Some(why) = contention_unavailable() {
+        return skip("lock_serves_and_logs_each_locks_histogram", &why);
+    }
+    let dir = std::env::temp_dir().join(format!("latprobe-lock-listen-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("locks.hlog");
+    let log = log.to_str().unwrap();
+    let args = ["lock", "--top", "100", "--comm", "workload", "--listen", ":0", "--hdr-log", log];
+    let tracing = start_tracing(&[&args[..], &["--format", "json", "--secs", "300", "--interval", "1s"]].concat());
+    let addr = metrics_address(tracing.said());
+    let status = std::process::Command::new(workload()).args(["dir-churn", "4", "3000"]).status().unwrap();
+    assert!(status.success(), "workload dir-churn: {status}");
+    // Published twice a second: after 1.5 s the scrape has every wait.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let (code, metrics) = http_get(&addr, "/metrics");
+    assert_eq!(code, 200, "{metrics}");
+    tracing.signal(libc::SIGINT);
+    let run = tracing.finish();
+    run.assert_success();
+
+    let with_histograms: Vec<Value> =
+        locks(&run).into_iter().filter(|l| l["period"] == "final" && !l["p50_ns"].is_null()).collect();
+    assert!(!with_histograms.is_empty(), "the workload contended: {}", run.stdout);
+    let mut total = 0;
+    for lock in &with_histograms {
+        let key = format!("lock={}", lock["name"].as_str().or(lock["lock"].as_str()).unwrap());
+        let scraped = sample(&metrics, "latprobe_latency_seconds_count", &format!("key=\"{key}\"}}"));
+        assert_eq!(scraped, Some(u64_of(lock, "count") as f64), "{key} in\n{metrics}\n{}", run.stdout);
+        total += u64_of(lock, "count");
+    }
+    let scraped_locks = metrics.lines().filter(|l| l.starts_with("latprobe_latency_seconds_count{")).count();
+    assert_eq!(scraped_locks, with_histograms.len(), "{metrics}");
+    assert_eq!(sample(&metrics, "latprobe_lost_total", "uncounted_lock_table_full"), Some(0.0), "{metrics}");
+
+    let merged = latprobe(&["merge", "--format", "json", log]);
+    merged.assert_success();
+    let logged: u64 = merged.records().iter().filter(|r| r["type"] == "histogram").map(|r| u64_of(r, "count")).sum();
+    assert_eq!(logged, total, "every interval of the log, summed:\n{}", merged.stdout);
+    println!(
+        "{}: {} locks with histograms, {total} waits in the scrape, the report and the log",
+        kernel_name(),
+        scraped_locks
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -607,3 +607,69 @@ fn runqslower_help_has_examples() {
         assert!(run.stdout.contains(&format!("latprobe {cmd}")), "{}", run.stdout);
     }
 }
+
+/// The counts of every `runqlat[cpu=N]` histogram in a scrape.
+fn scraped_waits(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("latprobe_latency_seconds_count{function=\"runqlat\",key=\"cpu="))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// `runqlat --per-cpu --pid --listen` on a workload that makes 20 sleeps
+/// and then blocks on stdin: a scrape has its waits (at least one per
+/// sleep) per CPU, cumulative, and does not move while it is blocked; the
+/// final report adds only the waits of waking it to exit.
+#[test]
+fn runqlat_serves_each_cpus_waits_on_listen() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("runqlat_serves_each_cpus_waits_on_listen", &why);
+    }
+    let mut w = Command::new(workload())
+        .args(["stdin", "sleep", "20", "1ms", "stdin"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = w.id().to_string();
+    let tracing = start_tracing(&["runqlat", "--per-cpu", "--pid", &pid, "--listen", ":0", "--format", "json"]);
+    let addr = metrics_address(tracing.said());
+    let mut stdin = w.stdin.take().unwrap();
+    writeln!(stdin).unwrap();
+    // Blocked again once its waits stop growing (published twice a second).
+    let (mut before, until) = (u64::MAX, Instant::now() + Duration::from_secs(30));
+    let metrics = loop {
+        std::thread::sleep(Duration::from_millis(1200));
+        let (code, metrics) = http_get(&addr, "/metrics");
+        assert_eq!(code, 200, "{metrics}");
+        let now = scraped_waits(&metrics);
+        if (now == before && now >= 20) || Instant::now() > until {
+            break metrics;
+        }
+        before = now;
+    };
+    let scraped = scraped_waits(&metrics);
+    assert!(scraped >= 20, "20 sleeps woke 20 times: {scraped} waits in\n{metrics}");
+    for line in metrics.lines().filter(|l| l.starts_with("latprobe_latency_seconds_count{")) {
+        let key = line.split("key=\"").nth(1).and_then(|k| k.split('"').next()).unwrap();
+        let inf = sample(
+            &metrics,
+            "latprobe_latency_seconds_bucket",
+            &format!("le=\"+Inf\",function=\"runqlat\",key=\"{key}\"}}"),
+        );
+        assert_eq!(inf, line.rsplit(' ').next().unwrap().parse().ok(), "+Inf is the count of {key}");
+    }
+    writeln!(stdin).unwrap();
+    let _ = w.wait();
+    let run = tracing.finish();
+    run.assert_success();
+    let reported: u64 = run
+        .records()
+        .iter()
+        .filter(|r| r["type"] == "histogram" && r["period"] == "final")
+        .map(|r| u64_of(r, "count"))
+        .sum();
+    println!("{}: {scraped} waits in the scrape while blocked, {reported} in the final report", kernel_name());
+    assert!((scraped + 1..=scraped + 10).contains(&reported), "{scraped} scraped, {reported} reported");
+}

@@ -193,11 +193,7 @@ fn tcp_refused_connections_count_resets_on_their_port() {
     let (w, port) = (workload(), test_port(1).to_string());
     let run = latprobe(&["tcp", "--format", "json", "--losses", "--", &w, "refused", &port, "4"]);
     run.assert_success();
-    let losses = run
-        .records()
-        .into_iter()
-        .find(|r| r["type"] == "tcp_losses" && r["period"] == "final" && r["key"] == format!("to_port={port}"))
-        .unwrap_or_else(|| panic!("no losses for to_port={port}:\n{}", run.stdout));
+    let losses = final_losses(&run, &format!("to_port={port}"));
     assert_eq!(u64_of(&losses, "resets_received"), 4, "{losses}");
     // Each reset also came as an event, with its connection.
     let events: Vec<Value> = run
@@ -222,11 +218,7 @@ fn tcp_refused_connections_count_resets_on_their_port() {
     assert!((4..=20).contains(&no_socket), "4 SYNs dropped with no socket: {drops}");
     // And those four on the closed port's row, known by their TCP headers
     // (no socket took them); nothing else of the port was dropped.
-    let port_row = run
-        .records()
-        .into_iter()
-        .find(|r| r["type"] == "tcp_losses" && r["period"] == "final" && r["key"] == format!("port={port}"))
-        .unwrap_or_else(|| panic!("no losses for port={port}:\n{}", run.stdout));
+    let port_row = final_losses(&run, &format!("port={port}"));
     assert_eq!(u64_of(&port_row, "drops"), 4, "{port_row}");
     // With --losses, each with its connection, from its headers, and its reason.
     let dropped: Vec<Value> = run
@@ -282,12 +274,7 @@ fn listen_overflows_agree(name: &str, step: &str) {
     if let Some(why) = summary["partial"].as_array().and_then(|p| p.iter().find_map(not_counted)) {
         return skip(name, why);
     }
-    let losses = |key: String| {
-        run.records()
-            .into_iter()
-            .find(|r| r["type"] == "tcp_losses" && r["period"] == "final" && r["key"] == key)
-            .unwrap_or_else(|| panic!("no losses for {key}:\n{}", run.stdout))
-    };
+    let losses = |key: String| final_losses(&run, &key);
     let listener = losses(format!("port={port}"));
     let clients = losses(format!("to_port={port}"));
     eprintln!(
@@ -305,6 +292,14 @@ fn listen_overflows_agree(name: &str, step: &str) {
     // the machine's speed (an emulated PREEMPT_RT guest is slow): the exact
     // check is the kernel's own counter, above.
     assert!(u64_of(&clients, "syn_retransmits") > 0, "{clients}");
+}
+
+/// The final `tcp_losses` record of `key`.
+fn final_losses(run: &Run, key: &str) -> Value {
+    run.records()
+        .into_iter()
+        .find(|r| r["type"] == "tcp_losses" && r["period"] == "final" && r["key"] == key)
+        .unwrap_or_else(|| panic!("no losses for {key}:\n{}", run.stdout))
 }
 
 /// The `workload: worker pid=P delay=NS` lines: each worker's pid and delay.
@@ -399,11 +394,7 @@ fn collapses_agree(name: &str, attach: &str) {
     assert!(episodes > 0, "the workload makes the kernel collapse: {pruned}\n{}", run.stderr);
     // Every segment merged away, as the kernel counted it (no other socket
     // on the machine collapses meanwhile).
-    let losses = run
-        .records()
-        .into_iter()
-        .find(|r| r["type"] == "tcp_losses" && r["period"] == "final" && r["key"] == key)
-        .unwrap_or_else(|| panic!("no losses for {key}:\n{}", run.stdout));
+    let losses = final_losses(&run, &key);
     assert_eq!(u64_of(&losses, "collapsed_skbs"), collapsed, "TCPRcvCollapsed is {collapsed}: {losses}");
     // The kernel counts a prune each time the buffer fills, also when it only
     // grows the buffer (tcp_clamp_window) and collapses nothing.
@@ -495,4 +486,38 @@ fn tcp_listener_handshakes_agree_with_libbpf_tools_tcpsynbl() {
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+}
+
+/// `tcp --listen` serves each key's losses as they happen: 4 connects
+/// refused are `resets_received` 4 for their port in a scrape taken while
+/// the run goes on, as in the final report.
+#[test]
+fn tcp_serves_each_keys_losses_on_listen() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("tcp_serves_each_keys_losses_on_listen", &why);
+    }
+    let (w, port) = (workload(), test_port(1).to_string());
+    let tracing = start_tracing(&["tcp", "--listen", ":0", "--format", "json", "--secs", "300"]);
+    let addr = metrics_address(tracing.said());
+    // Refused before the first scrape, so that the port is among the first
+    // keys seen (scrapes are connections too).
+    let status = std::process::Command::new(&w).args(["refused", &port, "4"]).status().unwrap();
+    assert!(status.success(), "workload refused: {status}");
+    let key = format!("key=\"to_port={port}\",kind=\"resets_received\"");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let metrics = loop {
+        let (code, metrics) = http_get(&addr, "/metrics");
+        assert_eq!(code, 200, "{metrics}");
+        if sample(&metrics, "latprobe_tcp_losses_total", &key) == Some(4.0) || std::time::Instant::now() > until {
+            break metrics;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(sample(&metrics, "latprobe_tcp_losses_total", &key), Some(4.0), "{metrics}");
+    assert_eq!(sample(&metrics, "latprobe_lost_total", "untimed_sockets"), Some(0.0), "{metrics}");
+    tracing.signal(libc::SIGINT);
+    let run = tracing.finish();
+    run.assert_success();
+    let losses = final_losses(&run, &format!("to_port={port}"));
+    assert_eq!(u64_of(&losses, "resets_received"), 4, "{losses}");
 }

@@ -84,7 +84,8 @@ pub async fn run(args: FlameArgs) -> Result<()> {
     let during = args.during.as_deref().map(Target::parse).transpose()?;
     let outputs = Outputs::open(&args)?;
     let mut run = Run::prepare(&args.run, args.cpu, None)?;
-    let btf = during.is_some().then(BtfLater::start);
+    // The kernel's BTF for --during's fentry and the tp_btf programs, parsed meanwhile.
+    let btf = (during.is_some() || args.offcpu).then(BtfLater::start);
     let cost = cost::start_or_explain();
     let cpus = aya::util::online_cpus().map_err(|(_, e)| e).context("listing online CPUs")?;
     let tgid = run.tgid();
@@ -148,18 +149,19 @@ pub async fn run(args: FlameArgs) -> Result<()> {
             .map_max_entries(maps::NEW_KEYS, new_keys_bytes)
             .map_max_entries(maps::STACKS, MAX_STACKS);
     })?;
+    let btf = btf.and_then(BtfLater::get);
     let mut gate = String::new();
     // The gate's return probe, if made in tracefs: kept until the end.
     let mut _gate_returns = Vec::new();
     if use_hash == 1 && (args.offcpu || during.is_some()) {
         // Before anything that stores an entry.
-        attach_exit(&mut ebpf)?;
+        attach_exit(&mut ebpf, btf.as_ref())?;
     }
     if let Some(target) = &during {
         store.attach_cleanup(&mut ebpf)?;
         let mut attacher = Attacher {
             ebpf: &mut ebpf,
-            btf: btf.and_then(BtfLater::get),
+            btf: btf.as_ref(),
             mode: args.attach,
             pid: (tgid != 0).then_some(tgid),
             returns: Vec::new(),
@@ -173,7 +175,7 @@ pub async fn run(args: FlameArgs) -> Result<()> {
         );
     }
     if args.offcpu {
-        attach_offcpu(&mut ebpf)?;
+        attach_offcpu(&mut ebpf, btf.as_ref())?;
     } else {
         let on: Vec<u32> = match args.cpu {
             Some(cpu) => vec![cpu],
@@ -181,6 +183,8 @@ pub async fn run(args: FlameArgs) -> Result<()> {
         };
         attach_oncpu(&mut ebpf, &on, args.freq)?;
     }
+    // Everything is attached: the parsed BTF (megabytes) is not kept.
+    drop(btf);
     let what = describe(&args, kernel, user, &cpus) + &gate;
     output::say(&format!("sampling {what}; Ctrl-C to end"));
     if args.offcpu {
@@ -313,20 +317,20 @@ fn attach_oncpu(ebpf: &mut Ebpf, cpus: &[u32], freq: u64) -> Result<()> {
 
 /// With the hashes by tid, the exit program that frees an exiting thread's
 /// entries: task storage is freed with its task, the hashes are not.
-fn attach_exit(ebpf: &mut Ebpf) -> Result<()> {
-    attach_tp_btf(ebpf, programs::EXIT, "sched_process_exit")
+fn attach_exit(ebpf: &mut Ebpf, btf: Option<&Btf>) -> Result<()> {
+    attach_tp_btf(ebpf, btf, programs::EXIT, "sched_process_exit")
 }
 
 /// Attaches the switch program (after `attach_exit` where the hash is used).
-fn attach_offcpu(ebpf: &mut Ebpf) -> Result<()> {
-    attach_tp_btf(ebpf, programs::SWITCH, "sched_switch")
+fn attach_offcpu(ebpf: &mut Ebpf, btf: Option<&Btf>) -> Result<()> {
+    attach_tp_btf(ebpf, btf, programs::SWITCH, "sched_switch")
 }
 
 /// Loads program `name` as tp_btf on `tracepoint` (Linux 5.5+) and attaches it.
-fn attach_tp_btf(ebpf: &mut Ebpf, name: &str, tracepoint: &str) -> Result<()> {
-    let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
+fn attach_tp_btf(ebpf: &mut Ebpf, btf: Option<&Btf>, name: &str, tracepoint: &str) -> Result<()> {
+    let btf = btf.context("reading kernel BTF (/sys/kernel/btf/vmlinux) failed")?;
     let prog: &mut BtfTracePoint = ebpf.program_mut(name).with_context(|| format!("{name} missing"))?.try_into()?;
-    prog.load(tracepoint, &btf)
+    prog.load(tracepoint, btf)
         .map_err(|e| anyhow::anyhow!("loading the {tracepoint} program (tp_btf, Linux 5.5+): {}", bpf::describe(&e)))?;
     prog.attach().with_context(|| format!("attaching to {tracepoint}"))?;
     Ok(())

@@ -19,6 +19,7 @@ use crate::{
     kallsyms::{self, KernelSymbols},
     kernel_hist::{self, HistMaps, Totals},
     kretprobe::ReturnProbe,
+    metrics::{self, Exporter, Series},
     output::{
         self,
         hdr_log::{series_tag, HdrLog},
@@ -56,6 +57,7 @@ pub async fn run(args: FnArgs) -> Result<()> {
     let targets = args.functions.iter().map(|f| Target::parse(f)).collect::<Result<Vec<_>>>()?;
     let mut run = Run::prepare(&args.run, args.cpu, None)?;
     let mut hdr_log = args.hdr_log.as_deref().map(HdrLog::create).transpose()?;
+    let exporter = args.listen.as_ref().map(Exporter::start).transpose()?;
     let btf = BtfLater::start();
 
     let tgid = run.tgid();
@@ -81,11 +83,12 @@ pub async fn run(args: FnArgs) -> Result<()> {
     })?;
 
     store.attach_cleanup(&mut ebpf)?;
+    let btf = btf.get();
     let mut traced = Vec::new();
     {
         let mut attacher = Attacher {
             ebpf: &mut ebpf,
-            btf: btf.get(),
+            btf: btf.as_ref(),
             mode: args.attach,
             pid: (tgid != 0).then_some(tgid),
             returns: Vec::new(),
@@ -102,6 +105,8 @@ pub async fn run(args: FnArgs) -> Result<()> {
             });
         }
     }
+    // Everything is attached: the parsed BTF (megabytes) is not kept.
+    drop(btf);
     output::verbose(&kernel_hist::memory(targets.len(), "function"));
     let maps = HistMaps::take(&mut ebpf, maps::STATS, maps::BUCKETS)?;
     let mut ring: Ring<Outlier> = Ring::take(&mut ebpf, maps::OUTLIERS)?;
@@ -114,6 +119,9 @@ pub async fn run(args: FnArgs) -> Result<()> {
     let described: Vec<String> = traced.iter().map(|t| format!("{} ({})", t.name, t.mechanism)).collect();
     output::say(&format!("tracing {}; Ctrl-C to end", described.join(", ")));
     run.report_every(args.interval);
+    if let Some(period) = metrics::poll_period(exporter.as_ref(), None) {
+        run.poll_every(period);
+    }
     run.activate()?;
     if let Some(log) = hdr_log.as_mut() {
         log.begin(&format!("fn {}", described.join(", ")));
@@ -128,8 +136,11 @@ pub async fn run(args: FnArgs) -> Result<()> {
             Step::Interval => {
                 let now = Instant::now();
                 let mut deltas = Vec::new();
-                for (slot, t) in traced.iter_mut().enumerate() {
-                    let totals = maps.totals(slot)?;
+                let all = all_totals(&maps, traced.len())?;
+                if let Some(exporter) = exporter.as_ref() {
+                    exporter.publish(&series(&traced, &all), &[], cost.as_ref().map(|c| c.whole_run(&ebpf)).as_ref());
+                }
+                for (t, totals) in traced.iter_mut().zip(all) {
                     let delta = totals.latencies.since(&t.previous)?;
                     let period = Period { name: "interval", elapsed: now - last_report, unprinted: 0 };
                     output::report(render(t, &period, &delta, &totals, args.format));
@@ -144,7 +155,12 @@ pub async fn run(args: FnArgs) -> Result<()> {
                 }
                 last_report = now;
             }
-            Step::Poll => {}
+            Step::Poll => {
+                if let Some(exporter) = exporter.as_ref() {
+                    let all = all_totals(&maps, traced.len())?;
+                    exporter.publish(&series(&traced, &all), &[], cost.as_ref().map(|c| c.whole_run(&ebpf)).as_ref());
+                }
+            }
         }
     };
 
@@ -160,15 +176,38 @@ pub async fn run(args: FnArgs) -> Result<()> {
         unprinted: discarded + output::settle_records(run.drain_deadline() + SETTLE_TIME),
     };
     let mut deltas = Vec::new();
-    for (slot, t) in traced.iter().enumerate() {
-        let totals = maps.totals(slot)?;
-        output::report(render(t, &period, &totals.latencies, &totals, args.format));
+    let all = all_totals(&maps, traced.len())?;
+    if let Some(exporter) = exporter.as_ref() {
+        exporter.publish(&series(&traced, &all), &[], final_cost.as_ref());
+    }
+    for (t, totals) in traced.iter().zip(&all) {
+        output::report(render(t, &period, &totals.latencies, totals, args.format));
         deltas.push((series_tag(&t.name, None), totals.latencies.since(&t.previous)?));
     }
     if let Some(cost) = final_cost {
         output::report(cost.render("final", args.format));
     }
     hdr_log.map_or(Ok(()), |log| log.end(&deltas))
+}
+
+/// Every traced function's counts since the start, in slot order.
+fn all_totals(maps: &HistMaps, functions: usize) -> Result<Vec<Totals>> {
+    (0..functions).map(|slot| maps.totals(slot)).collect()
+}
+
+/// What `--listen` serves: each function's counts since the start.
+fn series<'a>(traced: &'a [Traced], totals: &'a [Totals]) -> Vec<Series<'a>> {
+    traced
+        .iter()
+        .zip(totals)
+        .map(|(t, totals)| Series {
+            function: t.name.clone(),
+            key: None,
+            latencies: &totals.latencies,
+            untimed: t.missed(totals),
+            outliers_lost: totals.outliers_lost,
+        })
+        .collect()
 }
 
 fn render(t: &Traced, period: &Period, latencies: &Latencies, totals: &Totals, format: Format) -> String {

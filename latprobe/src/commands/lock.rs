@@ -27,16 +27,22 @@ use latprobe_common::{
 use serde::Serialize;
 
 use crate::{
+    attach::BtfLater,
     bpf, btf_offsets,
     cli::LockArgs,
     clock::WallClock,
     cost,
     duration::format_ns,
-    histogram::QUANTILES,
+    histogram::{Latencies, QUANTILES},
     kallsyms::{self, KernelSymbols},
     kernel_hist::HistMaps,
     lock_waiters::{self, Waiters},
-    output::{self, text},
+    metrics::{self, Counter, Exporter, Series},
+    output::{
+        self,
+        hdr_log::{series_tag, HdrLog},
+        text,
+    },
     report::{frames_json, Format, Period},
     run::{Ring, Run, Step, BATCH, SETTLE_TIME},
     sched_probes::comm_prefix,
@@ -226,6 +232,19 @@ impl Source {
         self.data.as_ref().and_then(|d| d.data_at(addr, MAX_DATA_OFFSET))
     }
 
+    /// Each lock with a histogram slot, cumulative since the start, keyed
+    /// `lock=NAME` (its kernel symbol) or `lock=0xADDR` (as the JSON's
+    /// `name` and `lock`): the series of `--hdr-log` and `--listen`.
+    fn histograms(&self, rows: &[LockRow]) -> Result<Vec<(u64, String, Latencies)>> {
+        rows.iter()
+            .filter_map(|r| Some((r.addr, self.slot_of(r.addr)?)))
+            .map(|(addr, slot)| {
+                let key = format!("lock={}", self.name(addr).unwrap_or_else(|| format!("{addr:#x}")));
+                Ok((addr, key, self.hist.totals(slot)?.latencies))
+            })
+            .collect()
+    }
+
     /// HDR percentiles of a lock with a histogram slot.
     fn slot_of(&self, addr: u64) -> Option<usize> {
         self.slots.get(&addr, 0).ok().map(|s| s as usize).filter(|&s| s >= 1 && s <= self.max_locks)
@@ -234,9 +253,13 @@ impl Source {
 
 pub async fn run(args: LockArgs) -> Result<()> {
     let mut run = Run::prepare(&args.run, args.cpu, None)?;
+    // The kernel's BTF for --during's fentry, parsed meanwhile.
+    let btf = args.during.is_some().then(BtfLater::start);
     if args.top == 0 {
         bail!("--top must be at least 1");
     }
+    let mut hdr_log = args.hdr_log.as_deref().map(HdrLog::create).transpose()?;
+    let exporter = args.listen.as_ref().map(Exporter::start).transpose()?;
     let comm = match &args.comm {
         Some(c) => comm_prefix(c)?,
         None => [0; COMM_LEN],
@@ -290,10 +313,13 @@ pub async fn run(args: LockArgs) -> Result<()> {
             .map_max_entries(maps::EVENTS, ring_bytes);
     })?;
     attach(&mut ebpf)?;
+    let btf = btf.and_then(BtfLater::get);
     let during_how = match &args.during {
-        Some(func) => Some(attach_during(&mut ebpf, func)?),
+        Some(func) => Some(attach_during(&mut ebpf, btf.as_ref(), func)?),
         None => None,
     };
+    // Everything is attached: the parsed BTF (megabytes) is not kept.
+    drop(btf);
     let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing"));
     let source = Source {
         locks: PerCpuHashMap::try_from(take(&mut ebpf, maps::LOCKS)?).context("map LOCK_LOCKS")?,
@@ -320,9 +346,16 @@ pub async fn run(args: LockArgs) -> Result<()> {
     };
     output::say(&format!("tracing lock contention (raw_tp contention_begin, contention_end){inside}; Ctrl-C to end"));
     run.report_every(args.interval);
+    if let Some(period) = metrics::poll_period(exporter.as_ref(), None) {
+        run.poll_every(period);
+    }
     run.activate()?;
+    if let Some(log) = hdr_log.as_mut() {
+        log.begin(&format!("lock (raw_tp contention_begin, contention_end){inside}"));
+    }
     let mut last_report = Instant::now();
     let mut previous: HashMap<u64, LockRow> = HashMap::new();
+    let mut logged = Logged::default();
     let end = loop {
         match run.next(Some(&mut ring)).await? {
             Step::Ended(end) => break end,
@@ -337,13 +370,27 @@ pub async fn run(args: LockArgs) -> Result<()> {
                 let (lost, calls) = (source.lost()?, source.calls(&ebpf)?);
                 let who = Who::read(&source)?;
                 output::report(render(&delta, &source, &who, &lost, &calls, &period, &args, false));
+                let histograms = source.histograms(&rows)?;
+                if let Some(exporter) = exporter.as_ref() {
+                    let cost = cost.as_ref().map(|c| c.whole_run(&ebpf));
+                    exporter.publish(&series(&histograms), &lost_counts(&lost), cost.as_ref());
+                }
+                if let Some(log) = hdr_log.as_mut() {
+                    log.interval(&logged.since(&histograms)?);
+                }
                 if let Some(cost) = cost.as_mut() {
                     output::report(cost.since_last(&ebpf).render("interval", args.format));
                 }
                 previous = rows.into_iter().map(|r| (r.addr, r)).collect();
                 last_report = now;
             }
-            Step::Poll => {}
+            Step::Poll => {
+                if let Some(exporter) = exporter.as_ref() {
+                    let histograms = source.histograms(&source.rows()?)?;
+                    let cost = cost.as_ref().map(|c| c.whole_run(&ebpf));
+                    exporter.publish(&series(&histograms), &lost_counts(&source.lost()?), cost.as_ref());
+                }
+            }
         }
     };
 
@@ -354,12 +401,63 @@ pub async fn run(args: LockArgs) -> Result<()> {
     let discarded = ring.drain_until(run.drain_deadline(), |e| printer.print(&e))?;
     let unprinted = discarded + output::settle_records(run.drain_deadline() + SETTLE_TIME);
     let period = Period { name: "final", elapsed: run.elapsed(), unprinted };
+    let (rows, lost) = (source.rows()?, source.lost()?);
+    let histograms = source.histograms(&rows)?;
+    if let Some(exporter) = exporter.as_ref() {
+        exporter.publish(&series(&histograms), &lost_counts(&lost), final_cost.as_ref());
+    }
     let who = Who::read(&source)?;
-    output::report(render(&source.rows()?, &source, &who, &source.lost()?, &calls, &period, &args, true));
+    output::report(render(&rows, &source, &who, &lost, &calls, &period, &args, true));
     if let Some(cost) = final_cost {
         output::report(cost.render("final", args.format));
     }
-    Ok(())
+    let last = logged.since(&histograms)?;
+    hdr_log.map_or(Ok(()), |log| log.end(&last))
+}
+
+/// What `--listen` serves of each lock's histogram.
+fn series(histograms: &[(u64, String, Latencies)]) -> Vec<Series<'_>> {
+    histograms
+        .iter()
+        .map(|(_, key, latencies)| Series {
+            function: "lock".into(),
+            key: Some(key.clone()),
+            latencies,
+            untimed: 0,
+            outliers_lost: 0,
+        })
+        .collect()
+}
+
+/// What could not be measured, named as in the JSON summary.
+fn lost_counts(lost: &Lost) -> [Counter; 5] {
+    [
+        Counter::lost("untimed_task_table_full", lost.no_task_entry),
+        Counter::lost("untimed_too_deep", lost.too_deep),
+        Counter::lost("uncounted_lock_table_full", lost.no_lock_entry),
+        Counter::lost("unattributed_waits", lost.no_waiter_entry),
+        Counter::lost("events_lost", lost.events),
+    ]
+}
+
+/// Each lock's histogram as of the previous `--hdr-log` entry.
+#[derive(Default)]
+struct Logged(HashMap<u64, Latencies>);
+
+impl Logged {
+    /// Each lock's waits since the previous entry, tagged `lock[lock=…]`.
+    fn since(&mut self, histograms: &[(u64, String, Latencies)]) -> Result<Vec<(String, Latencies)>> {
+        let mut entries = Vec::new();
+        for (addr, key, latencies) in histograms {
+            let delta = match self.0.get(addr) {
+                Some(before) => latencies.since(before)?,
+                None => latencies.clone(),
+            };
+            entries.push((series_tag("lock", Some(key)), delta));
+            self.0.insert(*addr, latencies.clone());
+        }
+        Ok(entries)
+    }
 }
 
 fn attach(ebpf: &mut Ebpf) -> Result<()> {
@@ -381,15 +479,15 @@ fn attach(ebpf: &mut Ebpf) -> Result<()> {
 
 /// Attaches `--during`'s programs to FUNC: fentry/fexit, else
 /// kprobe/kretprobe. Returns the mechanism.
-fn attach_during(ebpf: &mut Ebpf, func: &str) -> Result<&'static str> {
+fn attach_during(ebpf: &mut Ebpf, btf: Option<&aya::Btf>, func: &str) -> Result<&'static str> {
     let fentry = (|| -> Result<()> {
-        let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+        let btf = btf.context("reading kernel BTF (/sys/kernel/btf/vmlinux) failed")?;
         let [entry, exit] = programs::DURING_FENTRY;
         let Some(Program::FEntry(p)) = ebpf.program_mut(entry) else { bail!("program {entry} missing") };
-        p.load(func, &btf).map_err(|e| anyhow!("{}", bpf::describe(&e)))?;
+        p.load(func, btf).map_err(|e| anyhow!("{}", bpf::describe(&e)))?;
         p.attach().map_err(|e| anyhow!("{}", bpf::describe(&e)))?;
         let Some(Program::FExit(p)) = ebpf.program_mut(exit) else { bail!("program {exit} missing") };
-        p.load(func, &btf).map_err(|e| anyhow!("{}", bpf::describe(&e)))?;
+        p.load(func, btf).map_err(|e| anyhow!("{}", bpf::describe(&e)))?;
         p.attach().map_err(|e| anyhow!("{}", bpf::describe(&e)))?;
         Ok(())
     })();

@@ -19,9 +19,10 @@ use latprobe_common::sched::{hist, maps};
 
 use crate::{
     cli::RunqlatArgs,
-    cost,
+    cost::{self, Cost},
     histogram::Latencies,
     kernel_hist::{HistMaps, Totals},
+    metrics::{self, Exporter, Series},
     output::{
         self,
         hdr_log::{series_tag, HdrLog},
@@ -120,6 +121,7 @@ impl Source {
 pub async fn run(args: RunqlatArgs) -> Result<()> {
     let mut run = Run::prepare(&args.run, None, None)?;
     let mut hdr_log = args.hdr_log.as_deref().map(HdrLog::create).transpose()?;
+    let exporter = args.listen.as_ref().map(Exporter::start).transpose()?;
     let grouping = if args.per_cpu {
         Grouping::PerCpu
     } else if args.per_pid {
@@ -154,9 +156,10 @@ pub async fn run(args: RunqlatArgs) -> Result<()> {
 
     output::say(&format!("tracing run-queue latency ({attach}); Ctrl-C to end"));
     run.report_every(args.interval);
-    if grouping == Grouping::PerPid {
-        // Names are read while processes live: by the end, short-lived ones are gone.
-        run.poll_every(Duration::from_millis(500));
+    // Names are read while processes live: by the end, short-lived ones are gone.
+    let own_poll = (grouping == Grouping::PerPid).then_some(Duration::from_millis(500));
+    if let Some(period) = metrics::poll_period(exporter.as_ref(), own_poll) {
+        run.poll_every(period);
     }
     run.activate()?;
     if let Some(log) = hdr_log.as_mut() {
@@ -167,12 +170,19 @@ pub async fn run(args: RunqlatArgs) -> Result<()> {
     let end = loop {
         match run.next_tick().await? {
             Step::Ended(end) => break end,
-            Step::Poll => source.remember_comms()?,
+            Step::Poll => match exporter.as_ref() {
+                Some(exporter) => publish(exporter, &source.rows(&probes)?, cost.as_ref(), &probes),
+                None => source.remember_comms()?,
+            },
             Step::Interval => {
                 let now = Instant::now();
                 let mut out = String::new();
                 let mut deltas = Vec::new();
-                for row in source.rows(&probes)? {
+                let rows = source.rows(&probes)?;
+                if let Some(exporter) = exporter.as_ref() {
+                    publish(exporter, &rows, cost.as_ref(), &probes);
+                }
+                for row in rows {
                     let before = previous.get(&row.key).cloned().unwrap_or_else(Latencies::new);
                     let delta = row.totals.latencies.since(&before)?;
                     out += &render(&row, &delta, &attach, "interval", now - last_report, args.format);
@@ -198,6 +208,9 @@ pub async fn run(args: RunqlatArgs) -> Result<()> {
     let elapsed = run.elapsed();
     let mut out = String::new();
     let rows = source.rows(&probes)?;
+    if let Some(exporter) = exporter.as_ref() {
+        exporter.publish(&series(&rows), &[], final_cost.as_ref());
+    }
     if rows.is_empty() && args.format == Format::Text {
         out += "runqlat: no waits seen\n";
     }
@@ -212,6 +225,24 @@ pub async fn run(args: RunqlatArgs) -> Result<()> {
     }
     output::report(out);
     hdr_log.map_or(Ok(()), |log| log.end(&deltas))
+}
+
+/// The rows, cumulative since the start, as `--listen` serves them.
+fn series(rows: &[Row]) -> Vec<Series<'_>> {
+    rows.iter()
+        .map(|row| Series {
+            function: "runqlat".into(),
+            key: row.key.clone(),
+            latencies: &row.totals.latencies,
+            untimed: row.totals.missed,
+            outliers_lost: row.totals.outliers_lost,
+        })
+        .collect()
+}
+
+fn publish(exporter: &Exporter, rows: &[Row], cost: Option<&cost::SelfCost>, probes: &Probes) {
+    let cost: Option<Cost> = cost.map(|c| c.whole_run(&probes.ebpf));
+    exporter.publish(&series(rows), &[], cost.as_ref());
 }
 
 fn render(row: &Row, latencies: &Latencies, attach: &str, period: &str, elapsed: Duration, format: Format) -> String {

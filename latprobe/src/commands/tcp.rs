@@ -31,6 +31,7 @@ use crate::{
     duration::format_ns,
     histogram::{Latencies, QUANTILES},
     kernel_hist::{self, HistMaps},
+    metrics::{self, Counter, Exporter, Series},
     output::{
         self,
         hdr_log::{series_tag, HdrLog},
@@ -246,15 +247,51 @@ impl Snapshot {
     /// The measured stages' histograms with something in them, named as in
     /// the JSON reports (`tcp:accept[port=8080]`), for `--hdr-log`.
     fn series(&self, probes: &Probes) -> Vec<(String, Latencies)> {
+        self.metrics(probes)
+            .into_iter()
+            .map(|s| (series_tag(&s.function, s.key.as_deref()), s.latencies.clone()))
+            .collect()
+    }
+
+    /// The same histograms as `--listen` serves them: function and key apart.
+    fn metrics(&self, probes: &Probes) -> Vec<Series<'_>> {
         self.stages
             .iter()
             .filter(|row| row.latencies.count() > 0)
             .filter(|row| matches!(probes.stages[row.stage as usize], Availability::Attached(_)))
-            .map(|row| {
-                let name = format!("tcp:{}", stage::NAMES[row.stage as usize]);
-                (series_tag(&name, Some(&row.key.label())), row.latencies.clone())
+            .map(|row| Series {
+                function: format!("tcp:{}", stage::NAMES[row.stage as usize]),
+                key: Some(row.key.label()),
+                latencies: &row.latencies,
+                untimed: 0,
+                outliers_lost: 0,
             })
             .collect()
+    }
+
+    /// What `--listen` serves beside the histograms: what could not be
+    /// measured, named as in the JSON summary (for all stages at once), and
+    /// each key's losses, named as in its `tcp_losses` record, when losses
+    /// are counted.
+    fn counters(&self, probes: &Probes) -> Vec<Counter> {
+        let mut counters = vec![
+            Counter::lost("untimed_sockets", self.lost.sock_table_full),
+            Counter::lost("untimed_prunes", self.lost.collapse_table_full),
+            Counter::lost("events_lost", self.lost.events),
+        ];
+        if matches!(probes.losses, Availability::Attached(_)) {
+            for row in &self.losses {
+                for (kind, &count) in loss::NAMES.iter().zip(&row.counts) {
+                    counters.push(Counter {
+                        name: "latprobe_tcp_losses",
+                        help: "Packets and connections lost, per key, by kind (as the tcp_losses JSON record names it)",
+                        labels: vec![("key", row.key.label()), ("kind", kind.to_string())],
+                        value: count,
+                    });
+                }
+            }
+        }
+        counters
     }
 
     fn empty() -> Snapshot {
@@ -268,6 +305,7 @@ pub async fn run(args: TcpArgs) -> Result<()> {
     }
     let mut run = Run::prepare(&args.run, None, None)?;
     let mut hdr_log = args.hdr_log.as_deref().map(HdrLog::create).transpose()?;
+    let exporter = args.listen.as_ref().map(Exporter::start).transpose()?;
     let config = Config {
         tgid: run.tgid(),
         ports: args.port.clone(),
@@ -306,8 +344,9 @@ pub async fn run(args: TcpArgs) -> Result<()> {
     }
     output::say(&format!("tracing tcp: {}; Ctrl-C to end", attached.join(", ")));
     run.report_every(args.interval);
-    if args.by == TcpBy::Pid {
-        run.poll_every(Duration::from_millis(500));
+    let own_poll = (args.by == TcpBy::Pid).then_some(Duration::from_millis(500));
+    if let Some(period) = metrics::poll_period(exporter.as_ref(), own_poll) {
+        run.poll_every(period);
     }
     run.activate()?;
     if let Some(log) = hdr_log.as_mut() {
@@ -321,11 +360,19 @@ pub async fn run(args: TcpArgs) -> Result<()> {
             Step::Records => {
                 ring.drain(BATCH, |e| printer.print(&e))?;
             }
-            Step::Poll => source.remember_comms()?,
+            Step::Poll => {
+                source.remember_comms()?;
+                if let Some(exporter) = exporter.as_ref() {
+                    publish(exporter, &source.snapshot()?, &probes, cost.as_ref());
+                }
+            }
             Step::Interval => {
                 let now = Instant::now();
                 source.remember_comms()?;
                 let snapshot = source.snapshot()?;
+                if let Some(exporter) = exporter.as_ref() {
+                    publish(exporter, &snapshot, &probes, cost.as_ref());
+                }
                 let delta = snapshot.since(&previous)?;
                 let period = Period { name: "interval", elapsed: now - last_report, unprinted: 0 };
                 output::report(render(&delta, &source, &probes, &period, args.format));
@@ -353,12 +400,39 @@ pub async fn run(args: TcpArgs) -> Result<()> {
     let period = Period { name: "final", elapsed: run.elapsed(), unprinted };
     source.remember_comms()?;
     let snapshot = source.snapshot()?;
+    if let Some(exporter) = exporter.as_ref() {
+        exporter.publish(&snapshot.metrics(&probes), &snapshot.counters(&probes), final_cost.as_ref());
+    }
     output::report(render(&snapshot, &source, &probes, &period, args.format));
     if let Some(cost) = final_cost {
         output::report(cost.render("final", args.format));
     }
     let last = snapshot.since(&previous)?.series(&probes);
     hdr_log.map_or(Ok(()), |log| log.end(&last))
+}
+
+/// Makes `snapshot` (cumulative since the start) what `--listen` serves.
+fn publish(exporter: &Exporter, snapshot: &Snapshot, probes: &Probes, cost: Option<&cost::SelfCost>) {
+    let cost = cost.map(|c| c.whole_run(&probes.ebpf));
+    exporter.publish(&snapshot.metrics(probes), &snapshot.counters(probes), cost.as_ref());
+}
+
+impl<'a> LossJson<'a> {
+    fn of(period: &'a str, key: &'a str, c: &[u64; loss::COUNT as usize]) -> Self {
+        LossJson {
+            kind: "tcp_losses",
+            period,
+            key,
+            syn_retransmits: c[loss::SYN_RETRANS as usize],
+            synack_retransmits: c[loss::SYNACK_RETRANS as usize],
+            retransmits: c[loss::RETRANS as usize],
+            resets_sent: c[loss::RESET_SENT as usize],
+            resets_received: c[loss::RESET_RECEIVED as usize],
+            listen_overflows: c[loss::LISTEN_OVERFLOW as usize],
+            collapsed_skbs: c[loss::COLLAPSED as usize],
+            drops: c[loss::DROPPED as usize],
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -474,21 +548,7 @@ fn render_json(
     }
     for row in losses {
         let key = row.key.label();
-        let c = &row.counts;
-        let json = LossJson {
-            kind: "tcp_losses",
-            period: period.name,
-            key: &key,
-            syn_retransmits: c[loss::SYN_RETRANS as usize],
-            synack_retransmits: c[loss::SYNACK_RETRANS as usize],
-            retransmits: c[loss::RETRANS as usize],
-            resets_sent: c[loss::RESET_SENT as usize],
-            resets_received: c[loss::RESET_RECEIVED as usize],
-            listen_overflows: c[loss::LISTEN_OVERFLOW as usize],
-            collapsed_skbs: c[loss::COLLAPSED as usize],
-            drops: c[loss::DROPPED as usize],
-        };
-        out += &serde_json::to_string(&json).expect("losses serialize");
+        out += &serde_json::to_string(&LossJson::of(period.name, &key, &row.counts)).expect("losses serialize");
         out.push('\n');
     }
     let reasons = drops_by_reason(&snapshot.drops, probes);
@@ -746,5 +806,19 @@ impl EventPrinter {
             }
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_names_are_the_json_fields() {
+        let counts: [u64; loss::COUNT as usize] = std::array::from_fn(|i| i as u64 + 1);
+        let json: serde_json::Value = serde_json::to_value(LossJson::of("final", "port=80", &counts)).unwrap();
+        for (i, name) in loss::NAMES.iter().enumerate() {
+            assert_eq!(json[name], i as u64 + 1, "{name} in {json}");
+        }
     }
 }

@@ -48,6 +48,15 @@ const LEAST_DRAIN: Duration = Duration::from_millis(50);
 /// written, before they are dropped for the final report.
 pub const SETTLE_TIME: Duration = Duration::from_millis(250);
 
+/// When latprobe started: [`Run::activate`] says (with -v) how long it took
+/// from here to having every probe attached.
+static PROCESS_START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// Notes latprobe's start; called first thing in `main`.
+pub fn mark_process_start() {
+    PROCESS_START.get_or_init(Instant::now);
+}
+
 /// Why a run ended.
 #[derive(Debug)]
 pub enum End {
@@ -146,6 +155,10 @@ impl Run {
     /// Phase 3: probes are attached.
     pub fn activate(&mut self) -> Result<()> {
         self.started = Instant::now();
+        if let Some(start) = PROCESS_START.get() {
+            let ms = (self.started - *start).as_secs_f64() * 1e3;
+            output::verbose(&format!("attached {ms:.1}ms after start"));
+        }
         self.deadline = self.secs.map(|s| self.started + Duration::from_secs(s));
         for t in [&mut self.interval, &mut self.poll].into_iter().flatten() {
             t.reset();

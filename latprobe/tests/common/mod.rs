@@ -180,6 +180,11 @@ impl Tracing {
 }
 
 impl Tracing {
+    /// What latprobe printed on stderr up to its "tracing" line.
+    pub fn said(&self) -> &str {
+        &self.said
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -306,4 +311,39 @@ pub fn libbpf_tool(name: &str) -> Option<PathBuf> {
         .chain(env::split_paths(&path))
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
+}
+
+/// `GET path` over plain HTTP/1.1 to `addr` (`127.0.0.1:PORT`), as a
+/// scraper does: the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    try_http_get(addr, path).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+}
+
+/// [`http_get`], with an error for a server not (yet) there.
+pub fn try_http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(|e| e.to_string())?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| format!("not HTTP: {response}"))?;
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+    Ok((status.ok_or_else(|| format!("no status: {head}"))?, body.to_string()))
+}
+
+/// Where latprobe said it serves /metrics (`127.0.0.1:PORT`).
+pub fn metrics_address(stderr: &str) -> String {
+    let line = stderr.lines().find(|l| l.contains("serving metrics on")).unwrap_or_else(|| panic!("{stderr}"));
+    let url = line.split("http://").nth(1).unwrap_or_else(|| panic!("{line}"));
+    url.trim_end_matches("/metrics").to_string()
+}
+
+/// The value of the sample `name{labels…}` whose labels contain `having`.
+pub fn sample(metrics: &str, name: &str, having: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .find(|l| l.contains(having))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
