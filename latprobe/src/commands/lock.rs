@@ -278,10 +278,10 @@ pub async fn run(args: LockArgs) -> Result<()> {
     let stacks = u32::from(args.stacks);
     let slots = args.max_locks + 1;
     let ring_bytes = if threshold != u64::MAX { latprobe_common::lock::EVENTS_RING_BYTES } else { bpf::page_size() };
-    let btf = btf_offsets::Btf::from_sys_fs()?;
-    let task = btf_offsets::TaskOffsets::from_btf(&btf)?;
-    let owners = btf_offsets::LockOwnerOffsets::from_btf(&btf);
-    drop(btf);
+    let kernel_btf = btf_offsets::Btf::from_sys_fs()?;
+    let task = btf_offsets::TaskOffsets::from_btf(&kernel_btf)?;
+    let owners = btf_offsets::LockOwnerOffsets::from_btf(&kernel_btf);
+    drop(kernel_btf);
     output::verbose(&format!("lock owner offsets from BTF: {owners:?}"));
     let mut cost = cost::start_or_explain();
     let mut ebpf = bpf::load_lock(|loader| {
