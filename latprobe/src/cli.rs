@@ -90,6 +90,29 @@ pub enum Command {
     /// What this kernel allows, and which mechanism each command uses here and why
     #[command(after_help = DOCTOR_EXAMPLES)]
     Doctor(DoctorArgs),
+    /// Shell completions or the man page, from these definitions (`cargo xtask dist` packs them)
+    #[command(hide = true)]
+    Generate(GenerateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[arg(value_enum)]
+    pub what: Generated,
+    /// With `man`: the page of this subcommand (latprobe-SUBCOMMAND)
+    #[arg(long, value_name = "SUBCOMMAND")]
+    pub command: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Generated {
+    Bash,
+    Zsh,
+    Fish,
+    /// The man page, roff
+    Man,
+    /// The subcommands that have a man page, one per line
+    Commands,
 }
 
 const DOCTOR_EXAMPLES: &str = "\

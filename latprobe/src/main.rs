@@ -55,6 +55,7 @@ fn main() -> ExitCode {
             cli::Command::Lock(args) => commands::lock::run(args).await,
             cli::Command::Merge(args) => commands::merge::run(args).await,
             cli::Command::Doctor(args) => commands::doctor::run(args).await,
+            cli::Command::Generate(args) => commands::generate::run(&args),
         }
     });
     // Probes are detached by now; what is left is writing out. A stalled

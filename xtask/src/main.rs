@@ -1,6 +1,7 @@
 //! latprobe's developer tasks: the VM kernel matrix and the tests run in it.
 
 mod bench;
+mod dist;
 mod vm;
 mod vm_test;
 
@@ -47,6 +48,8 @@ enum Task {
         #[arg(long, default_value = "6.12")]
         kernel: String,
     },
+    /// Build what a release ships in target/dist: the static binary, completions, man pages, SHA256SUMS
+    Dist,
     /// Build latprobe and its tests statically and run the tests inside VMs
     VmTest {
         #[arg(long, default_value = "all")]
@@ -74,5 +77,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Task::VmTest { kernel, filter } => vm_test::run(&kernel, filter.as_deref()),
         Task::Bench { kernel } => bench::run(&kernel),
+        Task::Dist => dist::run(),
     }
 }

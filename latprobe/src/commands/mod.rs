@@ -3,6 +3,7 @@
 pub mod doctor;
 pub mod flame;
 pub mod func;
+pub mod generate;
 pub mod lock;
 pub mod merge;
 pub mod runqlat;

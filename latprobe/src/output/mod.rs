@@ -6,6 +6,7 @@
 //! Both streams are written by threads of their own (see `stream`): no write
 //! can block a run, and no write error can panic it.
 
+pub mod countdown;
 pub mod files;
 pub mod hdr_log;
 mod stream;
@@ -72,7 +73,12 @@ pub fn is_verbose() -> bool {
 
 /// One line on stderr, prefixed `latprobe: `.
 pub fn say(text: &str) {
-    stderr().report(format!("latprobe: {text}\n"));
+    stderr().report(format!("{}latprobe: {text}\n", countdown::erase_prefix()));
+}
+
+/// Text on stderr as it is (the countdown's own).
+fn stderr_raw(text: String) {
+    stderr().report(text);
 }
 
 /// A `-v` line: which mechanism was tried and chosen, and why.
@@ -84,12 +90,12 @@ pub fn verbose(text: &str) {
 
 /// Something the user must know that does not stop the run.
 pub fn warn(text: &str) {
-    stderr().report(format!("latprobe: warning: {text}\n"));
+    stderr().report(format!("{}latprobe: warning: {text}\n", countdown::erase_prefix()));
 }
 
 /// An error line, as the run ends.
 pub fn error(text: &str) {
-    stderr().report(format!("latprobe: error: {text}\n"));
+    stderr().report(format!("{}latprobe: error: {text}\n", countdown::erase_prefix()));
 }
 
 /// A result that may be dropped (and counted) when stdout cannot keep up:

@@ -36,7 +36,11 @@ use tokio::{
 
 pub use ring::{Ring, BATCH};
 
-use crate::{bpf, cli::RunArgs, output};
+use crate::{
+    bpf,
+    cli::RunArgs,
+    output::{self, countdown},
+};
 use child::GatedChild;
 use signals::Signals;
 
@@ -109,6 +113,8 @@ pub struct Run {
     watched: Option<(u32, AsyncFd<PidFd>)>,
     interval: Option<Interval>,
     poll: Option<Interval>,
+    /// Once a second, the countdown on stderr (see `output::countdown`).
+    countdown: Option<Interval>,
     started: Instant,
     ended: Option<Instant>,
 }
@@ -132,6 +138,7 @@ impl Run {
             watched,
             interval: None,
             poll: None,
+            countdown: None,
             started: Instant::now(),
             ended: None,
         })
@@ -163,6 +170,10 @@ impl Run {
         for t in [&mut self.interval, &mut self.poll].into_iter().flatten() {
             t.reset();
         }
+        // A command's own output goes to stderr: no countdown over it.
+        if self.child.is_none() && countdown::wanted(self.secs) {
+            self.countdown = Some(interval_at(tokio::time::Instant::now(), Duration::from_secs(1)));
+        }
         if let Some(c) = self.child.as_mut() {
             c.release()?;
         }
@@ -176,15 +187,26 @@ impl Run {
 
     /// Phase 4: the next thing to do. Ending comes first, so no flood of
     /// records can hold off a deadline or a signal.
-    pub async fn next<T>(&mut self, ring: Option<&mut Ring<T>>) -> Result<Step> {
+    pub async fn next<T>(&mut self, mut ring: Option<&mut Ring<T>>) -> Result<Step> {
+        loop {
+            match self.next_or_countdown(ring.as_deref_mut()).await? {
+                Some(step) => return Ok(step),
+                None => self.draw_countdown(),
+            }
+        }
+    }
+
+    /// The next step, or None when it is time to redraw the countdown.
+    async fn next_or_countdown<T>(&mut self, ring: Option<&mut Ring<T>>) -> Result<Option<Step>> {
         // The clock is read here too: under a flood the timer driver may be
         // the last thing the runtime gets to.
         if self.deadline.is_some_and(|at| Instant::now() >= at) {
-            return Ok(Step::Ended(End::Deadline));
+            return Ok(Some(Step::Ended(End::Deadline)));
         }
         // Async blocks capture whole variables: borrow each field apart.
         let (deadline_at, child, watched) = (self.deadline, self.child.as_mut(), self.watched.as_ref());
-        let (signals, interval, poll) = (&mut self.signals, &mut self.interval, &mut self.poll);
+        let (signals, interval, poll, countdown) =
+            (&mut self.signals, &mut self.interval, &mut self.poll, &mut self.countdown);
         let deadline = async {
             match deadline_at {
                 Some(at) => sleep_until(at.into()).await,
@@ -214,18 +236,27 @@ impl Run {
         };
         Ok(tokio::select! {
             biased;
-            () = deadline => Step::Ended(End::Deadline),
-            signal = signals.next() => Step::Ended(End::Signal(signal)),
-            Some(status) = exited => Step::Ended(End::CommandExited(status)),
-            pid = process_exit => Step::Ended(End::ProcessExited(pid)),
-            () = output::stdout_closed_wait() => Step::Ended(End::StdoutClosed),
-            () = tick(interval) => Step::Interval,
-            () = tick(poll) => Step::Poll,
+            () = deadline => Some(Step::Ended(End::Deadline)),
+            signal = signals.next() => Some(Step::Ended(End::Signal(signal))),
+            Some(status) = exited => Some(Step::Ended(End::CommandExited(status))),
+            pid = process_exit => Some(Step::Ended(End::ProcessExited(pid))),
+            () = output::stdout_closed_wait() => Some(Step::Ended(End::StdoutClosed)),
+            () = tick(interval) => Some(Step::Interval),
+            () = tick(poll) => Some(Step::Poll),
+            () = tick(countdown) => None,
             ready = records => {
                 ready?;
-                Step::Records
+                Some(Step::Records)
             }
         })
+    }
+
+    fn draw_countdown(&self) {
+        if let (Some(at), Some(secs)) = (self.deadline, self.secs) {
+            // Rounded up: "1s left" until the end, never "0s".
+            let left = at.saturating_duration_since(Instant::now()) + Duration::from_millis(999);
+            countdown::show(Duration::from_secs(left.as_secs()), Duration::from_secs(secs));
+        }
     }
 
     /// [`Run::next`] for a command without a ring buffer.
@@ -238,6 +269,8 @@ impl Run {
     pub fn end(&mut self, end: &End) {
         self.ended = Some(Instant::now());
         output::mark_end();
+        self.countdown = None;
+        countdown::clear();
         if let Some(c) = self.child.as_mut() {
             if c.terminate() {
                 output::say(&format!("{} was still running: sent it SIGTERM", c.name));
