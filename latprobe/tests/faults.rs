@@ -371,3 +371,39 @@ fn absurd_durations_are_refused_in_one_line() {
     let run = latprobe(&["runqlat", "--interval", "200000m"]);
     assert_one_line_error(&run, "must be between 1ms and 100 days");
 }
+
+#[test]
+fn a_long_run_counts_down_on_a_terminal_and_not_elsewhere() {
+    let name = "a_long_run_counts_down_on_a_terminal_and_not_elsewhere";
+    if let Some(why) = bpf_unavailable() {
+        return skip(name, &why);
+    }
+    let Some(script) = ["/usr/bin/script", "/bin/script"].into_iter().find(|p| std::path::Path::new(p).exists()) else {
+        return skip(name, "util-linux's script (a terminal to run in) is not installed");
+    };
+    // stderr on a terminal (script's), stdout to a file.
+    let dir = std::env::temp_dir().join(format!("latprobe-countdown-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("test directory");
+    let (typescript, report) = (dir.join("typescript"), dir.join("report"));
+    let inner = format!("{} runqlat --secs 5 > {}", latprobe_bin().display(), report.display());
+    let status = std::process::Command::new(script)
+        .args(["-qec", &inner, typescript.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run script");
+    let seen = std::fs::read_to_string(&typescript).unwrap_or_default();
+    let printed = std::fs::read_to_string(&report).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(status.success(), "{seen}");
+    for left in ["5s of 5s left", "1s of 5s left"] {
+        assert!(seen.contains(left), "no '{left}' on the terminal:\n{seen:?}");
+    }
+    // Erased at the end, and never in the report.
+    assert!(seen.trim_end().ends_with("\x1b[K") || seen.contains("left\r\x1b[K"), "{seen:?}");
+    assert!(printed.contains("final") && !printed.contains("left"), "{printed}");
+    // Not a terminal: no countdown.
+    let run = latprobe(&["runqlat", "--secs", "5"]);
+    run.assert_success();
+    assert!(!run.stderr.contains("left"), "{}", run.stderr);
+}
