@@ -17,6 +17,10 @@
 //!                           at once (N calls in flight together)
 //!   recurse N DEPTH DUR     N calls of a function recursing DEPTH deep, the
 //!                           innermost sleeping DUR (a uprobe target)
+//!   hot DUR EVERY           call latprobe_workload_hot (next to nothing) as
+//!                           fast as it can for DUR; every EVERY prints
+//!                           `workload: hot N calls in NS ns` on stderr
+//!                           (the throughput a tracer leaves it)
 //!   stdin                   wait for a line on stdin (a start gate for tests)
 //!   pingpong N              N round trips of one byte between the main
 //!                           thread and a second one over two pipes: 2N
@@ -142,6 +146,36 @@ pub extern "C" fn latprobe_workload_recurse(depth: u32, nap_us: u64) -> u64 {
         return 1;
     }
     black_box(latprobe_workload_recurse(depth - 1, nap_us)) + 1
+}
+
+/// Next to nothing, called as often as it can be by `hot`: a uprobe target
+/// whose cost is all the tracer's. Out of line and unmangled.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn latprobe_workload_hot(x: u64) -> u64 {
+    black_box(x.wrapping_mul(31) + 7)
+}
+
+/// `hot DUR EVERY`: calls of `latprobe_workload_hot` for `d`, their
+/// number said every `every`.
+fn hot(d: Duration, every: Duration) {
+    let end = Instant::now() + d;
+    let mut window = Instant::now();
+    let mut calls = 0u64;
+    loop {
+        for i in 0..256 {
+            black_box(latprobe_workload_hot(i));
+        }
+        calls += 256;
+        let now = Instant::now();
+        if now - window >= every || now >= end {
+            eprintln!("workload: hot {calls} calls in {} ns", (now - window).as_nanos());
+            (window, calls) = (now, 0);
+        }
+        if now >= end {
+            return;
+        }
+    }
 }
 
 /// Pins the calling thread to `cpu`.
@@ -646,6 +680,10 @@ fn main() {
             }
             ("pingpong", [n, tail @ ..]) => {
                 pingpong(number(n));
+                tail
+            }
+            ("hot", [d, every, tail @ ..]) => {
+                hot(duration(d), duration(every));
                 tail
             }
             ("readfor", [d, tail @ ..]) => {

@@ -108,6 +108,18 @@ impl fmt::Display for Mechanism {
     }
 }
 
+impl Mechanism {
+    /// The programs that time `slot` this way: (entry, return).
+    pub fn programs(self, slot: usize) -> (&'static str, &'static str) {
+        match self {
+            Mechanism::Fentry => (programs::FENTRY[slot], programs::FEXIT[slot]),
+            Mechanism::Kprobe => (programs::KPROBE[slot], programs::KRETPROBE[slot]),
+            Mechanism::Uprobe => (programs::UPROBE[slot], programs::URETPROBE[slot]),
+            Mechanism::NetRxSoftirq => (programs::SOFTIRQ_ENTRY, programs::SOFTIRQ_EXIT),
+        }
+    }
+}
+
 /// The function whose calls the NET_RX softirq brackets.
 pub const NET_RX_FUNCTION: &str = "net_rx_action";
 
@@ -384,10 +396,12 @@ pub fn detach_entries(ebpf: &mut Ebpf) {
 }
 
 /// Unloads a program, detaching its links; a program never loaded is fine.
-fn unload(ebpf: &mut Ebpf, name: &str) {
+/// (A return probe made in tracefs is held by its `ReturnProbe` too.)
+pub fn unload(ebpf: &mut Ebpf, name: &str) {
     use aya::programs::Program;
     let _ = match ebpf.program_mut(name) {
         Some(Program::FEntry(p)) => p.unload(),
+        Some(Program::FExit(p)) => p.unload(),
         Some(Program::KProbe(p)) => p.unload(),
         Some(Program::UProbe(p)) => p.unload(),
         Some(Program::RawTracePoint(p)) => p.unload(),

@@ -45,6 +45,11 @@ pub struct RunArgs {
     /// Only this process; stop when it exits
     #[arg(long, value_name = "PID", conflicts_with = "command")]
     pub pid: Option<u32>,
+    /// Most of all CPUs' time latprobe's own programs may take, judged each second: over it, the costliest
+    /// function (fn) or every probe (other commands, which then end) is detached and said so; the
+    /// report covers what was measured until then [default: 5; `off` for none]
+    #[arg(long, value_name = "PCT", value_parser = crate::budget::parse_limit)]
+    pub max_overhead: Option<crate::budget::Limit>,
     #[arg(last = true, value_name = "COMMAND", help = COMMAND_HELP)]
     pub command: Vec<String>,
 }

@@ -1,4 +1,5 @@
-//! What latprobe's own programs cost the machine, as the kernel measures it.
+//! What latprobe's own programs cost the machine, as the kernel measures it,
+//! and the budget (`--max-overhead`) it is held to.
 //!
 //! `BPF_ENABLE_STATS` makes the kernel time every BPF program run (two clock
 //! reads each) for as long as the returned fd is open: closed with latprobe,
@@ -9,18 +10,47 @@
 //! mechanism's entry cost (a trampoline call, a breakpoint) comes on top.
 
 use std::{
+    cell::RefCell,
+    collections::HashMap,
     os::fd::OwnedFd,
     time::{Duration, Instant},
 };
 
+use anyhow::{bail, Result};
 use aya::{sys::Stats, Ebpf};
 use serde_json::json;
 
-use crate::{duration::format_ns, output, report::Format};
+use crate::{
+    budget::{self, Limit, Shed},
+    duration::format_ns,
+    output,
+    report::Format,
+};
 
-/// [`SelfCost::start`], or None after saying (with -v) why not.
-pub fn start_or_explain() -> Option<SelfCost> {
-    SelfCost::start().map_err(|why| output::verbose(&format!("latprobe's own cost is not measured: {why}"))).ok()
+/// Starts counting, before anything is attached, held to `limit` (the
+/// default budget when `None`). Without the kernel's counting: `None`, said
+/// with -v, or an error when a budget was asked for by name.
+pub fn start(limit: Option<Limit>) -> Result<Option<SelfCost>> {
+    let limit_percent = match limit.unwrap_or(Limit::Percent(budget::DEFAULT_PERCENT)) {
+        Limit::Off => None,
+        Limit::Percent(p) => Some(p),
+    };
+    match SelfCost::start(limit_percent) {
+        Ok(cost) => {
+            if let Some(p) = limit_percent {
+                output::verbose(&format!("--max-overhead {p}%: judged every {}s", budget::WINDOW.as_secs()));
+            }
+            Ok(Some(cost))
+        }
+        Err(why) if matches!(limit, Some(Limit::Percent(_))) => bail!(
+            "--max-overhead needs the kernel to time latprobe's programs, and it refused ({why}): that takes \
+             Linux 5.8+ and CAP_SYS_ADMIN; run without --max-overhead, or with --max-overhead off"
+        ),
+        Err(why) => {
+            output::verbose(&format!("latprobe's own cost is not measured, nor held to a budget: {why}"));
+            Ok(None)
+        }
+    }
 }
 
 /// Counting is on while this lives.
@@ -29,6 +59,15 @@ pub struct SelfCost {
     cpus: usize,
     first: Sample,
     last: Sample,
+    /// `--max-overhead`, in percent of all CPUs' time; `None` when off.
+    limit_percent: Option<f64>,
+    /// Each program's run time at the last judgement of the budget, and when.
+    judged_ns: HashMap<String, u64>,
+    judged_at: Instant,
+    sheds: Vec<Shed>,
+    /// Each program's (runs, run ns) when last read: a program detached
+    /// over budget keeps counting in the whole run's cost.
+    seen: RefCell<HashMap<String, (u64, u64)>>,
 }
 
 /// Program runs and their total time, at one instant.
@@ -39,20 +78,35 @@ struct Sample {
     run_ns: u64,
 }
 
+/// Units whose programs the budget weighs against each other: a name (what
+/// a shed says it detached) and the names of its programs.
+pub type Unit<'a> = (String, Vec<&'a str>);
+
 impl SelfCost {
-    /// Starts counting, before anything is attached. `None` (and why) when
-    /// the kernel refuses: it needs CAP_SYS_ADMIN and Linux 5.8.
-    pub fn start() -> Result<SelfCost, String> {
+    /// `None` (and why) when the kernel refuses: it needs CAP_SYS_ADMIN and
+    /// Linux 5.8.
+    fn start(limit_percent: Option<f64>) -> Result<SelfCost, String> {
         let stats = aya::sys::enable_stats(Stats::RunTime).map_err(|e| e.to_string())?;
         let cpus = aya::util::online_cpus().map_or(1, |c| c.len().max(1));
-        let zero = Sample { at: Instant::now(), runs: 0, run_ns: 0 };
-        Ok(SelfCost { _stats: stats, cpus, first: zero, last: zero })
+        let now = Instant::now();
+        let zero = Sample { at: now, runs: 0, run_ns: 0 };
+        Ok(SelfCost {
+            _stats: stats,
+            cpus,
+            first: zero,
+            last: zero,
+            limit_percent,
+            judged_ns: HashMap::new(),
+            judged_at: now,
+            sheds: Vec::new(),
+            seen: RefCell::new(HashMap::new()),
+        })
     }
 
     /// The cost since the last call (or since counting started). Programs
     /// must still be loaded: take the final one before detaching.
     pub fn since_last(&mut self, ebpf: &Ebpf) -> Cost {
-        let now = sample(ebpf);
+        let now = self.sample(ebpf);
         let cost = self.between(self.last, now);
         self.last = now;
         cost
@@ -60,7 +114,26 @@ impl SelfCost {
 
     /// The cost of the whole run so far.
     pub fn whole_run(&self, ebpf: &Ebpf) -> Cost {
-        self.between(self.first, sample(ebpf))
+        self.between(self.first, self.sample(ebpf))
+    }
+
+    /// Reads every program's counts, so that those about to be unloaded
+    /// keep counting in the run's cost.
+    pub fn note(&self, ebpf: &Ebpf) {
+        self.sample(ebpf);
+    }
+
+    /// Every program's runs and time so far, those detached included (read
+    /// before they were unloaded: see [`SelfCost::note`]).
+    fn sample(&self, ebpf: &Ebpf) -> Sample {
+        let mut seen = self.seen.borrow_mut();
+        for (name, program) in ebpf.programs() {
+            if let Ok(info) = program.info() {
+                seen.insert(name.to_string(), (info.run_count(), info.run_time().as_nanos() as u64));
+            }
+        }
+        let (runs, run_ns) = seen.values().fold((0, 0), |(r, n), (runs, ns)| (r + runs, n + ns));
+        Sample { at: Instant::now(), runs, run_ns }
     }
 
     fn between(&self, from: Sample, to: Sample) -> Cost {
@@ -69,17 +142,56 @@ impl SelfCost {
             runs: to.runs.saturating_sub(from.runs),
             run_ns: to.run_ns.saturating_sub(from.run_ns),
             cpus: self.cpus,
+            limit_percent: self.limit_percent,
+            sheds: self.sheds.clone(),
         }
     }
-}
 
-fn sample(ebpf: &Ebpf) -> Sample {
-    let (mut runs, mut run_ns) = (0, 0);
-    for info in ebpf.programs().filter_map(|(_, p)| p.info().ok()) {
-        runs += info.run_count();
-        run_ns += info.run_time().as_nanos() as u64;
+    /// How often the budget wants judging: `None` when there is none.
+    pub fn budget_window(&self) -> Option<Duration> {
+        self.limit_percent.map(|_| budget::WINDOW)
     }
-    Sample { at: Instant::now(), runs, run_ns }
+
+    /// Judges the time since the last judgement over every program of
+    /// `ebpf`, as one unit named `what`. Over budget, the run must end: its
+    /// probes are all there is to shed.
+    pub fn over_budget_whole(&mut self, ebpf: &Ebpf, what: &str, traced: Duration) -> Option<Shed> {
+        let names: Vec<&str> = ebpf.programs().map(|(name, _)| name).collect();
+        self.over_budget(ebpf, &[(what.to_string(), names)], traced).map(|(_, shed)| shed)
+    }
+
+    /// Judges the time since the last judgement over `units` (those still
+    /// attached): over budget, the costliest unit's index and the shed,
+    /// which the caller detaches. Programs outside `units` are not weighed.
+    pub fn over_budget(&mut self, ebpf: &Ebpf, units: &[Unit<'_>], traced: Duration) -> Option<(usize, Shed)> {
+        let limit_percent = self.limit_percent?;
+        let now = Instant::now();
+        let window = now - self.judged_at;
+        self.judged_at = now;
+        let mut spent: HashMap<&str, u64> = HashMap::new();
+        for (name, program) in ebpf.programs() {
+            let Ok(info) = program.info() else { continue };
+            let total = info.run_time().as_nanos() as u64;
+            let before = self.judged_ns.insert(name.to_string(), total).unwrap_or(0);
+            spent.insert(name, total.saturating_sub(before));
+        }
+        let per_unit: Vec<u64> =
+            units.iter().map(|(_, names)| names.iter().filter_map(|n| spent.get(n)).sum()).collect();
+        let verdict = budget::judge(&per_unit, window, self.cpus, limit_percent)?;
+        // The caller detaches what is shed: its counts so far stay in the run's.
+        self.sample(ebpf);
+        let shed = Shed {
+            what: units[verdict.costliest].0.clone(),
+            last: units.len() == 1,
+            after: traced,
+            used_percent: verdict.used_percent,
+            limit_percent,
+            cpus: self.cpus,
+        };
+        output::say(&shed.describe());
+        self.sheds.push(shed.clone());
+        Some((verdict.costliest, shed))
+    }
 }
 
 /// latprobe's own cost over one period.
@@ -88,6 +200,10 @@ pub struct Cost {
     pub runs: u64,
     pub run_ns: u64,
     pub cpus: usize,
+    /// `--max-overhead`, when on.
+    pub limit_percent: Option<f64>,
+    /// What the budget made latprobe detach, so far.
+    pub sheds: Vec<Shed>,
 }
 
 impl Cost {
@@ -106,14 +222,26 @@ impl Cost {
 
     pub fn render(&self, period: &str, format: Format) -> String {
         match format {
-            Format::Text => format!(
-                "latprobe's programs ({period}): {} runs ({:.0}/s), {} per run, {:.3}% of {} CPUs\n",
-                self.runs,
-                self.runs_per_second(),
-                format_ns(self.ns_per_run()),
-                self.cpu_percent(),
-                self.cpus
-            ),
+            Format::Text => {
+                let mut line = format!(
+                    "latprobe's programs ({period}): {} runs ({:.0}/s), {} per run, {:.3}% of {} CPUs",
+                    self.runs,
+                    self.runs_per_second(),
+                    format_ns(self.ns_per_run()),
+                    self.cpu_percent(),
+                    self.cpus
+                );
+                for shed in &self.sheds {
+                    line += &format!(
+                        "; over --max-overhead {}% ({:.1}%), detached {} after {:.1}s",
+                        shed.limit_percent,
+                        shed.used_percent,
+                        shed.what,
+                        shed.after.as_secs_f64()
+                    );
+                }
+                line + "\n"
+            }
             Format::Json => format!(
                 "{}\n",
                 json!({
@@ -125,6 +253,8 @@ impl Cost {
                     "ns_per_run": self.ns_per_run(),
                     "cpu_percent": self.cpu_percent(),
                     "cpus": self.cpus,
+                    "limit_percent": self.limit_percent,
+                    "over_budget": self.sheds.iter().map(Shed::to_json).collect::<Vec<_>>(),
                 })
             ),
         }
@@ -137,7 +267,14 @@ mod tests {
 
     #[test]
     fn share_of_the_machine() {
-        let c = Cost { elapsed: Duration::from_secs(2), runs: 1_000_000, run_ns: 100_000_000, cpus: 4 };
+        let c = Cost {
+            elapsed: Duration::from_secs(2),
+            runs: 1_000_000,
+            run_ns: 100_000_000,
+            cpus: 4,
+            limit_percent: Some(5.0),
+            sheds: Vec::new(),
+        };
         assert_eq!(c.ns_per_run(), 100);
         assert_eq!(c.runs_per_second(), 500_000.0);
         // 0.1 s of program time over 2 s on 4 CPUs: 1.25%.
@@ -150,7 +287,7 @@ mod tests {
 
     #[test]
     fn no_runs_costs_nothing() {
-        let c = Cost { elapsed: Duration::ZERO, runs: 0, run_ns: 0, cpus: 1 };
+        let c = Cost { elapsed: Duration::ZERO, runs: 0, run_ns: 0, cpus: 1, limit_percent: None, sheds: Vec::new() };
         assert_eq!(c.ns_per_run(), 0);
         assert_eq!(c.cpu_percent(), 0.0);
     }

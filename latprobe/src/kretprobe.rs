@@ -72,6 +72,12 @@ impl ReturnProbe {
         Ok(probe)
     }
 
+    /// Detaches the program; the definition stays (and its missed count
+    /// with it) until drop.
+    pub fn detach(&mut self) {
+        drop(self.perf.take());
+    }
+
     /// Returns the kernel dropped (pool exhausted, or the probe hit while
     /// another kprobe ran on that CPU), per `kprobe_profile`.
     pub fn missed(&self) -> u64 {

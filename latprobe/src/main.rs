@@ -3,6 +3,7 @@
 mod attach;
 mod bpf;
 mod btf_offsets;
+mod budget;
 mod cli;
 mod clock;
 mod commands;

@@ -49,6 +49,9 @@ pub struct FunctionReport<'a> {
     /// Outliers that reached userspace but were not printed: stdout could
     /// not keep up, or the run ended with them still queued.
     pub outliers_unprinted: u64,
+    /// Detached over `--max-overhead` before the period ended: `seconds`
+    /// is how long it was traced.
+    pub over_budget: bool,
 }
 
 #[derive(Serialize)]
@@ -69,6 +72,8 @@ struct HistogramJson<'a> {
     missed: u64,
     outliers_lost: u64,
     outliers_unprinted: u64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    over_budget: bool,
     log2_ns: Vec<Log2Json>,
     /// The whole histogram, HdrHistogram's compressed V2 in base64: what
     /// `latprobe merge` adds up across hosts.
@@ -136,6 +141,7 @@ impl FunctionReport<'_> {
             missed: self.missed,
             outliers_lost: self.outliers_lost,
             outliers_unprinted: self.outliers_unprinted,
+            over_budget: self.over_budget,
             log2_ns: l
                 .log2_buckets(1)
                 .into_iter()
@@ -155,8 +161,15 @@ impl FunctionReport<'_> {
         if let Some(comm) = self.comm {
             name += &format!(" ({comm})");
         }
-        let mut out =
-            format!("{name} [{}] {} {:.1}s: {} {}", self.attach, self.period, self.seconds, l.count(), self.noun);
+        let detached = if self.over_budget { ", detached over budget" } else { "" };
+        let mut out = format!(
+            "{name} [{}{detached}] {} {:.1}s: {} {}",
+            self.attach,
+            self.period,
+            self.seconds,
+            l.count(),
+            self.noun
+        );
         if self.lost() > 0 {
             out += &format!(
                 ", LOST {} ({} {} untimed, {} outliers undelivered)",
@@ -303,6 +316,7 @@ impl<'a> FunctionReport<'a> {
             missed: 0,
             outliers_lost: 0,
             outliers_unprinted: 0,
+            over_budget: false,
         }
     }
 }
@@ -348,6 +362,7 @@ mod tests {
             missed: 0,
             outliers_lost: 0,
             outliers_unprinted: 0,
+            over_budget: false,
         };
         let expected = "\
 do_nanosleep [kprobe] final 2.0s: 4 calls

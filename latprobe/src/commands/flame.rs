@@ -29,7 +29,7 @@ use crate::{
     attach::{Attacher, BtfLater, FrameStore, Target, NET_RX_FUNCTION},
     bpf, btf_offsets,
     cli::FlameArgs,
-    cost,
+    cost::{self, SelfCost},
     duration::format_ns,
     folded::{self, Stack},
     kallsyms::{self, KernelSymbols},
@@ -86,7 +86,7 @@ pub async fn run(args: FlameArgs) -> Result<()> {
     let mut run = Run::prepare(&args.run, args.cpu, None)?;
     // The kernel's BTF for --during's fentry and the tp_btf programs, parsed meanwhile.
     let btf = (during.is_some() || args.offcpu).then(BtfLater::start);
-    let cost = cost::start_or_explain();
+    let mut cost = cost::start(args.run.max_overhead)?;
     let cpus = aya::util::online_cpus().map_err(|(_, e)| e).context("listing online CPUs")?;
     let tgid = run.tgid();
     let (k, u, min_block) = (u32::from(kernel), u32::from(user), args.min_block.unwrap_or(0));
@@ -197,10 +197,16 @@ pub async fn run(args: FlameArgs) -> Result<()> {
     // The traced process, while it may still be latprobe's gate for the
     // command (see `Processes::gate`).
     let mut processes = Processes { gate: (tgid != 0).then_some(tgid), ..Processes::default() };
+    run.judge_budget_every(cost.as_ref().and_then(SelfCost::budget_window));
     run.activate()?;
     let end = loop {
         match run.next(Some(&mut new_keys)).await? {
             Step::Ended(end) => break end,
+            Step::Budget => {
+                if let Some(end) = run.over_budget(cost.as_mut(), &ebpf) {
+                    break end;
+                }
+            }
             Step::Records => {
                 new_keys.drain(BATCH, |k| {
                     processes.seen(&k);

@@ -4,7 +4,7 @@
 //! them per function (see `attach`), then prints outliers as they arrive and
 //! a report per function every `--interval` and at the end.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use latprobe_common::func::{globals, maps, Outlier, GROUPS_PER_FUNC, MAX_FUNCS};
@@ -14,7 +14,7 @@ use crate::{
     bpf,
     cli::FnArgs,
     clock::WallClock,
-    cost,
+    cost::{self, SelfCost, Unit},
     histogram::Latencies,
     kallsyms::{self, KernelSymbols},
     kernel_hist::{self, HistMaps, Totals},
@@ -26,7 +26,7 @@ use crate::{
         text,
     },
     report::{Format, FunctionReport, OutlierReport, Period},
-    run::{Ring, Run, Step, BATCH, SETTLE_TIME},
+    run::{End, Ring, Run, Step, BATCH, SETTLE_TIME},
 };
 
 /// One traced function and where its counts live.
@@ -37,6 +37,11 @@ struct Traced {
     previous: Latencies,
     /// Its return probe, when made in tracefs (kprobe mode).
     returns: Option<ReturnProbe>,
+    /// Detached over budget, after this long traced.
+    shed_after: Option<Duration>,
+    /// Its entry is detached and its return not yet: calls in flight get
+    /// one budget window to return.
+    draining: bool,
 }
 
 impl Traced {
@@ -67,7 +72,7 @@ pub async fn run(args: FnArgs) -> Result<()> {
     let buckets_len = (targets.len() * GROUPS_PER_FUNC) as u32;
     // One page when no outlier is asked for.
     let ring_bytes = if args.slower.is_some() { OUTLIER_RING_BYTES } else { bpf::page_size() };
-    let mut cost = cost::start_or_explain();
+    let mut cost = cost::start(args.run.max_overhead)?;
     let store = FrameStore::choose();
     output::verbose(store.describe());
     let mut ebpf = bpf::load(bpf::Object::Fn, |loader| {
@@ -102,6 +107,8 @@ pub async fn run(args: FnArgs) -> Result<()> {
                 mechanism,
                 previous: Latencies::new(),
                 returns,
+                shed_after: None,
+                draining: false,
             });
         }
     }
@@ -122,6 +129,7 @@ pub async fn run(args: FnArgs) -> Result<()> {
     if let Some(period) = metrics::poll_period(exporter.as_ref(), None) {
         run.poll_every(period);
     }
+    run.judge_budget_every(cost.as_ref().and_then(SelfCost::budget_window));
     run.activate()?;
     if let Some(log) = hdr_log.as_mut() {
         log.begin(&format!("fn {}", described.join(", ")));
@@ -130,6 +138,11 @@ pub async fn run(args: FnArgs) -> Result<()> {
     let end = loop {
         match run.next(Some(&mut ring)).await? {
             Step::Ended(end) => break end,
+            Step::Budget => {
+                if let Some(end) = judge_budget(&mut traced, cost.as_mut(), &mut ebpf, &run) {
+                    break end;
+                }
+            }
             Step::Records => {
                 ring.drain(BATCH, |o| printer.print(&o))?;
             }
@@ -190,6 +203,37 @@ pub async fn run(args: FnArgs) -> Result<()> {
     hdr_log.map_or(Ok(()), |log| log.end(&deltas))
 }
 
+/// At [`Step::Budget`]: detaches the returns of functions shed a window
+/// ago, then, over budget, the entry of the costliest function still
+/// traced. The end of the run when none is left.
+fn judge_budget(traced: &mut [Traced], cost: Option<&mut SelfCost>, ebpf: &mut aya::Ebpf, run: &Run) -> Option<End> {
+    let cost = cost?;
+    if traced.iter().any(|t| t.draining) {
+        cost.note(ebpf);
+    }
+    for (slot, t) in traced.iter_mut().enumerate().filter(|(_, t)| t.draining) {
+        if let Some(r) = t.returns.as_mut() {
+            r.detach();
+        }
+        attach::unload(ebpf, t.mechanism.programs(slot).1);
+        t.draining = false;
+    }
+    let live: Vec<usize> = (0..traced.len()).filter(|&slot| traced[slot].shed_after.is_none()).collect();
+    let units: Vec<Unit> = live
+        .iter()
+        .map(|&slot| {
+            let (entry, exit) = traced[slot].mechanism.programs(slot);
+            (traced[slot].name.clone(), vec![entry, exit])
+        })
+        .collect();
+    let (unit, shed) = cost.over_budget(ebpf, &units, run.elapsed())?;
+    let slot = live[unit];
+    attach::unload(ebpf, traced[slot].mechanism.programs(slot).0);
+    traced[slot].shed_after = Some(shed.after);
+    traced[slot].draining = !shed.last;
+    shed.last.then_some(End::OverBudget)
+}
+
 /// Every traced function's counts since the start, in slot order.
 fn all_totals(maps: &HistMaps, functions: usize) -> Result<Vec<Totals>> {
     (0..functions).map(|slot| maps.totals(slot)).collect()
@@ -218,11 +262,12 @@ fn render(t: &Traced, period: &Period, latencies: &Latencies, totals: &Totals, f
         noun: "calls",
         attach: &t.mechanism.to_string(),
         period: period.name,
-        seconds: period.elapsed.as_secs_f64(),
+        seconds: t.shed_after.filter(|_| period.name == "final").unwrap_or(period.elapsed).as_secs_f64(),
         latencies,
         missed: t.missed(totals),
         outliers_lost: totals.outliers_lost,
         outliers_unprinted: period.unprinted,
+        over_budget: t.shed_after.is_some(),
     };
     match format {
         Format::Text => format!("{}\n", report.to_text()),

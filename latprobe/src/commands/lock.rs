@@ -31,7 +31,7 @@ use crate::{
     bpf, btf_offsets,
     cli::LockArgs,
     clock::WallClock,
-    cost,
+    cost::{self, SelfCost},
     duration::format_ns,
     histogram::{Latencies, QUANTILES},
     kallsyms::{self, KernelSymbols},
@@ -283,7 +283,7 @@ pub async fn run(args: LockArgs) -> Result<()> {
     let owners = btf_offsets::LockOwnerOffsets::from_btf(&kernel_btf);
     drop(kernel_btf);
     output::verbose(&format!("lock owner offsets from BTF: {owners:?}"));
-    let mut cost = cost::start_or_explain();
+    let mut cost = cost::start(args.run.max_overhead)?;
     let mut ebpf = bpf::load_lock(|loader| {
         loader
             .override_global(globals::TARGET_TGID, &tgid, true)
@@ -349,6 +349,7 @@ pub async fn run(args: LockArgs) -> Result<()> {
     if let Some(period) = metrics::poll_period(exporter.as_ref(), None) {
         run.poll_every(period);
     }
+    run.judge_budget_every(cost.as_ref().and_then(SelfCost::budget_window));
     run.activate()?;
     if let Some(log) = hdr_log.as_mut() {
         log.begin(&format!("lock (raw_tp contention_begin, contention_end){inside}"));
@@ -359,6 +360,11 @@ pub async fn run(args: LockArgs) -> Result<()> {
     let end = loop {
         match run.next(Some(&mut ring)).await? {
             Step::Ended(end) => break end,
+            Step::Budget => {
+                if let Some(end) = run.over_budget(cost.as_mut(), &ebpf) {
+                    break end;
+                }
+            }
             Step::Records => {
                 ring.drain(BATCH, |e| printer.print(&e))?;
             }

@@ -19,7 +19,7 @@ use latprobe_common::sched::{hist, maps};
 
 use crate::{
     cli::RunqlatArgs,
-    cost::{self, Cost},
+    cost::{self, Cost, SelfCost},
     histogram::Latencies,
     kernel_hist::{HistMaps, Totals},
     metrics::{self, Exporter, Series},
@@ -141,7 +141,7 @@ pub async fn run(args: RunqlatArgs) -> Result<()> {
         ring_bytes: 0,
         mode: args.attach,
     };
-    let mut cost = cost::start_or_explain();
+    let mut cost = cost::start(args.run.max_overhead)?;
     let mut probes = sched_probes::start(&config)?;
     let maps = HistMaps::take(&mut probes.ebpf, maps::STATS, maps::BUCKETS)?;
     let pid_slots = if grouping == Grouping::PerPid {
@@ -161,6 +161,7 @@ pub async fn run(args: RunqlatArgs) -> Result<()> {
     if let Some(period) = metrics::poll_period(exporter.as_ref(), own_poll) {
         run.poll_every(period);
     }
+    run.judge_budget_every(cost.as_ref().and_then(SelfCost::budget_window));
     run.activate()?;
     if let Some(log) = hdr_log.as_mut() {
         log.begin(&format!("runqlat ({attach})"));
@@ -170,6 +171,11 @@ pub async fn run(args: RunqlatArgs) -> Result<()> {
     let end = loop {
         match run.next_tick().await? {
             Step::Ended(end) => break end,
+            Step::Budget => {
+                if let Some(end) = run.over_budget(cost.as_mut(), &probes.ebpf) {
+                    break end;
+                }
+            }
             Step::Poll => match exporter.as_ref() {
                 Some(exporter) => publish(exporter, &source.rows(&probes)?, cost.as_ref(), &probes),
                 None => source.remember_comms()?,
@@ -240,7 +246,7 @@ fn series(rows: &[Row]) -> Vec<Series<'_>> {
         .collect()
 }
 
-fn publish(exporter: &Exporter, rows: &[Row], cost: Option<&cost::SelfCost>, probes: &Probes) {
+fn publish(exporter: &Exporter, rows: &[Row], cost: Option<&SelfCost>, probes: &Probes) {
     let cost: Option<Cost> = cost.map(|c| c.whole_run(&probes.ebpf));
     exporter.publish(&series(rows), &[], cost.as_ref());
 }
@@ -258,6 +264,7 @@ fn render(row: &Row, latencies: &Latencies, attach: &str, period: &str, elapsed:
         missed: row.totals.missed,
         outliers_lost: row.totals.outliers_lost,
         outliers_unprinted: 0,
+        over_budget: false,
     };
     match format {
         Format::Text => format!("{}\n", report.to_text()),

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::{
     cli::RunqslowerArgs,
     clock::WallClock,
-    cost,
+    cost::{self, SelfCost},
     duration::format_ns,
     kallsyms::{self, KernelSymbols},
     output::{self, text},
@@ -46,7 +46,7 @@ pub async fn run(args: RunqslowerArgs) -> Result<()> {
         ring_bytes: EVENTS_RING_BYTES,
         mode: args.attach,
     };
-    let cost = cost::start_or_explain();
+    let mut cost = cost::start(args.run.max_overhead)?;
     let mut probes = sched_probes::start(&config)?;
     let symbols = if args.stacks { kallsyms::for_stacks() } else { None };
     let mut ring: Ring<RunqEvent> = Ring::take(&mut probes.ebpf, maps::EVENTS)?;
@@ -66,10 +66,16 @@ pub async fn run(args: RunqslowerArgs) -> Result<()> {
     if args.format == Format::Text {
         output::report(format!("{HEADER}\n"));
     }
+    run.judge_budget_every(cost.as_ref().and_then(SelfCost::budget_window));
     run.activate()?;
     let end = loop {
         match run.next(Some(&mut ring)).await? {
             Step::Ended(end) => break end,
+            Step::Budget => {
+                if let Some(end) = run.over_budget(cost.as_mut(), &probes.ebpf) {
+                    break end;
+                }
+            }
             Step::Records => {
                 ring.drain(BATCH, |e| printer.print(&e))?;
             }

@@ -27,7 +27,7 @@ use serde::Serialize;
 use crate::{
     cli::{TcpArgs, TcpBy},
     clock::WallClock,
-    cost,
+    cost::{self, SelfCost},
     duration::format_ns,
     histogram::{Latencies, QUANTILES},
     kernel_hist::{self, HistMaps},
@@ -318,7 +318,7 @@ pub async fn run(args: TcpArgs) -> Result<()> {
         loss_events: args.losses,
         attach: args.attach,
     };
-    let mut cost = cost::start_or_explain();
+    let mut cost = cost::start(args.run.max_overhead)?;
     let mut probes = tcp_probes::start(&config)?;
     output::verbose(&kernel_hist::memory(latprobe_common::tcp::histograms(args.max_keys as usize), "histogram"));
     let mut source = Source::take(&mut probes, args.max_keys as usize)?;
@@ -348,6 +348,7 @@ pub async fn run(args: TcpArgs) -> Result<()> {
     if let Some(period) = metrics::poll_period(exporter.as_ref(), own_poll) {
         run.poll_every(period);
     }
+    run.judge_budget_every(cost.as_ref().and_then(SelfCost::budget_window));
     run.activate()?;
     if let Some(log) = hdr_log.as_mut() {
         log.begin(&format!("tcp: {}", attached.join(", ")));
@@ -357,6 +358,11 @@ pub async fn run(args: TcpArgs) -> Result<()> {
     let end = loop {
         match run.next(Some(&mut ring)).await? {
             Step::Ended(end) => break end,
+            Step::Budget => {
+                if let Some(end) = run.over_budget(cost.as_mut(), &probes.ebpf) {
+                    break end;
+                }
+            }
             Step::Records => {
                 ring.drain(BATCH, |e| printer.print(&e))?;
             }
@@ -412,7 +418,7 @@ pub async fn run(args: TcpArgs) -> Result<()> {
 }
 
 /// Makes `snapshot` (cumulative since the start) what `--listen` serves.
-fn publish(exporter: &Exporter, snapshot: &Snapshot, probes: &Probes, cost: Option<&cost::SelfCost>) {
+fn publish(exporter: &Exporter, snapshot: &Snapshot, probes: &Probes, cost: Option<&SelfCost>) {
     let cost = cost.map(|c| c.whole_run(&probes.ebpf));
     exporter.publish(&snapshot.metrics(probes), &snapshot.counters(probes), cost.as_ref());
 }
@@ -542,6 +548,7 @@ fn render_json(
             missed: 0,
             outliers_lost: 0,
             outliers_unprinted: 0,
+            over_budget: false,
         };
         out += &report.to_json();
         out.push('\n');

@@ -307,7 +307,14 @@ mod tests {
 
     #[test]
     fn cost_is_counted_and_nothing_traced_is_valid() {
-        let cost = Cost { elapsed: std::time::Duration::from_secs(1), runs: 1234, run_ns: 5_000_000, cpus: 2 };
+        let cost = Cost {
+            elapsed: std::time::Duration::from_secs(1),
+            runs: 1234,
+            run_ns: 5_000_000,
+            cpus: 2,
+            limit_percent: None,
+            sheds: Vec::new(),
+        };
         let text = encode(Arc::new(Exposition::of(
             &[],
             &[Counter::lost("events_lost", 3), Counter::lost("untimed_prunes", 0)],

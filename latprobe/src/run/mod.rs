@@ -10,9 +10,11 @@
 //!    load its programs, attach them.
 //! 3. **activate** ([`Run::activate`]) — start the clock, then release the
 //!    command, so a command that hogs the CPU cannot delay the start.
-//! 4. **trace** ([`Run::next`]) — interval reports, periodic polls and ring
-//!    buffer records, a bounded batch at a time, until the run ends: `--secs`,
-//!    a signal, the traced process or command exits, or stdout's reader goes.
+//! 4. **trace** ([`Run::next`]) — interval reports, periodic polls, the
+//!    budget's judgement (`--max-overhead`) and ring buffer records, a
+//!    bounded batch at a time, until the run ends: `--secs`, a signal, the
+//!    traced process or command exits, stdout's reader goes, or latprobe's
+//!    own programs went over budget with nothing left to shed.
 //! 5. **end** ([`Run::end`]) — stop the command if it still runs, say why the
 //!    run ended; the command detaches, drains what is left within
 //!    [`Run::drain_deadline`] and prints its final report; `main` gives the
@@ -39,6 +41,7 @@ pub use ring::{Ring, BATCH};
 use crate::{
     bpf,
     cli::RunArgs,
+    cost::SelfCost,
     output::{self, countdown},
 };
 use child::GatedChild;
@@ -69,6 +72,8 @@ pub enum End {
     CommandExited(ExitStatus),
     ProcessExited(u32),
     StdoutClosed,
+    /// Over `--max-overhead`: every probe was detached (already said).
+    OverBudget,
 }
 
 /// What [`Run::next`] woke up for.
@@ -78,6 +83,9 @@ pub enum Step {
     Interval,
     /// The command's periodic poll (see [`Run::poll_every`]).
     Poll,
+    /// Time to judge latprobe's own cost against its budget (see
+    /// [`Run::judge_budget_every`]).
+    Budget,
     /// The ring buffer has records: drain a batch.
     Records,
 }
@@ -113,6 +121,7 @@ pub struct Run {
     watched: Option<(u32, AsyncFd<PidFd>)>,
     interval: Option<Interval>,
     poll: Option<Interval>,
+    budget: Option<Interval>,
     /// Once a second, the countdown on stderr (see `output::countdown`).
     countdown: Option<Interval>,
     started: Instant,
@@ -138,6 +147,7 @@ impl Run {
             watched,
             interval: None,
             poll: None,
+            budget: None,
             countdown: None,
             started: Instant::now(),
             ended: None,
@@ -159,6 +169,18 @@ impl Run {
         self.poll = Some(ticker(period));
     }
 
+    /// Wake with [`Step::Budget`] every `period` once active (`None`: the
+    /// run has no budget, or cannot measure its cost).
+    pub fn judge_budget_every(&mut self, period: Option<Duration>) {
+        self.budget = period.map(ticker);
+    }
+
+    /// At [`Step::Budget`], for a command whose probes are all one unit:
+    /// the end of the run when `cost` went over budget (`cost` said why).
+    pub fn over_budget(&self, cost: Option<&mut SelfCost>, ebpf: &aya::Ebpf) -> Option<End> {
+        cost?.over_budget_whole(ebpf, "every probe", self.elapsed()).map(|_| End::OverBudget)
+    }
+
     /// Phase 3: probes are attached.
     pub fn activate(&mut self) -> Result<()> {
         self.started = Instant::now();
@@ -167,7 +189,7 @@ impl Run {
             output::verbose(&format!("attached {ms:.1}ms after start"));
         }
         self.deadline = self.secs.map(|s| self.started + Duration::from_secs(s));
-        for t in [&mut self.interval, &mut self.poll].into_iter().flatten() {
+        for t in [&mut self.interval, &mut self.poll, &mut self.budget].into_iter().flatten() {
             t.reset();
         }
         // A command's own output goes to stderr: no countdown over it.
@@ -205,8 +227,8 @@ impl Run {
         }
         // Async blocks capture whole variables: borrow each field apart.
         let (deadline_at, child, watched) = (self.deadline, self.child.as_mut(), self.watched.as_ref());
-        let (signals, interval, poll, countdown) =
-            (&mut self.signals, &mut self.interval, &mut self.poll, &mut self.countdown);
+        let (signals, interval, poll, budget, countdown) =
+            (&mut self.signals, &mut self.interval, &mut self.poll, &mut self.budget, &mut self.countdown);
         let deadline = async {
             match deadline_at {
                 Some(at) => sleep_until(at.into()).await,
@@ -243,6 +265,7 @@ impl Run {
             () = output::stdout_closed_wait() => Some(Step::Ended(End::StdoutClosed)),
             () = tick(interval) => Some(Step::Interval),
             () = tick(poll) => Some(Step::Poll),
+            () = tick(budget) => Some(Step::Budget),
             () = tick(countdown) => None,
             ready = records => {
                 ready?;
