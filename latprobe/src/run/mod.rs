@@ -183,6 +183,7 @@ impl Run {
 
     /// Phase 3: probes are attached.
     pub fn activate(&mut self) -> Result<()> {
+        release_freed_memory();
         self.started = Instant::now();
         if let Some(start) = PROCESS_START.get() {
             let ms = (self.started - *start).as_secs_f64() * 1e3;
@@ -318,6 +319,18 @@ impl Run {
     /// its moment, and a flood is still cut short.
     pub fn drain_deadline(&self) -> Instant {
         (self.ended.unwrap_or_else(Instant::now) + DRAIN_TIME).max(Instant::now() + LEAST_DRAIN)
+    }
+}
+
+/// Loading and attaching parsed the kernel's BTF, tens of megabytes freed
+/// by now, some of it on threads whose glibc arenas keep freed pages: hand
+/// them back, so the memory a run holds while it traces is what it uses.
+/// (musl, the static binary's libc, returns them by itself.)
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of glibc's arenas.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
