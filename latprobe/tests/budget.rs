@@ -55,7 +55,7 @@ fn the_costliest_function_is_detached_and_the_workload_recovers() {
         "--",
         &w,
         "hot",
-        "5s",
+        "10s",
         "250ms",
         "recurse",
         "3",
@@ -73,7 +73,7 @@ fn the_costliest_function_is_detached_and_the_workload_recovers() {
     assert_eq!(h["over_budget"], true, "{h}");
     assert!(u64_of(&h, "count") > 0, "{h}");
     let traced = h["seconds"].as_f64().unwrap();
-    assert!((0.9..4.0).contains(&traced), "detached after its first judged second or so: {h}");
+    assert!((0.9..5.0).contains(&traced), "detached after its first judged second or so: {h}");
     let c = run.final_histogram(&cold);
     assert_eq!(u64_of(&c, "count"), 3, "the cheap function is traced to the end: {c}");
     assert!(c.get("over_budget").is_none(), "{c}");
@@ -90,9 +90,10 @@ fn the_costliest_function_is_detached_and_the_workload_recovers() {
 
     // Windows of 250 ms: the first two traced, the last full ones after
     // both probes of the hot function are gone (its return probe goes one
-    // judged second after its entry).
+    // judged second after its entry). Inside emulated 6.1-rt, removing a
+    // uprobe that a flood keeps hitting takes the kernel up to 3 s each.
     let rates = hot_rates(&run.stderr);
-    assert!(rates.len() >= 16, "{}", run.stderr);
+    assert!(rates.len() >= 36, "{}", run.stderr);
     let before = rates[0].max(rates[1]);
     let after = rates[rates.len() - 3].min(rates[rates.len() - 2]);
     eprintln!("{}: hot calls/s traced {before:.0}, after detaching {after:.0}", kernel_name());
