@@ -81,11 +81,18 @@ impl Run {
 
 impl Run {
     pub fn from_output(output: Output) -> Run {
-        Run {
+        let run = Run {
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
             output,
+        };
+        // A run its budget cut short measured less than its workload made:
+        // said where the test's own output shows it, to tell a test that
+        // needs `--max-overhead off` from one that fails for another reason.
+        for line in run.stderr.lines().filter(|l| l.contains("above --max-overhead")) {
+            eprintln!("{}: {line}", kernel_name());
         }
+        run
     }
 }
 
