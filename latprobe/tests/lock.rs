@@ -243,7 +243,8 @@ fn lock_counts_agree_with_perf_lock_contention() {
     // (unique, so that no other workload counts), perf for the process it
     // starts and nothing else.
     let name = format!("lkperf{}", std::process::id() % 100_000);
-    let t = start_tracing(&["lock", "--comm", &name, "--top", "100", "--format", "json"]);
+    // perf has no budget: latprobe must not end before the workload either.
+    let t = start_tracing(&["lock", "--comm", &name, "--top", "100", "--format", "json", "--max-overhead", "off"]);
     let recorded = std::process::Command::new(perf)
         .args(["lock", "record", "-o", data.to_str().unwrap(), "--", &workload(), "rename", &name])
         .args(["mmap-churn", "4", "6000"])
