@@ -347,7 +347,9 @@ pub struct FlameArgs {
 const FN_EXAMPLES: &str = "\
 Each function gets its own histogram, aggregated in the kernel per CPU; only
 calls slower than --slower are sent to userspace one by one. Reports end at
---secs, Ctrl-C, SIGTERM, SIGHUP, or when COMMAND exits.
+--secs, Ctrl-C, SIGTERM, SIGHUP, or when COMMAND exits. Each second latprobe
+weighs its programs' time against --max-overhead (5% of all CPUs): over it,
+the costliest function is detached, said on stderr, and the rest traced on.
 
 Examples:
   latprobe fn net_rx_action --secs 30
@@ -357,7 +359,8 @@ Examples:
   latprobe fn /usr/sbin/nginx:ngx_process_events_and_timers --pid 4242
   latprobe fn do_nanosleep -- sleep 1
   latprobe fn tcp_v4_rcv --interval 10s --hdr-log $(hostname).hlog
-  latprobe fn tcp_v4_rcv --listen :9464        /metrics for Prometheus, on 127.0.0.1";
+  latprobe fn tcp_v4_rcv --listen :9464        /metrics for Prometheus, on 127.0.0.1
+  latprobe fn tcp_v4_rcv tcp_collapse --max-overhead 1   shed what costs over 1% of the CPUs";
 
 #[derive(Args, Debug)]
 pub struct FnArgs {
