@@ -53,6 +53,17 @@ fn contention_unavailable() -> Option<String> {
     })
 }
 
+/// `lock --top 50 --format json FLAGS -- workload STEPS…`, without a budget
+/// (see above): a run that must see its whole workload.
+fn lock_whole(flags: &[&str], steps: &[&str]) -> Run {
+    let w = workload();
+    let mut args = vec!["lock", "--top", "50", "--format", "json", "--max-overhead", "off"];
+    args.extend(flags);
+    args.extend(["--", w.as_str()]);
+    args.extend(steps);
+    latprobe(&args)
+}
+
 #[test]
 fn lock_without_contention_tracepoints_fails_in_one_line() {
     if let Some(why) = bpf_unavailable() {
@@ -70,21 +81,7 @@ fn lock_names_a_directorys_inode_lock_and_its_waiters() {
     if let Some(why) = contention_unavailable() {
         return skip("lock_names_a_directorys_inode_lock_and_its_waiters", &why);
     }
-    let w = workload();
-    let run = latprobe(&[
-        "lock",
-        "--top",
-        "50",
-        "--format",
-        "json",
-        "--max-overhead",
-        "off",
-        "--",
-        &w,
-        "dir-churn",
-        "4",
-        "3000",
-    ]);
+    let run = lock_whole(&[], &["dir-churn", "4", "3000"]);
     run.assert_success();
     let locks = locks(&run);
     // Creating takes the directory's lock for writing in filename_create or,
@@ -115,22 +112,7 @@ fn lock_names_the_mmap_lock_by_kind_and_caller() {
     if let Some(why) = contention_unavailable() {
         return skip("lock_names_the_mmap_lock_by_kind_and_caller", &why);
     }
-    let w = workload();
-    let run = latprobe(&[
-        "lock",
-        "--top",
-        "50",
-        "--stacks",
-        "--format",
-        "json",
-        "--max-overhead",
-        "off",
-        "--",
-        &w,
-        "mmap-churn",
-        "4",
-        "3000",
-    ]);
+    let run = lock_whole(&["--stacks"], &["mmap-churn", "4", "3000"]);
     run.assert_success();
     let locks = locks(&run);
     // A lock is named after the caller its waiters waited from longest: a
@@ -188,21 +170,7 @@ fn lock_names_the_process_holding_a_lock_its_waiters_wait_on() {
         .args(["dir-churn-in", &shared, "2", "1000000"])
         .spawn()
         .expect("start the other");
-    let run = latprobe(&[
-        "lock",
-        "--top",
-        "50",
-        "--format",
-        "json",
-        "--max-overhead",
-        "off",
-        "--",
-        &w,
-        "dir-churn-in",
-        &shared,
-        "2",
-        "3000",
-    ]);
+    let run = lock_whole(&[], &["dir-churn-in", &shared, "2", "3000"]);
     let _ = other.kill();
     let _ = other.wait();
     let _ = std::fs::remove_dir_all(&dir);
@@ -325,30 +293,11 @@ fn lock_during_counts_only_the_waits_inside_slow_calls() {
     if let Some(why) = kernel_probes_unavailable().or_else(contention_unavailable) {
         return skip("lock_during_counts_only_the_waits_inside_slow_calls", &why);
     }
-    let w = workload();
     // Four threads map, touch and unmap 3000 times each: 12,000 munmap calls,
     // contending on the mmap lock with each other's maps and page faults.
     let during = |slower: &str| {
-        let run = latprobe(&[
-            "lock",
-            "--during",
-            "__x64_sys_munmap",
-            "--slower",
-            slower,
-            "--top",
-            "50",
-            "--format",
-            "json",
-            // Every call must be counted: under emulation, the programs of
-            // this contended run take more than the default budget allows.
-            "--max-overhead",
-            "off",
-            "--",
-            &w,
-            "mmap-churn",
-            "4",
-            "3000",
-        ]);
+        // Every call must be counted: no budget (see above).
+        let run = lock_whole(&["--during", "__x64_sys_munmap", "--slower", slower], &["mmap-churn", "4", "3000"]);
         run.assert_success();
         run
     };
