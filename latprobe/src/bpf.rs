@@ -11,6 +11,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::{programs::ProgramError, Ebpf, EbpfLoader};
 
+use crate::kernel_features;
+
 /// latprobe-ebpf's objects, built by build.rs: one per command (fn and flame
 /// share one, as flame's `--during` runs on fn's programs; so do runqlat and
 /// runqslower), and each again (`-compat`) for kernels before 5.12.
@@ -149,73 +151,17 @@ impl Object {
 pub fn compat() -> bool {
     static COMPAT: OnceLock<bool> = OnceLock::new();
     *COMPAT.get_or_init(|| {
-        let task_storage = aya::sys::is_map_supported(aya::maps::MapType::TaskStorage).unwrap_or(false);
-        let compat = !task_storage || !has_fetch_atomics();
+        let task_storage = kernel_features::has_task_storage();
+        let fetch_atomics = kernel_features::has_fetch_atomics();
+        let compat = !task_storage || !fetch_atomics;
         if compat {
             crate::output::verbose(&format!(
                 "kernel objects for kernels before 5.12 (task-local storage: {}, BPF_CMPXCHG: {})",
                 if task_storage { "yes" } else { "no, Linux 5.11+" },
-                if has_fetch_atomics() { "yes" } else { "no, Linux 5.12+" },
+                if fetch_atomics { "yes" } else { "no, Linux 5.12+" },
             ));
         }
         compat
-    })
-}
-
-/// Whether the verifier takes `BPF_ATOMIC | BPF_FETCH` instructions (Linux
-/// 5.12), tried on the smallest program holding one.
-fn has_fetch_atomics() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        // One instruction: opcode, dst (low nibble) and src registers, offset, immediate.
-        let insn = |code: u8, dst: u8, src: u8, off: i16, imm: i32| -> u64 {
-            u64::from(code)
-                | (u64::from(dst | (src << 4)) << 8)
-                | (u64::from(off as u16) << 16)
-                | (u64::from(imm as u32) << 32)
-        };
-        let program = [
-            insn(0x7a, 10, 0, -8, 0),    // *(u64 *)(r10 - 8) = 0
-            insn(0xb7, 0, 0, 0, 0),      // r0 = 0
-            insn(0xb7, 1, 0, 0, 1),      // r1 = 1
-            insn(0xdb, 10, 1, -8, 0xf1), // r0 = cmpxchg_64(r10 - 8, r0, r1)
-            insn(0xb7, 0, 0, 0, 0),      // r0 = 0
-            insn(0x95, 0, 0, 0, 0),      // exit
-        ];
-        let license = c"GPL";
-        // `union bpf_attr`'s program-load member, up to `log_buf`.
-        #[repr(C)]
-        struct LoadAttr {
-            prog_type: u32,
-            insn_cnt: u32,
-            insns: u64,
-            license: u64,
-            log_level: u32,
-            log_size: u32,
-            log_buf: u64,
-        }
-        let mut attr = [0u8; 128];
-        let wanted = LoadAttr {
-            prog_type: 1, // BPF_PROG_TYPE_SOCKET_FILTER
-            insn_cnt: program.len() as u32,
-            insns: program.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            log_level: 0,
-            log_size: 0,
-            log_buf: 0,
-        };
-        // SAFETY: `attr` is larger than LoadAttr; an unaligned write of plain integers.
-        unsafe { std::ptr::write_unaligned(attr.as_mut_ptr().cast::<LoadAttr>(), wanted) };
-        const BPF_PROG_LOAD: libc::c_long = 5;
-        // SAFETY: BPF_PROG_LOAD reads `insn_cnt` instructions and the
-        // license string, both alive across the call; `attr` holds its size.
-        let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_mut_ptr(), attr.len()) };
-        if fd < 0 {
-            return false;
-        }
-        // SAFETY: a descriptor the kernel just gave us, closed once.
-        unsafe { libc::close(fd as i32) };
-        true
     })
 }
 
@@ -267,36 +213,6 @@ pub fn load_lock<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf
 /// Loads the tcp object's maps with `configure` applied.
 pub fn load_tcp<'a>(configure: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
     load(Object::Tcp, configure)
-}
-
-/// How many times the kernel skipped program `fd` because it would have
-/// re-entered itself on one CPU (`bpf_prog_info.recursion_misses`, Linux
-/// 5.12+; a preempted program on PREEMPT_RT counts too). None if unknown.
-pub fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: bpf_prog_info is plain integers and u64-encoded pointers:
-    // all zeros is a valid value, and what the kernel expects unset.
-    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
-    // `union bpf_attr`'s `info` member: bpf_fd, info_len, info.
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let mut attr = [0u8; 128];
-    let wanted = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: size_of::<aya_obj::generated::bpf_prog_info>() as u32,
-        info: (&raw mut info) as u64,
-    };
-    // SAFETY: `attr` is larger than InfoAttr; an unaligned write of plain integers.
-    unsafe { std::ptr::write_unaligned(attr.as_mut_ptr().cast::<InfoAttr>(), wanted) };
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    // SAFETY: BPF_OBJ_GET_INFO_BY_FD writes at most info_len bytes into
-    // `info`, which lives across the call; `attr` holds its size.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, attr.as_mut_ptr(), attr.len()) };
-    (r == 0).then_some(info.recursion_misses)
 }
 
 /// An error and its causes on one line, like anyhow's `{:#}`.

@@ -8,7 +8,7 @@
 //! `btf_type` per type, each followed by kind-specific data), then the string
 //! section (include/uapi/linux/btf.h).
 
-use std::{collections::HashMap, fmt, fs};
+use std::{fmt, fs, ops::Range};
 
 use anyhow::{Context, Result};
 
@@ -60,25 +60,32 @@ pub struct Member {
     pub size: u32,
 }
 
-/// One parsed type: its kind, name, `size_or_type` and, for structs and
-/// unions, their members as (name offset, type id, bit offset).
+/// One type's header: its kind, name, `size_or_type`, count of members
+/// (enumerators, parameters), and where its kind-specific data starts.
+#[derive(Clone, Copy)]
 struct Type {
     kind: u32,
     name_off: u32,
     size_or_type: u32,
-    /// For arrays: (element type, element count).
-    array: Option<(u32, u32)>,
-    members: Vec<(u32, u32, u32)>,
-    /// Members, enumerators or parameters.
     vlen: usize,
+    kind_flag: bool,
+    /// Offset of the kind-specific data in the type section.
+    extra: usize,
 }
 
-/// The types of one BTF blob, indexed by id (id 0 is `void`).
+/// One BTF blob, indexed but not unpacked: a type is read from the blob
+/// when asked for. vmlinux holds over 100,000 types and latprobe asks for a
+/// few dozen, so building each one up front cost more than the rest of
+/// latprobe's start.
 pub struct Btf {
-    types: Vec<Type>,
-    strings: Vec<u8>,
-    /// Struct name → type id, for the structs looked up by name.
-    structs: HashMap<String, u32>,
+    data: Vec<u8>,
+    type_range: Range<usize>,
+    strings: Range<usize>,
+    /// Where each type's header starts in `types`, by id (id 0 is `void`
+    /// and has none).
+    starts: Vec<u32>,
+    /// The ids of the named structs, in id order.
+    structs: Vec<u32>,
 }
 
 fn u32_at(data: &[u8], at: usize) -> Result<u32, BtfError> {
@@ -92,11 +99,12 @@ impl Btf {
     pub fn from_sys_fs() -> Result<Self> {
         const PATH: &str = "/sys/kernel/btf/vmlinux";
         let data = fs::read(PATH).with_context(|| format!("reading {PATH}"))?;
-        Self::parse(&data).with_context(|| format!("parsing {PATH}"))
+        Self::parse(data).with_context(|| format!("parsing {PATH}"))
     }
 
-    /// Parses a little-endian BTF blob (the layout on x86_64 and arm64).
-    pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
+    /// Parses a little-endian BTF blob (the layout on x86_64 and arm64),
+    /// keeping it (megabytes: not copied).
+    pub fn parse(data: Vec<u8>) -> Result<Self, BtfError> {
         if data.len() < 24 {
             return err("too short for a BTF header");
         }
@@ -104,77 +112,92 @@ impl Btf {
         if magic != MAGIC {
             return err(format!("bad magic {magic:#x} (a big-endian or non-BTF file?)"));
         }
-        let hdr_len = u32_at(data, 4)? as usize;
-        let (type_off, type_len) = (u32_at(data, 8)? as usize, u32_at(data, 12)? as usize);
-        let (str_off, str_len) = (u32_at(data, 16)? as usize, u32_at(data, 20)? as usize);
+        let hdr_len = u32_at(&data, 4)? as usize;
+        let (type_off, type_len) = (u32_at(&data, 8)? as usize, u32_at(&data, 12)? as usize);
+        let (str_off, str_len) = (u32_at(&data, 16)? as usize, u32_at(&data, 20)? as usize);
         let section = |off: usize, len: usize, what: &str| {
-            data.get(hdr_len + off..hdr_len + off + len)
-                .ok_or_else(|| BtfError(format!("{what} section out of bounds")))
+            let range = hdr_len + off..hdr_len + off + len;
+            match data.get(range.clone()) {
+                Some(_) => Ok(range),
+                None => err(format!("{what} section out of bounds")),
+            }
         };
-        let type_data = section(type_off, type_len, "type")?;
-        let strings = section(str_off, str_len, "string")?.to_vec();
+        let type_range = section(type_off, type_len, "type")?;
+        let strings = section(str_off, str_len, "string")?;
+        let type_data = &data[type_range.clone()];
 
-        let mut types = vec![Type { kind: 0, name_off: 0, size_or_type: 0, array: None, members: Vec::new(), vlen: 0 }];
+        let mut starts = vec![0];
+        let mut structs = Vec::new();
         let mut at = 0;
         while at < type_data.len() {
-            let name_off = u32_at(type_data, at)?;
             let info = u32_at(type_data, at + 4)?;
-            let size_or_type = u32_at(type_data, at + 8)?;
-            at += 12;
             let vlen = (info & 0xffff) as usize;
             let kind = (info >> 24) & 0x1f;
-            let kind_flag = info >> 31 != 0;
-            let mut t = Type { kind, name_off, size_or_type, array: None, members: Vec::new(), vlen };
-            at += match kind {
+            let size = match kind {
                 INT | VAR | DECL_TAG => 4,
                 PTR | FWD | TYPEDEF | VOLATILE | CONST | RESTRICT | FUNC | FLOAT | TYPE_TAG => 0,
-                ARRAY => {
-                    t.array = Some((u32_at(type_data, at)?, u32_at(type_data, at + 8)?));
-                    12
-                }
-                STRUCT | UNION => {
-                    for m in 0..vlen {
-                        let base = at + 12 * m;
-                        let offset = u32_at(type_data, base + 8)?;
-                        // With kind_flag, the top 8 bits are a bitfield size.
-                        let bit_offset = if kind_flag { offset & 0xff_ffff } else { offset };
-                        t.members.push((u32_at(type_data, base)?, u32_at(type_data, base + 4)?, bit_offset));
-                    }
-                    12 * vlen
-                }
-                ENUM => {
-                    // Enumerators as (name offset, value, 0).
-                    for m in 0..vlen {
-                        let base = at + 8 * m;
-                        t.members.push((u32_at(type_data, base)?, u32_at(type_data, base + 4)?, 0));
-                    }
-                    8 * vlen
-                }
-                FUNC_PROTO => 8 * vlen,
-                DATASEC | ENUM64 => 12 * vlen,
-                other => return err(format!("unknown BTF kind {other} at type {}", types.len())),
+                ARRAY => 12,
+                STRUCT | UNION | DATASEC | ENUM64 => 12 * vlen,
+                ENUM | FUNC_PROTO => 8 * vlen,
+                other => return err(format!("unknown BTF kind {other} at type {}", starts.len())),
             };
-            types.push(t);
-        }
-        let mut btf = Self { types, strings, structs: HashMap::new() };
-        for (id, t) in btf.types.iter().enumerate() {
-            if t.kind == STRUCT && t.name_off != 0 {
-                let name = btf.name(t.name_off).to_string();
-                // Keep the first definition of a name (vmlinux has one).
-                btf.structs.entry(name).or_insert(id as u32);
+            if at + 12 + size > type_data.len() {
+                return err(format!("type {} truncated", starts.len()));
             }
+            if kind == STRUCT && u32_at(type_data, at)? != 0 {
+                structs.push(starts.len() as u32);
+            }
+            starts.push(at as u32);
+            at += 12 + size;
         }
-        Ok(btf)
+        Ok(Self { data, type_range, strings, starts, structs })
     }
 
     fn name(&self, off: u32) -> &str {
-        let rest = self.strings.get(off as usize..).unwrap_or_default();
+        let rest = self.data[self.strings.clone()].get(off as usize..).unwrap_or_default();
         let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
         std::str::from_utf8(&rest[..end]).unwrap_or("")
     }
 
-    fn get(&self, id: u32) -> Option<&Type> {
-        self.types.get(id as usize)
+    /// A word of the type section (the parse checked every type's bounds).
+    fn word(&self, at: usize) -> u32 {
+        u32_at(&self.data[self.type_range.clone()], at).unwrap_or(0)
+    }
+
+    fn get(&self, id: u32) -> Option<Type> {
+        let at = *self.starts.get(id as usize).filter(|_| id != 0)? as usize;
+        let info = self.word(at + 4);
+        Some(Type {
+            kind: (info >> 24) & 0x1f,
+            name_off: self.word(at),
+            size_or_type: self.word(at + 8),
+            vlen: (info & 0xffff) as usize,
+            kind_flag: info >> 31 != 0,
+            extra: at + 12,
+        })
+    }
+
+    /// Every type, with its id.
+    fn all(&self) -> impl Iterator<Item = (u32, Type)> + '_ {
+        (1..self.starts.len() as u32).filter_map(|id| Some((id, self.get(id)?)))
+    }
+
+    /// A struct's or union's members as (name offset, type id, bit offset).
+    fn members(&self, t: &Type) -> impl Iterator<Item = (u32, u32, u32)> + '_ {
+        let (extra, kind_flag) = (t.extra, t.kind_flag);
+        let n = if matches!(t.kind, STRUCT | UNION) { t.vlen } else { 0 };
+        (0..n).map(move |m| {
+            let base = extra + 12 * m;
+            let offset = self.word(base + 8);
+            // With kind_flag, the top 8 bits are a bitfield size.
+            let bit_offset = if kind_flag { offset & 0xff_ffff } else { offset };
+            (self.word(base), self.word(base + 4), bit_offset)
+        })
+    }
+
+    /// An array's (element type, element count).
+    fn array(&self, t: &Type) -> Option<(u32, u32)> {
+        (t.kind == ARRAY).then(|| (self.word(t.extra), self.word(t.extra + 8)))
     }
 
     /// Size in bytes of type `id`, following typedefs and qualifiers.
@@ -186,7 +209,7 @@ impl Btf {
                 INT | STRUCT | UNION | ENUM | ENUM64 | FLOAT => return Some(t.size_or_type),
                 PTR => return Some(8),
                 ARRAY => {
-                    let (elem, n) = t.array?;
+                    let (elem, n) = self.array(&t)?;
                     return self.size_of(elem).map(|s| s * n);
                 }
                 TYPEDEF | VOLATILE | CONST | RESTRICT | TYPE_TAG => id = t.size_or_type,
@@ -210,23 +233,29 @@ impl Btf {
     }
 
     /// `member` of `struct name`, also inside anonymous structs and unions
-    /// (where randomized layouts and `union { … }` groups put fields).
+    /// (where randomized layouts and `union { … }` groups put fields). The
+    /// first struct of that name counts (vmlinux has one).
     pub fn member(&self, name: &str, member: &str) -> Option<Member> {
-        let id = *self.structs.get(name)?;
+        let id = *self.structs.iter().find(|&&id| self.get(id).is_some_and(|t| self.name(t.name_off) == name))?;
         self.find_member(id, member, 0, 0)
     }
 
     /// The enumerators of `enum name`, as (name, value).
     pub fn enum_values(&self, name: &str) -> Vec<(String, u32)> {
-        let Some(e) = self.types.iter().find(|t| t.kind == ENUM && self.name(t.name_off) == name) else {
+        let Some((_, e)) = self.all().find(|(_, t)| t.kind == ENUM && self.name(t.name_off) == name) else {
             return Vec::new();
         };
-        e.members.iter().map(|&(name_off, value, _)| (self.name(name_off).to_string(), value)).collect()
+        (0..e.vlen)
+            .map(|m| {
+                let base = e.extra + 8 * m;
+                (self.name(self.word(base)).to_string(), self.word(base + 4))
+            })
+            .collect()
     }
 
     /// How many parameters kernel function `name` takes.
     pub fn function_params(&self, name: &str) -> Option<usize> {
-        let func = self.types.iter().find(|t| t.kind == FUNC && self.name(t.name_off) == name)?;
+        let (_, func) = self.all().find(|(_, t)| t.kind == FUNC && self.name(t.name_off) == name)?;
         let proto = self.get(func.size_or_type)?;
         (proto.kind == FUNC_PROTO).then_some(proto.vlen)
     }
@@ -236,7 +265,7 @@ impl Btf {
         if depth > 8 {
             return None;
         }
-        for &(name_off, type_id, bit_offset) in &t.members {
+        for (name_off, type_id, bit_offset) in self.members(&t) {
             let bits = base_bits + bit_offset;
             if name_off == 0 {
                 let inner_id = self.resolve(type_id)?;
@@ -478,7 +507,7 @@ mod tests {
 
     #[test]
     fn finds_members_through_typedefs_and_anonymous_unions() {
-        let btf = Btf::parse(&sample()).unwrap();
+        let btf = Btf::parse(sample()).unwrap();
         assert_eq!(btf.member("task_struct", "pid"), Some(Member { offset: 16, size: 4 }));
         assert_eq!(btf.member("task_struct", "tgid"), Some(Member { offset: 28, size: 4 }));
         assert_eq!(btf.member("task_struct", "comm"), Some(Member { offset: 40, size: 16 }));
@@ -490,12 +519,12 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(Btf::parse(b"short").is_err());
+        assert!(Btf::parse(b"short".to_vec()).is_err());
         let mut data = sample();
         data[0] = 0;
-        assert!(Btf::parse(&data).err().unwrap().0.contains("bad magic"));
+        assert!(Btf::parse(data).err().unwrap().0.contains("bad magic"));
         let data = sample();
-        assert!(Btf::parse(&data[..data.len() - 10]).is_err(), "truncated sections are refused");
+        assert!(Btf::parse(data[..data.len() - 10].to_vec()).is_err(), "truncated sections are refused");
     }
 
     #[test]
@@ -503,7 +532,7 @@ mod tests {
         let mut b = Builder::new();
         let int = b.int("int", 4);
         b.strukt(STRUCT, "task_struct", 8, &[("pid", int, 0)]);
-        let btf = Btf::parse(&b.build()).unwrap();
+        let btf = Btf::parse(b.build()).unwrap();
         let e = format!("{:#}", TaskOffsets::from_btf(&btf).unwrap_err());
         assert!(e.contains("task_struct.state"), "{e}");
     }

@@ -1,7 +1,25 @@
 //! Kernel symbols from /proc/kallsyms: does a function exist, what are the
 //! close names when it does not, and which function holds an address.
 
-use std::{fs, io};
+use std::{
+    fs, io,
+    sync::{Mutex, OnceLock},
+    thread::JoinHandle,
+};
+
+/// kallsyms' kinds of functions (local, global, weak).
+const TEXT_KINDS: &[&str] = &["t", "T", "w", "W"];
+/// kallsyms' kinds of data: initialized and zeroed, local and global.
+const DATA_KINDS: &[&str] = &["d", "D", "b", "B"];
+
+/// (address, kind, name) of each well-formed line of /proc/kallsyms.
+fn symbol_lines(text: &str) -> impl Iterator<Item = (u64, &str, &str)> {
+    text.lines().filter_map(|line| {
+        let mut parts = line.split_whitespace();
+        let addr = u64::from_str_radix(parts.next()?, 16).ok()?;
+        Some((addr, parts.next()?, parts.next()?))
+    })
+}
 
 /// Larger than any kernel function; see [`KernelSymbols::symbolize`].
 const MAX_FUNCTION_SIZE: u64 = 64 * 1024;
@@ -28,17 +46,57 @@ pub fn trim_tracer_frames(stack: Vec<(u64, Option<String>)>) -> Vec<(u64, Option
     stack.into_iter().skip(skip).collect()
 }
 
-/// Kernel symbols to print stacks with; says once, on stderr, when the
-/// kernel hides its addresses.
-pub fn for_stacks() -> Option<KernelSymbols> {
-    let symbols = KernelSymbols::load().ok();
-    if !symbols.as_ref().is_some_and(KernelSymbols::addresses_visible) {
+/// Text symbols to print stacks with, and data symbols to name what an
+/// address points into (where a static lock such as `rtnl_mutex` lives;
+/// kernels built without CONFIG_KALLSYMS_ALL list none), read from
+/// /proc/kallsyms on a thread of their own. Reading that file is tens of
+/// milliseconds of the kernel's own formatting, so it starts once the
+/// probes are attached, not before, and the first use waits for it.
+pub struct SymbolsLater {
+    reading: Mutex<Option<JoinHandle<Option<TextAndData>>>>,
+    read: OnceLock<Option<TextAndData>>,
+}
+
+/// Text symbols, then data symbols.
+type TextAndData = (KernelSymbols, KernelSymbols);
+
+impl SymbolsLater {
+    /// Text symbols, and data symbols too when `data` is set.
+    pub fn start(data: bool) -> Self {
+        let reading = std::thread::spawn(move || {
+            let text = fs::read_to_string("/proc/kallsyms").ok()?;
+            Some(KernelSymbols::parse_text_and_data(&text, if data { DATA_KINDS } else { &[] }))
+        });
+        Self { reading: Mutex::new(Some(reading)), read: OnceLock::new() }
+    }
+
+    fn get(&self) -> Option<&TextAndData> {
+        self.read
+            .get_or_init(|| {
+                let reading = self.reading.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let read = reading.and_then(|r| r.join().ok()).flatten();
+                say_if_hidden(read.as_ref().map(|(text, _)| text));
+                read
+            })
+            .as_ref()
+    }
+
+    pub fn text(&self) -> Option<&KernelSymbols> {
+        self.get().map(|(text, _)| text)
+    }
+
+    pub fn data(&self) -> Option<&KernelSymbols> {
+        self.get().map(|(_, data)| data)
+    }
+}
+
+fn say_if_hidden(symbols: Option<&KernelSymbols>) {
+    if !symbols.is_some_and(KernelSymbols::addresses_visible) {
         crate::output::say(
             "kernel addresses are hidden (/proc/sys/kernel/kptr_restrict), so stacks print as raw \
              addresses: run as root, or set kptr_restrict to 0",
         );
     }
-    symbols
 }
 
 /// `stack` (innermost first) symbolized with `symbols` and trimmed of the
@@ -74,27 +132,28 @@ impl KernelSymbols {
     }
 
     pub fn parse(text: &str) -> Self {
-        Self::parse_kinds(text, &["t", "T", "w", "W"])
-    }
-
-    /// Data symbols (initialized and zeroed: `d`, `D`, `b`, `B`): where a
-    /// static lock such as `rtnl_mutex` lives. Kernels built without
-    /// CONFIG_KALLSYMS_ALL list none.
-    pub fn load_data() -> io::Result<Self> {
-        Ok(Self::parse_kinds(&fs::read_to_string("/proc/kallsyms")?, &["d", "D", "b", "B"]))
+        Self::parse_kinds(text, TEXT_KINDS)
     }
 
     fn parse_kinds(text: &str, kinds: &[&str]) -> Self {
-        let mut symbols: Vec<(u64, String)> = text
-            .lines()
-            .filter_map(|line| {
-                let mut parts = line.split_whitespace();
-                let addr = u64::from_str_radix(parts.next()?, 16).ok()?;
-                let kind = parts.next()?;
-                let name = parts.next()?;
-                kinds.contains(&kind).then(|| (addr, name.to_string()))
-            })
-            .collect();
+        Self::from_unsorted(symbol_lines(text).filter(|(_, kind, _)| kinds.contains(kind)).map(|(a, _, n)| (a, n)))
+    }
+
+    /// Text symbols and symbols of `data_kinds`, in one pass over the file.
+    fn parse_text_and_data(text: &str, data_kinds: &[&str]) -> (Self, Self) {
+        let (mut code, mut data) = (Vec::new(), Vec::new());
+        for (addr, kind, name) in symbol_lines(text) {
+            if TEXT_KINDS.contains(&kind) {
+                code.push((addr, name));
+            } else if data_kinds.contains(&kind) {
+                data.push((addr, name));
+            }
+        }
+        (Self::from_unsorted(code), Self::from_unsorted(data))
+    }
+
+    fn from_unsorted<'a>(symbols: impl IntoIterator<Item = (u64, &'a str)>) -> Self {
+        let mut symbols: Vec<(u64, String)> = symbols.into_iter().map(|(a, n)| (a, n.to_string())).collect();
         symbols.sort_unstable();
         let addresses_visible = symbols.iter().any(|(a, _)| *a != 0);
         Self { symbols, addresses_visible }

@@ -13,6 +13,7 @@ mod folded;
 mod hdr_codec;
 mod histogram;
 mod kallsyms;
+mod kernel_features;
 mod kernel_hist;
 mod kretprobe;
 mod lock_waiters;

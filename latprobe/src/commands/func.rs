@@ -16,7 +16,7 @@ use crate::{
     clock::WallClock,
     cost::{self, SelfCost, Unit},
     histogram::Latencies,
-    kallsyms::{self, KernelSymbols},
+    kallsyms::{self, SymbolsLater},
     kernel_hist::{self, HistMaps, Totals},
     kretprobe::ReturnProbe,
     metrics::{self, Exporter, Series},
@@ -118,7 +118,7 @@ pub async fn run(args: FnArgs) -> Result<()> {
     let maps = HistMaps::take(&mut ebpf, maps::STATS, maps::BUCKETS)?;
     let mut ring: Ring<Outlier> = Ring::take(&mut ebpf, maps::OUTLIERS)?;
     // Kernel symbols are only needed to print stacks; they take megabytes.
-    let symbols = if args.stacks { kallsyms::for_stacks() } else { None };
+    let symbols = args.stacks.then(|| SymbolsLater::start(false));
     let names: Vec<String> = traced.iter().map(|t| t.name.clone()).collect();
     let printer =
         OutlierPrinter { names: &names, symbols: symbols.as_ref(), clock: WallClock::new(), format: args.format };
@@ -278,7 +278,7 @@ fn render(t: &Traced, period: &Period, latencies: &Latencies, totals: &Totals, f
 /// Prints outliers from the ring buffer.
 struct OutlierPrinter<'a> {
     names: &'a [String],
-    symbols: Option<&'a KernelSymbols>,
+    symbols: Option<&'a SymbolsLater>,
     clock: WallClock,
     format: Format,
 }
@@ -296,7 +296,7 @@ impl OutlierPrinter<'_> {
                 pid: o.tgid,
                 tid: o.tid,
                 comm: text::comm(&o.comm),
-                stack: kallsyms::symbolize_stack(stack, self.symbols),
+                stack: kallsyms::symbolize_stack(stack, self.symbols.and_then(SymbolsLater::text)),
             };
             match self.format {
                 Format::Text => report.to_text(),

@@ -34,7 +34,8 @@ use crate::{
     cost::{self, SelfCost},
     duration::format_ns,
     histogram::{Latencies, QUANTILES},
-    kallsyms::{self, KernelSymbols},
+    kallsyms::{self, SymbolsLater},
+    kernel_features,
     kernel_hist::HistMaps,
     lock_waiters::{self, Waiters},
     metrics::{self, Counter, Exporter, Series},
@@ -148,8 +149,7 @@ struct Source {
     holders: BpfHashMap<MapData, WaiterKey, WaiterStats>,
     /// `--during` FUNC and its slow-call threshold.
     during: Option<(String, u64)>,
-    text: Option<KernelSymbols>,
-    data: Option<KernelSymbols>,
+    symbols: SymbolsLater,
     max_locks: usize,
 }
 
@@ -211,7 +211,7 @@ impl Source {
         }
         let ips: Vec<u64> =
             self.stacks.get(&(id as u32), 0).map(|s| s.frames().iter().map(|f| f.ip).collect()).unwrap_or_default();
-        kallsyms::symbolize_stack(&ips, self.text.as_ref())
+        kallsyms::symbolize_stack(&ips, self.symbols.text())
     }
 
     /// Where a lock is taken: the first function outside locking code.
@@ -229,7 +229,7 @@ impl Source {
     }
 
     fn name(&self, addr: u64) -> Option<String> {
-        self.data.as_ref().and_then(|d| d.data_at(addr, MAX_DATA_OFFSET))
+        self.symbols.data().and_then(|d| d.data_at(addr, MAX_DATA_OFFSET))
     }
 
     /// Each lock with a histogram slot, cumulative since the start, keyed
@@ -331,8 +331,7 @@ pub async fn run(args: LockArgs) -> Result<()> {
         waiters: BpfHashMap::try_from(take(&mut ebpf, maps::WAITERS)?).context("map LOCK_WAITERS")?,
         holders: BpfHashMap::try_from(take(&mut ebpf, maps::HOLDERS)?).context("map LOCK_HOLDERS")?,
         during: args.during.clone().zip(args.slower),
-        text: kallsyms::for_stacks(),
-        data: KernelSymbols::load_data().ok(),
+        symbols: SymbolsLater::start(true),
         max_locks: args.max_locks as usize,
     };
     let mut ring: Ring<LockEvent> = Ring::take(&mut ebpf, maps::EVENTS)?;
@@ -518,7 +517,7 @@ fn attach_during(ebpf: &mut Ebpf, btf: Option<&aya::Btf>, func: &str) -> Result<
     }
 }
 
-/// How many runs of `names` the kernel skipped (see `bpf::recursion_misses`).
+/// How many runs of `names` the kernel skipped (see `kernel_features::recursion_misses`).
 fn recursion_misses(ebpf: &Ebpf, names: [&str; 2]) -> u64 {
     use std::os::fd::AsFd;
     let misses = |name: &str| {
@@ -528,7 +527,7 @@ fn recursion_misses(ebpf: &Ebpf, names: [&str; 2]) -> u64 {
             Program::KProbe(p) => p.fd().ok()?,
             _ => return None,
         };
-        bpf::recursion_misses(fd.as_fd())
+        kernel_features::recursion_misses(fd.as_fd())
     };
     names.iter().filter_map(|name| misses(name)).sum()
 }
@@ -927,7 +926,7 @@ impl EventPrinter<'_> {
             let comm = text::comm(&e.comm);
             let ips = &e.stack[..(e.stack_len as usize).min(e.stack.len())];
             let stack =
-                if self.stacks { kallsyms::symbolize_stack(ips, self.source.text.as_ref()) } else { Vec::new() };
+                if self.stacks { kallsyms::symbolize_stack(ips, self.source.symbols.text()) } else { Vec::new() };
             let json = WaitJson {
                 kind: "lock_wait",
                 time: &time,

@@ -16,7 +16,7 @@ use crate::{
     clock::WallClock,
     cost::{self, SelfCost},
     duration::format_ns,
-    kallsyms::{self, KernelSymbols},
+    kallsyms::{self, SymbolsLater},
     output::{self, text},
     report::{frames_json, Format},
     run::{Ring, Run, Step, BATCH, SETTLE_TIME},
@@ -48,7 +48,8 @@ pub async fn run(args: RunqslowerArgs) -> Result<()> {
     };
     let mut cost = cost::start(args.run.max_overhead)?;
     let mut probes = sched_probes::start(&config)?;
-    let symbols = if args.stacks { kallsyms::for_stacks() } else { None };
+    // Kernel symbols are only needed to print stacks; they take megabytes.
+    let symbols = args.stacks.then(|| SymbolsLater::start(false));
     let mut ring: Ring<RunqEvent> = Ring::take(&mut probes.ebpf, maps::EVENTS)?;
     let mut printer = Printer {
         symbols: symbols.as_ref(),
@@ -125,7 +126,7 @@ const HEADER: &str = "TIME                        CPU COMM             TID      
 
 /// Decodes events from the ring buffer, prints them and tallies culprits.
 struct Printer<'a> {
-    symbols: Option<&'a KernelSymbols>,
+    symbols: Option<&'a SymbolsLater>,
     clock: WallClock,
     format: Format,
     culprits: Culprits,
@@ -145,7 +146,7 @@ impl Printer<'_> {
             prev_comm: text::comm(&e.prev_comm),
             prev_pid: e.prev_tgid,
             prev_tid: e.prev_tid,
-            stack: kallsyms::symbolize_stack(stack, self.symbols),
+            stack: kallsyms::symbolize_stack(stack, self.symbols.and_then(SymbolsLater::text)),
         };
         self.events += 1;
         self.culprits.add(&wait);
