@@ -8,6 +8,10 @@ pub mod programs {
     /// Empty fentry and fexit on a function chosen at load time (`fn`'s default).
     pub const FENTRY: &str = "floor_fentry";
     pub const FEXIT: &str = "floor_fexit";
+    /// The least a latency probe can do on that function: fentry stores the
+    /// clock in task storage, fexit reads the clock and subtracts.
+    pub const TIMED_FENTRY: &str = "floor_timed_fentry";
+    pub const TIMED_FEXIT: &str = "floor_timed_fexit";
     /// Empty kprobe and kretprobe (`fn --attach kprobe`).
     pub const KPROBE: &str = "floor_kprobe";
     pub const KRETPROBE: &str = "floor_kretprobe";
@@ -15,5 +19,6 @@ pub mod programs {
     /// (program, tracepoint).
     pub const SCHED: [(&str, &str); 3] =
         [("floor_wakeup", "sched_wakeup"), ("floor_wakeup_new", "sched_wakeup_new"), ("floor_switch", "sched_switch")];
-    pub const ALL: [&str; 7] = [FENTRY, FEXIT, KPROBE, KRETPROBE, SCHED[0].0, SCHED[1].0, SCHED[2].0];
+    pub const ALL: [&str; 9] =
+        [FENTRY, FEXIT, TIMED_FENTRY, TIMED_FEXIT, KPROBE, KRETPROBE, SCHED[0].0, SCHED[1].0, SCHED[2].0];
 }

@@ -1,17 +1,24 @@
 //! Empty programs, for `cargo xtask bench` only: the least a probe can cost
 //! (the trampoline or tracepoint call and one `return 0`), measured on the
 //! same attach points as latprobe's own programs so the benchmark can print
-//! each command's cost as a ratio to this floor. The normal commands never
+//! each command's cost as a ratio to this floor. And the least a latency
+//! probe can cost: an fentry/fexit pair that reads the clock at both ends
+//! and keeps the start per task, nothing else. The normal commands never
 //! embed or load this object: only the `floor` example does.
 #![no_std]
 #![no_main]
 
+use core::ptr::write_volatile;
+
 use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
     macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe},
     programs::{BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
 
 mod runtime;
+#[macro_use]
+mod task_storage;
 
 // The traced function is chosen at load time, like `fn`'s.
 
@@ -22,6 +29,31 @@ pub fn floor_fentry(_ctx: FEntryContext) -> i32 {
 
 #[fexit]
 pub fn floor_fexit(_ctx: FExitContext) -> i32 {
+    0
+}
+
+// The timed pair: what any tool timing calls must do.
+
+per_task_map!(FLOOR_START: u64);
+
+/// Where the timed exit leaves each duration, so that it is computed.
+static mut FLOOR_LAST_NS: u64 = 0;
+
+#[fentry]
+pub fn floor_timed_fentry(_ctx: FEntryContext) -> i32 {
+    if let Some(start) = FLOOR_START.current(true) {
+        // SAFETY: a helper without arguments.
+        *start = unsafe { bpf_ktime_get_ns() };
+    }
+    0
+}
+
+#[fexit]
+pub fn floor_timed_fexit(_ctx: FExitContext) -> i32 {
+    if let Some(start) = FLOOR_START.current(false) {
+        // SAFETY: as above; the global is this object's own.
+        unsafe { write_volatile(&raw mut FLOOR_LAST_NS, bpf_ktime_get_ns() - *start) };
+    }
     0
 }
 

@@ -29,7 +29,7 @@ use latprobe_common::func::{
 
 use crate::{
     flame,
-    helpers::{self, add, global, masked},
+    helpers::{self, add, global, masked, Writers},
 };
 
 // Load-time filters (see `latprobe_common::func::globals`).
@@ -110,9 +110,9 @@ fn stats(slot: usize) -> Option<&'static mut FuncStats> {
 
 #[inline(always)]
 fn enter(slot: usize) {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // The helper only when filtering: every call pays for this program.
     let want = global(&FN_TARGET_TGID);
-    if want != 0 && tgid != want {
+    if want != 0 && (bpf_get_current_pid_tgid() >> 32) as u32 != want {
         return;
     }
     let slot = masked(slot, MAX_FUNCS);
@@ -141,8 +141,14 @@ fn enter(slot: usize) {
     }
 }
 
+/// Who else can be recording into this CPU's histograms while an fexit or
+/// kretprobe runs: nobody, where the kernel guards each program against
+/// running twice on a CPU (kprobes always; fentry/fexit from 5.11, and the
+/// objects with `BPF_CMPXCHG` are for 5.12+ only).
+const RETURN_WRITERS: Writers = if crate::CMPXCHG { Writers::One } else { Writers::Many };
+
 #[inline(always)]
-fn exit<C: EbpfContext>(ctx: &C, slot: usize) {
+fn exit<C: EbpfContext>(ctx: &C, slot: usize, writers: Writers) {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let slot = masked(slot, MAX_FUNCS);
@@ -173,16 +179,16 @@ fn exit<C: EbpfContext>(ctx: &C, slot: usize) {
     if d == 0 {
         flame::call_ended(slot, duration);
     }
-    record(slot, duration);
+    record(slot, duration, writers);
     if duration >= global(&FN_SLOWER_NS) {
         report_outlier(ctx, slot, now, duration, frame.cpu);
     }
 }
 
 #[inline(always)]
-fn record(slot: usize, duration: u64) {
+fn record(slot: usize, duration: u64, writers: Writers) {
     if let Some(s) = stats(slot) {
-        helpers::record(s, &FN_BUCKETS, slot, duration);
+        helpers::record(writers, s, &FN_BUCKETS, slot, duration);
     }
 }
 
@@ -229,7 +235,7 @@ macro_rules! slot_programs {
         }
         #[fexit]
         pub fn $fexit(ctx: FExitContext) -> i32 {
-            exit(&ctx, $slot);
+            exit(&ctx, $slot, RETURN_WRITERS);
             0
         }
         #[kprobe]
@@ -239,7 +245,7 @@ macro_rules! slot_programs {
         }
         #[kretprobe]
         pub fn $kretprobe(ctx: RetProbeContext) -> u32 {
-            exit(&ctx, $slot);
+            exit(&ctx, $slot, Writers::One);
             0
         }
         #[uprobe]
@@ -249,7 +255,7 @@ macro_rules! slot_programs {
         }
         #[uretprobe]
         pub fn $uretprobe(ctx: RetProbeContext) -> u32 {
-            exit(&ctx, $slot);
+            exit(&ctx, $slot, Writers::Many);
             0
         }
     };
@@ -286,7 +292,8 @@ pub fn fn_softirq_entry(ctx: RawTracePointContext) -> i32 {
 pub fn fn_softirq_exit(ctx: RawTracePointContext) -> i32 {
     let slot = global(&FN_SOFTIRQ_SLOT) as usize;
     if slot < MAX_FUNCS && is_net_rx(&ctx) {
-        exit(&ctx, slot);
+        // On PREEMPT_RT softirqs run in preemptible threads.
+        exit(&ctx, slot, Writers::Many);
     }
     0
 }

@@ -28,6 +28,32 @@ pub fn global<T: Copy>(v: &T) -> T {
     unsafe { read_volatile(v) }
 }
 
+/// Who can write a program's per-CPU values at the same time, which says
+/// whether its updates must be atomic.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Writers {
+    /// Only the run in progress: the kernel never starts a second run of
+    /// the program on a CPU while one is there (fentry/fexit's per-program
+    /// guard, 5.11+; kprobes' per-CPU `bpf_prog_active`; a second run is
+    /// skipped and counted as missed). Plain loads and stores suffice.
+    One,
+    /// A run can be preempted by another run of the same program on its
+    /// CPU: uprobes (migration disabled, preemption not), and on
+    /// PREEMPT_RT nearly everything.
+    Many,
+}
+
+/// `*counter += n`, atomic unless `writers` says no other run can
+/// interleave (an uncontended atomic still costs a locked instruction
+/// natively, and a helper call under emulation).
+#[inline(always)]
+pub fn bump(writers: Writers, counter: &mut u64, n: u64) {
+    match writers {
+        Writers::One => *counter += n,
+        Writers::Many => add(counter, n),
+    }
+}
+
 #[inline(always)]
 pub fn add(counter: &mut u64, n: u64) {
     // Atomic even though the slot is per CPU: on PREEMPT_RT a program can be
@@ -104,10 +130,16 @@ fn cmpxchg(slot: &mut u64, expected: u64, new: u64) -> u64 {
 /// verifier needs the bound, and losing races that often needs several
 /// preemptions on one CPU within one update.
 #[inline(always)]
-fn store_unless(slot: &mut u64, value: u64, keeps: impl Fn(u64, u64) -> bool) {
+fn store_unless(writers: Writers, slot: &mut u64, value: u64, keeps: impl Fn(u64, u64) -> bool) {
     // SAFETY: a plain read of a valid, aligned u64; the exchange below
     // checks it.
     let mut seen = unsafe { read_volatile(slot) };
+    if writers == Writers::One {
+        if !keeps(seen, value) {
+            *slot = value;
+        }
+        return;
+    }
     for _ in 0..CAS_ATTEMPTS {
         if keeps(seen, value) {
             return;
@@ -125,6 +157,7 @@ fn store_unless(slot: &mut u64, value: u64, keeps: impl Fn(u64, u64) -> bool) {
 /// `slot * hdr::GROUPS + group`.
 #[inline(always)]
 pub fn record<const B: usize>(
+    writers: Writers,
     stats: &mut FuncStats,
     buckets: &PerCpuArray<BucketGroup, B>,
     slot: usize,
@@ -134,8 +167,8 @@ pub fn record<const B: usize>(
     // value it finds in a bucket is already within them, and the reported
     // max (which clamps the top percentiles) cannot miss the outlier.
     // Per-CPU values start zeroed, so 0 also means "no value yet".
-    store_unless(&mut stats.min_ns, duration, |seen, v| seen != 0 && seen <= v);
-    store_unless(&mut stats.max_ns, duration, |seen, v| seen >= v);
+    store_unless(writers, &mut stats.min_ns, duration, |seen, v| seen != 0 && seen <= v);
+    store_unless(writers, &mut stats.max_ns, duration, |seen, v| seen >= v);
     let index = hdr::bucket_index(duration);
     let group = index / hdr::GROUP_BUCKETS;
     let key = (slot * hdr::GROUPS + group) as u32;
@@ -147,10 +180,10 @@ pub fn record<const B: usize>(
         // SAFETY: `sub` is masked to GROUP_BUCKETS.
         .map(|g| unsafe { g.counts.get_unchecked_mut(sub) })
     {
-        add(bucket, 1);
+        bump(writers, bucket, 1);
     }
-    add(&mut stats.count, 1);
-    add(&mut stats.sum_ns, duration);
+    bump(writers, &mut stats.count, 1);
+    bump(writers, &mut stats.sum_ns, duration);
     // SAFETY: masked to GROUP_COUNT_SLOTS.
-    add(unsafe { stats.group_counts.get_unchecked_mut(masked(group, GROUP_COUNT_SLOTS)) }, 1);
+    bump(writers, unsafe { stats.group_counts.get_unchecked_mut(masked(group, GROUP_COUNT_SLOTS)) }, 1);
 }

@@ -36,7 +36,7 @@ use latprobe_common::{
     COMM_LEN,
 };
 
-use crate::helpers::{self, add, field, global, masked};
+use crate::helpers::{self, add, field, global, masked, Writers};
 
 // Load-time globals (see `latprobe_common::lock::globals`).
 #[unsafe(no_mangle)]
@@ -527,7 +527,7 @@ fn count(w: &Waiting, wait: u64, tgid: u32) {
     let slot = crate::slots::key_slot(&LOCK_SLOT_OF, &LOCK_NEXT_SLOT, global(&LOCK_SLOTS_N), w.lock);
     // SAFETY: per-CPU array slots are valid for the program's lifetime.
     if let Some(h) = LOCK_STATS.get_ptr_mut(slot as u32).and_then(|p| unsafe { p.as_mut() }) {
-        helpers::record(h, &LOCK_BUCKETS, slot, wait);
+        helpers::record(Writers::Many, h, &LOCK_BUCKETS, slot, wait);
     }
 }
 

@@ -37,7 +37,7 @@ use latprobe_common::{
     COMM_LEN,
 };
 
-use crate::helpers::{self, add, field, global};
+use crate::helpers::{self, add, field, global, Writers};
 
 // Load-time globals (see `latprobe_common::sched::globals`).
 #[unsafe(no_mangle)]
@@ -266,7 +266,10 @@ fn end_wait<const BTF: bool, C: EbpfContext>(ctx: &C, next: *mut c_void, now: u6
     if let Some(slot) = slot {
         // SAFETY: per-CPU array slots are valid for the program's lifetime.
         if let Some(s) = RQ_STATS.get_ptr_mut(slot as u32).and_then(|p| unsafe { p.as_mut() }) {
-            helpers::record(s, &RQ_BUCKETS, slot, delay);
+            // Only `sched_switch` ends a wait, and the scheduler calls it
+            // with interrupts off and the run-queue lock held: nothing
+            // else on this CPU can be recording meanwhile, RT or not.
+            helpers::record(Writers::One, s, &RQ_BUCKETS, slot, delay);
         }
     }
     if delay >= global(&RQ_THRESHOLD_NS) {

@@ -53,7 +53,7 @@ use latprobe_common::{
     COMM_LEN,
 };
 
-use crate::helpers::{self, add, field, global, masked};
+use crate::helpers::{self, add, field, global, masked, Writers};
 
 // Load-time globals (see `latprobe_common::tcp::globals`).
 #[unsafe(no_mangle)]
@@ -279,7 +279,7 @@ fn record(stage: u32, slot: usize, duration: u64) {
     let histogram = histogram_index(stage, slot, global(&TCP_KEY_SLOTS_N) as usize);
     // SAFETY: per-CPU array slots are valid for the program's lifetime.
     if let Some(s) = TCP_STATS.get_ptr_mut(histogram as u32).and_then(|p| unsafe { p.as_mut() }) {
-        helpers::record(s, &TCP_BUCKETS, histogram, duration);
+        helpers::record(Writers::Many, s, &TCP_BUCKETS, histogram, duration);
     }
 }
 

@@ -6,6 +6,8 @@
 //!
 //! ```text
 //! floor fn FUNC       empty fentry + fexit on kernel function FUNC
+//! floor timed FUNC    fentry + fexit that only time FUNC: a clock read at
+//!                     each end, the start kept in task storage
 //! floor kprobe FUNC   empty kprobe + kretprobe on FUNC
 //! floor sched         empty tp_btf programs on sched_wakeup,
 //!                     sched_wakeup_new and sched_switch
@@ -33,14 +35,18 @@ where
 fn attach(ebpf: &mut Ebpf, what: &[String]) -> Result<String> {
     let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
     match what {
-        [kind, func] if kind == "fn" => {
-            let entry: &mut FEntry = program(ebpf, programs::FENTRY)?;
-            entry.load(func, &btf).context("loading the empty fentry")?;
-            entry.attach().context("attaching the empty fentry")?;
-            let exit: &mut FExit = program(ebpf, programs::FEXIT)?;
-            exit.load(func, &btf).context("loading the empty fexit")?;
-            exit.attach().context("attaching the empty fexit")?;
-            Ok(format!("empty fentry+fexit on {func}"))
+        [kind, func] if kind == "fn" || kind == "timed" => {
+            let (pair, what) = match kind.as_str() {
+                "fn" => ((programs::FENTRY, programs::FEXIT), "empty"),
+                _ => ((programs::TIMED_FENTRY, programs::TIMED_FEXIT), "timing-only"),
+            };
+            let entry: &mut FEntry = program(ebpf, pair.0)?;
+            entry.load(func, &btf).with_context(|| format!("loading the {what} fentry"))?;
+            entry.attach().with_context(|| format!("attaching the {what} fentry"))?;
+            let exit: &mut FExit = program(ebpf, pair.1)?;
+            exit.load(func, &btf).with_context(|| format!("loading the {what} fexit"))?;
+            exit.attach().with_context(|| format!("attaching the {what} fexit"))?;
+            Ok(format!("{what} fentry+fexit on {func}"))
         }
         [kind, func] if kind == "kprobe" => {
             for (name, what) in [(programs::KPROBE, "kprobe"), (programs::KRETPROBE, "kretprobe")] {
@@ -59,7 +65,7 @@ fn attach(ebpf: &mut Ebpf, what: &[String]) -> Result<String> {
             Ok("empty tp_btf on sched_wakeup, sched_wakeup_new, sched_switch".into())
         }
         _ => {
-            eprintln!("usage: floor fn FUNC | floor kprobe FUNC | floor sched");
+            eprintln!("usage: floor fn FUNC | floor timed FUNC | floor kprobe FUNC | floor sched");
             exit(2);
         }
     }
@@ -83,7 +89,7 @@ fn wait_for_signal() {
 
 fn main() {
     let args: Vec<String> = env::args().skip(1).collect();
-    let mut ebpf = match EbpfLoader::new().load(OBJECT) {
+    let mut ebpf = match EbpfLoader::new().allow_unsupported_maps().load(OBJECT) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("floor: loading the floor object failed: {e}");

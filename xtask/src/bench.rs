@@ -31,6 +31,10 @@ const SCRIPT: &str = r#"
 N=${LATPROBE_BENCH_CALLS:-100000}
 S=${LATPROBE_BENCH_SWITCHES:-20000}
 ROUNDS=${LATPROBE_BENCH_ROUNDS:-7}
+# Rows to run (an extended regular expression over their names); baselines
+# always run. latprobe runs without its overhead budget, which would detach
+# it mid-measurement: the peers have none.
+ONLY=${LATPROBE_BENCH_ONLY:-.}
 CPUS=$(awk -F- '{print ($2 == "" ? $1 : $2) + 1}' /sys/devices/system/cpu/possible)
 STATS=$(cat /proc/sys/kernel/bpf_stats_enabled)
 echo 1 >/proc/sys/kernel/bpf_stats_enabled
@@ -69,6 +73,7 @@ maps_kib() {
 # row its overhead is compared with.
 measure() {
   group=$1; name=$2; floor=$3; shift 3
+  echo "$name" | grep -qE "$ONLY" || return 0
   base=$(rounds $group)
   : >/tmp/out.$name
   "$@" >/tmp/out.$name 2>&1 &
@@ -87,6 +92,10 @@ measure() {
   before=$(prog_stats $pid)
   t=$(rounds $group)
   after=$(prog_stats $pid)
+  if ! kill -0 $pid 2>/dev/null; then
+    echo "$name: ended during the measurement:"; cat /tmp/out.$name; echo "$group $name $floor - - - - - - - - - -" >>/tmp/results
+    wait $pid 2>/dev/null; return
+  fi
   start=$(sed -n 's/.*attached \([0-9.]*\)ms after start.*/\1/p' /tmp/out.$name | head -n1)
   echo "$group $name $floor $t $(rss_kib $pid) $(maps_kib $pid) ${start:--} $before $after $base" >>/tmp/results
   kill -INT $pid; wait $pid 2>/dev/null
@@ -97,18 +106,21 @@ baseline() { t=$(rounds $1); echo "$1 $2 - $t - - - - - 0 0 0 0 $t" >>/tmp/resul
 baseline read baseline
 measure read floor-fentry - floor fn vfs_read
 measure read floor-kprobe - floor kprobe vfs_read
-measure read latprobe-fentry floor-fentry latprobe -v fn vfs_read
-measure read latprobe-kprobe floor-kprobe latprobe -v fn vfs_read --attach kprobe
+# What timing alone costs (two clock reads, a start per task): the floor of
+# any latency tool, which the empty pair leaves out.
+measure read floor-timed floor-fentry floor timed vfs_read
+measure read latprobe-fentry floor-fentry latprobe -v fn vfs_read --max-overhead off
+measure read latprobe-kprobe floor-kprobe latprobe -v fn vfs_read --attach kprobe --max-overhead off
 # A second function: its maps' growth is one traced function's memory.
-measure read latprobe-2-functions floor-fentry latprobe -v fn vfs_read vfs_write
+measure read latprobe-2-functions floor-fentry latprobe -v fn vfs_read vfs_write --max-overhead off
 [ -x /bin/funclatency ] && measure read funclatency floor-kprobe funclatency vfs_read
 [ -x /bin/bpftrace ] && measure read bpftrace-kprobe floor-kprobe bpftrace -e 'kprobe:vfs_read { @s[tid] = nsecs; } kretprobe:vfs_read /@s[tid]/ { @ns = hist(nsecs - @s[tid]); delete(@s[tid]); }'
 [ -x /bin/bpftrace ] && measure read bpftrace-kfunc floor-fentry bpftrace -e 'kfunc:vfs_read { @s[tid] = nsecs; } kretfunc:vfs_read /@s[tid]/ { @ns = hist(nsecs - @s[tid]); delete(@s[tid]); }'
 baseline read baseline-again
 baseline sched baseline
 measure sched floor-sched - floor sched
-measure sched latprobe-runqlat floor-sched latprobe -v runqlat
-measure sched latprobe-runqslower floor-sched latprobe -v runqslower 10ms
+measure sched latprobe-runqlat floor-sched latprobe -v runqlat --max-overhead off
+measure sched latprobe-runqslower floor-sched latprobe -v runqslower 10ms --max-overhead off
 [ -x /bin/runqlat ] && measure sched runqlat floor-sched runqlat
 [ -x /bin/runqslower ] && measure sched runqslower floor-sched runqslower 10000
 [ -x /bin/bpftrace ] && measure sched bpftrace-runqlat floor-sched bpftrace -e 'tracepoint:sched:sched_wakeup,tracepoint:sched:sched_wakeup_new { @q[args->pid] = nsecs; } tracepoint:sched:sched_switch { if (args->prev_state == 0) { @q[args->prev_pid] = nsecs; } $t = @q[args->next_pid]; if ($t) { @us = hist((nsecs - $t) / 1000); delete(@q[args->next_pid]); } }'
@@ -139,6 +151,10 @@ awk -v n="$N" -v s="$S" -v rounds="$ROUNDS" '
       if (name[i] ~ /^baseline/) { printf "%-20s %8.0f %7.0f\n", name[i], per[i], per[i] - base[g[i]]; continue }
       printf "%-20s %8.0f %7.0f %7s %11s %9.2f %7.0f %8s %8s %8s %9s %8s\n", name[i], per[i], add[i], xf, xp, runs[i], nsrun[i], rss[i], mem[i], m64[i], m256[i], st[i]
       row[name[i]] = i
+    }
+    if (("latprobe-fentry" in row) && ("floor-timed" in row) && added["floor-timed"] > 0 && nsrun[row["floor-timed"]] > 0) {
+      a = row["latprobe-fentry"]; b = row["floor-timed"]
+      printf "\nlatprobe-fentry over the timing-only floor (floor-timed): %.2fx the time added, %.2fx the program ns per run\n", add[a] / add[b], nsrun[a] / nsrun[b]
     }
     if (("latprobe-fentry" in row) && ("latprobe-2-functions" in row)) {
       a = row["latprobe-fentry"]; b = row["latprobe-2-functions"]
