@@ -19,6 +19,26 @@ pub mod programs {
     /// (program, tracepoint).
     pub const SCHED: [(&str, &str); 3] =
         [("floor_wakeup", "sched_wakeup"), ("floor_wakeup_new", "sched_wakeup_new"), ("floor_switch", "sched_switch")];
-    pub const ALL: [&str; 9] =
-        [FENTRY, FEXIT, TIMED_FENTRY, TIMED_FEXIT, KPROBE, KRETPROBE, SCHED[0].0, SCHED[1].0, SCHED[2].0];
+    /// The same tracepoints, with programs that only time run-queue waits:
+    /// a clock read and a store in task storage per wakeup, a clock read, a
+    /// store and a lookup per switch.
+    pub const TIMED_SCHED: [(&str, &str); 3] = [
+        ("floor_timed_wakeup", "sched_wakeup"),
+        ("floor_timed_wakeup_new", "sched_wakeup_new"),
+        ("floor_timed_switch", "sched_switch"),
+    ];
+    pub const ALL: [&str; 12] = [
+        FENTRY,
+        FEXIT,
+        TIMED_FENTRY,
+        TIMED_FEXIT,
+        KPROBE,
+        KRETPROBE,
+        SCHED[0].0,
+        SCHED[1].0,
+        SCHED[2].0,
+        TIMED_SCHED[0].0,
+        TIMED_SCHED[1].0,
+        TIMED_SCHED[2].0,
+    ];
 }

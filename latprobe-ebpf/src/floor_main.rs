@@ -84,3 +84,43 @@ pub fn floor_wakeup_new(_ctx: BtfTracePointContext) -> i32 {
 pub fn floor_switch(_ctx: BtfTracePointContext) -> i32 {
     0
 }
+
+// The timed scheduler programs: what any run-queue latency tool must do. A
+// wakeup stores the clock in the woken task's storage; a switch stores it
+// in the task leaving (runqlat checks that it is still runnable, which this
+// skips) and reads the start of the task coming in.
+
+#[inline(always)]
+fn start_wait(task: *mut core::ffi::c_void, now: u64) {
+    // SAFETY: a task argument of a tp_btf program is trusted.
+    if let Some(start) = unsafe { FLOOR_START.get(task, true) } {
+        *start = now;
+    }
+}
+
+#[btf_tracepoint(function = "sched_wakeup")]
+pub fn floor_timed_wakeup(ctx: BtfTracePointContext) -> i32 {
+    // SAFETY: a helper without arguments.
+    start_wait(ctx.arg(0), unsafe { bpf_ktime_get_ns() });
+    0
+}
+
+#[btf_tracepoint(function = "sched_wakeup_new")]
+pub fn floor_timed_wakeup_new(ctx: BtfTracePointContext) -> i32 {
+    // SAFETY: as above.
+    start_wait(ctx.arg(0), unsafe { bpf_ktime_get_ns() });
+    0
+}
+
+#[btf_tracepoint(function = "sched_switch")]
+pub fn floor_timed_switch(ctx: BtfTracePointContext) -> i32 {
+    // SAFETY: as above.
+    let now = unsafe { bpf_ktime_get_ns() };
+    start_wait(ctx.arg(1), now);
+    // SAFETY: as in `start_wait`.
+    if let Some(start) = unsafe { FLOOR_START.get(ctx.arg(2), false) } {
+        // SAFETY: the global is this object's own.
+        unsafe { write_volatile(&raw mut FLOOR_LAST_NS, now - *start) };
+    }
+    0
+}

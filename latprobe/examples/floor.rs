@@ -11,6 +11,8 @@
 //! floor kprobe FUNC   empty kprobe + kretprobe on FUNC
 //! floor sched         empty tp_btf programs on sched_wakeup,
 //!                     sched_wakeup_new and sched_switch
+//! floor timed-sched   tp_btf programs there that only time run-queue
+//!                     waits: a clock read and a start in task storage
 //! ```
 
 use std::{env, process::exit};
@@ -56,16 +58,20 @@ fn attach(ebpf: &mut Ebpf, what: &[String]) -> Result<String> {
             }
             Ok(format!("empty kprobe+kretprobe on {func}"))
         }
-        [kind] if kind == "sched" => {
-            for (name, event) in programs::SCHED {
+        [kind] if kind == "sched" || kind == "timed-sched" => {
+            let (set, what) = match kind.as_str() {
+                "sched" => (programs::SCHED, "empty"),
+                _ => (programs::TIMED_SCHED, "timing-only"),
+            };
+            for (name, event) in set {
                 let tp: &mut BtfTracePoint = program(ebpf, name)?;
-                tp.load(event, &btf).with_context(|| format!("loading the empty tp_btf {event}"))?;
-                tp.attach().with_context(|| format!("attaching the empty tp_btf {event}"))?;
+                tp.load(event, &btf).with_context(|| format!("loading the {what} tp_btf {event}"))?;
+                tp.attach().with_context(|| format!("attaching the {what} tp_btf {event}"))?;
             }
-            Ok("empty tp_btf on sched_wakeup, sched_wakeup_new, sched_switch".into())
+            Ok(format!("{what} tp_btf on sched_wakeup, sched_wakeup_new, sched_switch"))
         }
         _ => {
-            eprintln!("usage: floor fn FUNC | floor timed FUNC | floor kprobe FUNC | floor sched");
+            eprintln!("usage: floor fn FUNC | floor timed FUNC | floor kprobe FUNC | floor sched | floor timed-sched");
             exit(2);
         }
     }

@@ -119,6 +119,7 @@ measure read latprobe-2-functions floor-fentry latprobe -v fn vfs_read vfs_write
 baseline read baseline-again
 baseline sched baseline
 measure sched floor-sched - floor sched
+measure sched floor-timed-sched floor-sched floor timed-sched
 measure sched latprobe-runqlat floor-sched latprobe -v runqlat --max-overhead off
 measure sched latprobe-runqslower floor-sched latprobe -v runqslower 10ms --max-overhead off
 [ -x /bin/runqlat ] && measure sched runqlat floor-sched runqlat
@@ -152,9 +153,13 @@ awk -v n="$N" -v s="$S" -v rounds="$ROUNDS" '
       printf "%-20s %8.0f %7.0f %7s %11s %9.2f %7.0f %8s %8s %8s %9s %8s\n", name[i], per[i], add[i], xf, xp, runs[i], nsrun[i], rss[i], mem[i], m64[i], m256[i], st[i]
       row[name[i]] = i
     }
-    if (("latprobe-fentry" in row) && ("floor-timed" in row) && added["floor-timed"] > 0 && nsrun[row["floor-timed"]] > 0) {
-      a = row["latprobe-fentry"]; b = row["floor-timed"]
-      printf "\nlatprobe-fentry over the timing-only floor (floor-timed): %.2fx the time added, %.2fx the program ns per run\n", add[a] / add[b], nsrun[a] / nsrun[b]
+    split("latprobe-fentry floor-timed latprobe-runqlat floor-timed-sched latprobe-runqslower floor-timed-sched", over)
+    for (j = 1; j < 6; j += 2) {
+      a = row[over[j]]; b = row[over[j+1]]
+      if (a && b && add[b] > 0 && nsrun[b] > 0) {
+        if (!said++) print ""
+        printf "%s over the timing-only floor (%s): %.2fx the time added, %.2fx the program ns per run\n", over[j], over[j+1], add[a] / add[b], nsrun[a] / nsrun[b]
+      }
     }
     if (("latprobe-fentry" in row) && ("latprobe-2-functions" in row)) {
       a = row["latprobe-fentry"]; b = row["latprobe-2-functions"]
