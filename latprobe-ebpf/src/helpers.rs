@@ -40,6 +40,7 @@ pub enum Writers {
     /// A run can be preempted by another run of the same program on its
     /// CPU: uprobes (migration disabled, preemption not), and on
     /// PREEMPT_RT nearly everything.
+    #[allow(dead_code, reason = "the scheduler commands' object records from sched_switch only")]
     Many,
 }
 
