@@ -1,6 +1,8 @@
 //! `--max-overhead`: the share of the machine's CPU time latprobe's own
-//! programs may take, judged every [`WINDOW`] from the kernel's own
-//! accounting (see `cost`), and what is shed when they take more.
+//! probes may take, judged every [`WINDOW`]: their programs' time from the
+//! kernel's own accounting (see `cost`), and for uprobes the traps around
+//! them, measured at start (see `probe_cost`); and what is shed when they
+//! take more.
 //!
 //! Pure: the limit's parsing and the verdict over one window; `cost` feeds
 //! it the programs' times and the commands detach what it names.
@@ -13,7 +15,8 @@ use anyhow::{bail, Result};
 pub const WINDOW: Duration = Duration::from_secs(1);
 
 /// The limit when `--max-overhead` is not given: 5% of all CPUs' time, in
-/// the programs alone (the probes' own entry cost comes on top).
+/// the programs and, for uprobes, the traps around them (a trampoline's or
+/// a kprobe's entry cost is not weighed).
 pub const DEFAULT_PERCENT: f64 = 5.0;
 
 /// `--max-overhead`'s value.
@@ -62,17 +65,24 @@ pub struct Verdict {
 /// during `window` on a machine of `cpus` CPUs. Over `limit_percent`, the
 /// costliest unit is named (the first of equals).
 pub fn judge(run_ns: &[u64], window: Duration, cpus: usize, limit_percent: f64) -> Option<Verdict> {
-    let capacity_ns = window.as_secs_f64() * 1e9 * cpus.max(1) as f64;
-    if capacity_ns <= 0.0 {
+    if window.is_zero() {
         return None;
     }
-    let used: u64 = run_ns.iter().sum();
-    let used_percent = 100.0 * used as f64 / capacity_ns;
+    let used_percent = percent_of(run_ns.iter().sum(), window, cpus);
     if used_percent <= limit_percent {
         return None;
     }
     let costliest = run_ns.iter().enumerate().rev().max_by_key(|(_, ns)| **ns).map(|(i, _)| i)?;
     Some(Verdict { costliest, used_percent })
+}
+
+/// `ns` of CPU time as a percent of what `cpus` CPUs had over `window`.
+pub fn percent_of(ns: u64, window: Duration, cpus: usize) -> f64 {
+    let capacity_ns = window.as_secs_f64() * 1e9 * cpus.max(1) as f64;
+    if capacity_ns <= 0.0 {
+        return 0.0;
+    }
+    100.0 * ns as f64 / capacity_ns
 }
 
 /// One thing shed over budget: when, and what the programs took then.
@@ -84,7 +94,11 @@ pub struct Shed {
     pub last: bool,
     /// Time traced before it was detached.
     pub after: Duration,
+    /// What the probes took over the last window: their programs, and
+    /// the uprobe traps around them (see `probe_cost`).
     pub used_percent: f64,
+    /// Of that, the programs alone.
+    pub programs_percent: f64,
     pub limit_percent: f64,
     pub cpus: usize,
 }
@@ -92,8 +106,15 @@ pub struct Shed {
 impl Shed {
     /// One line for stderr: what was detached, why, and what the report covers.
     pub fn describe(&self) -> String {
+        // Traps count only where they were measured: say so when they did.
+        let traps = self.used_percent - self.programs_percent;
+        let whose = if traps >= 0.05 {
+            format!("latprobe's probes ({:.1}% in its programs, the rest in uprobe traps)", self.programs_percent)
+        } else {
+            "latprobe's programs".to_string()
+        };
         let why = format!(
-            "latprobe's programs took {:.1}% of {} CPUs' time over the last second, above --max-overhead {}%",
+            "{whose} took {:.1}% of {} CPUs' time over the last second, above --max-overhead {}%",
             self.used_percent, self.cpus, self.limit_percent
         );
         let after = self.after.as_secs_f64();
@@ -116,6 +137,7 @@ impl Shed {
             "detached": self.what,
             "after_s": (self.after.as_secs_f64() * 1000.0).round() / 1000.0,
             "cpu_percent": self.used_percent,
+            "programs_cpu_percent": self.programs_percent,
             "limit_percent": self.limit_percent,
             "ended_run": self.last,
         })
@@ -162,15 +184,22 @@ mod tests {
             last: false,
             after: Duration::from_millis(2100),
             used_percent: 7.26,
+            programs_percent: 7.26,
             limit_percent: 5.0,
             cpus: 2,
         };
         let line = shed.describe();
-        assert!(line.contains("took 7.3% of 2 CPUs' time"), "{line}");
+        assert!(line.contains("latprobe's programs took 7.3% of 2 CPUs' time"), "{line}");
         assert!(line.contains("detached vfs_read, the costliest, after 2.1s"), "{line}");
         let last = Shed { last: true, what: "every probe".into(), ..shed };
         assert!(last.describe().contains("ended the run"), "{}", last.describe());
         assert_eq!(last.to_json()["after_s"], 2.1);
         assert_eq!(last.to_json()["ended_run"], true);
+        let trapped = Shed { programs_percent: 1.3, ..last };
+        assert!(
+            trapped.describe().contains("probes (1.3% in its programs, the rest in uprobe traps) took 7.3%"),
+            "{}",
+            trapped.describe()
+        );
     }
 }

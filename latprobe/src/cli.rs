@@ -45,9 +45,10 @@ pub struct RunArgs {
     /// Only this process; stop when it exits
     #[arg(long, value_name = "PID", conflicts_with = "command")]
     pub pid: Option<u32>,
-    /// Most of all CPUs' time latprobe's own programs may take, judged each second: over it, the costliest
-    /// function (fn) or every probe (other commands, which then end) is detached and said so; the
-    /// report covers what was measured until then [default: 5; `off` for none]
+    /// Most of all CPUs' time latprobe's own probes may take (their programs, and a uprobe's traps),
+    /// judged each second: over it, the costliest function (fn) or every probe (other commands, which
+    /// then end) is detached and said so; the report covers what was measured until then [default: 5;
+    /// `off` for none]
     #[arg(long, value_name = "PCT", value_parser = crate::budget::parse_limit)]
     pub max_overhead: Option<crate::budget::Limit>,
     #[arg(last = true, value_name = "COMMAND", help = COMMAND_HELP)]
@@ -348,8 +349,9 @@ const FN_EXAMPLES: &str = "\
 Each function gets its own histogram, aggregated in the kernel per CPU; only
 calls slower than --slower are sent to userspace one by one. Reports end at
 --secs, Ctrl-C, SIGTERM, SIGHUP, or when COMMAND exits. Each second latprobe
-weighs its programs' time against --max-overhead (5% of all CPUs): over it,
-the costliest function is detached, said on stderr, and the rest traced on.
+weighs its probes' time (their programs, and a uprobe's traps, measured at
+start) against --max-overhead (5% of all CPUs): over it, the costliest
+function is detached, said on stderr, and the rest traced on.
 
 Examples:
   latprobe fn net_rx_action --secs 30

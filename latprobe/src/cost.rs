@@ -61,8 +61,9 @@ pub struct SelfCost {
     last: Sample,
     /// `--max-overhead`, in percent of all CPUs' time; `None` when off.
     limit_percent: Option<f64>,
-    /// Each program's run time at the last judgement of the budget, and when.
-    judged_ns: HashMap<String, u64>,
+    /// Each program's (runs, run ns) at the last judgement of the budget,
+    /// and when.
+    judged: HashMap<String, (u64, u64)>,
     judged_at: Instant,
     sheds: Vec<Shed>,
     /// Each program's (runs, run ns) when last read: a program detached
@@ -78,9 +79,16 @@ struct Sample {
     run_ns: u64,
 }
 
-/// Units whose programs the budget weighs against each other: a name (what
-/// a shed says it detached) and the names of its programs.
-pub type Unit<'a> = (String, Vec<&'a str>);
+/// What the budget weighs against each other: probes detached together.
+pub struct Unit<'a> {
+    /// What a shed says it detached.
+    pub name: String,
+    pub programs: Vec<&'a str>,
+    /// What each run of those programs costs beyond its own run time (a
+    /// uprobe's trap: see `probe_cost`), in ns; 0 where that is not known
+    /// to matter.
+    pub entry_ns_per_run: u64,
+}
 
 impl SelfCost {
     /// `None` (and why) when the kernel refuses: it needs CAP_SYS_ADMIN and
@@ -96,7 +104,7 @@ impl SelfCost {
             first: zero,
             last: zero,
             limit_percent,
-            judged_ns: HashMap::new(),
+            judged: HashMap::new(),
             judged_at: now,
             sheds: Vec::new(),
             seen: RefCell::new(HashMap::new()),
@@ -156,8 +164,9 @@ impl SelfCost {
     /// `ebpf`, as one unit named `what`. Over budget, the run must end: its
     /// probes are all there is to shed.
     pub fn over_budget_whole(&mut self, ebpf: &Ebpf, what: &str, traced: Duration) -> Option<Shed> {
-        let names: Vec<&str> = ebpf.programs().map(|(name, _)| name).collect();
-        self.over_budget(ebpf, &[(what.to_string(), names)], traced).map(|(_, shed)| shed)
+        let programs: Vec<&str> = ebpf.programs().map(|(name, _)| name).collect();
+        let whole = Unit { name: what.to_string(), programs, entry_ns_per_run: 0 };
+        self.over_budget(ebpf, &[whole], traced).map(|(_, shed)| shed)
     }
 
     /// Judges the time since the last judgement over `units` (those still
@@ -168,23 +177,29 @@ impl SelfCost {
         let now = Instant::now();
         let window = now - self.judged_at;
         self.judged_at = now;
-        let mut spent: HashMap<&str, u64> = HashMap::new();
+        // Each program's (runs, run ns) over the window.
+        let mut spent: HashMap<&str, (u64, u64)> = HashMap::new();
         for (name, program) in ebpf.programs() {
             let Ok(info) = program.info() else { continue };
-            let total = info.run_time().as_nanos() as u64;
-            let before = self.judged_ns.insert(name.to_string(), total).unwrap_or(0);
-            spent.insert(name, total.saturating_sub(before));
+            let total = (info.run_count(), info.run_time().as_nanos() as u64);
+            let before = self.judged.insert(name.to_string(), total).unwrap_or((0, 0));
+            spent.insert(name, (total.0.saturating_sub(before.0), total.1.saturating_sub(before.1)));
         }
-        let per_unit: Vec<u64> =
-            units.iter().map(|(_, names)| names.iter().filter_map(|n| spent.get(n)).sum()).collect();
+        let programs_ns = |unit: &Unit| -> u64 { unit.programs.iter().filter_map(|n| spent.get(n)).map(|s| s.1).sum() };
+        let entries_ns = |unit: &Unit| -> u64 {
+            unit.programs.iter().filter_map(|n| spent.get(n)).map(|s| s.0 * unit.entry_ns_per_run).sum()
+        };
+        let per_unit: Vec<u64> = units.iter().map(|u| programs_ns(u) + entries_ns(u)).collect();
         let verdict = budget::judge(&per_unit, window, self.cpus, limit_percent)?;
+        let in_programs: u64 = units.iter().map(programs_ns).sum();
         // The caller detaches what is shed: its counts so far stay in the run's.
         self.sample(ebpf);
         let shed = Shed {
-            what: units[verdict.costliest].0.clone(),
+            what: units[verdict.costliest].name.clone(),
             last: units.len() == 1,
             after: traced,
             used_percent: verdict.used_percent,
+            programs_percent: budget::percent_of(in_programs, window, self.cpus),
             limit_percent,
             cpus: self.cpus,
         };

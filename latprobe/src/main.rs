@@ -20,6 +20,7 @@ mod lock_waiters;
 mod merge_input;
 mod metrics;
 mod output;
+mod probe_cost;
 mod report;
 mod run;
 mod sched_probes;

@@ -100,6 +100,32 @@ fn the_costliest_function_is_detached_and_the_workload_recovers() {
     assert!(after > 5.0 * before, "throughput recovers: {rates:?}");
 }
 
+/// For a short user function the uprobe's trap, not its programs, is most
+/// of what tracing it costs, and the budget counts it (measured at start on
+/// latprobe's own code): the hot function goes over 10% of the machine in
+/// all, however little of that its programs took, and the shed says both.
+#[test]
+fn a_uprobes_trap_counts_against_the_budget() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("a_uprobes_trap_counts_against_the_budget", &why);
+    }
+    let w = workload();
+    let hot = format!("{w}:latprobe_workload_hot");
+    let run = latprobe(&["fn", &hot, "--max-overhead", "10", "--format", "json", "--", &w, "hot", "20s", "250ms"]);
+    run.assert_success();
+    let shed = &final_cost(&run)["over_budget"][0];
+    assert_eq!(shed["detached"], hot.as_str(), "{shed}\n{}", run.stderr);
+    let all = shed["cpu_percent"].as_f64().unwrap();
+    let programs = shed["programs_cpu_percent"].as_f64().unwrap();
+    eprintln!("{}: hot function's probes took {all:.1}% of the CPUs, {programs:.1}% in programs", kernel_name());
+    assert!(all > 10.0, "{shed}");
+    assert!(all > 2.0 * programs, "the traps are counted, and outweigh the programs: {shed}");
+    assert!(run.stderr.contains("in its programs, the rest in uprobe traps) took"), "{}", run.stderr);
+    let h = run.final_histogram(&hot);
+    assert_eq!(h["over_budget"], true, "{h}");
+    assert!(h["seconds"].as_f64().unwrap() < 10.0, "ended over budget, long before the workload's 20 s: {h}");
+}
+
 /// A command whose probes are one whole (runqlat) ends over budget, as if
 /// its time were up: exit 0, the report of what it measured, the reason on
 /// stderr and in the JSON, and the command it ran stopped.

@@ -15,6 +15,7 @@ use crate::{
     cli::FnArgs,
     clock::WallClock,
     cost::{self, SelfCost, Unit},
+    duration::format_ns,
     histogram::Latencies,
     kallsyms::{self, SymbolsLater},
     kernel_hist::{self, HistMaps, Totals},
@@ -25,6 +26,7 @@ use crate::{
         hdr_log::{series_tag, HdrLog},
         text,
     },
+    probe_cost,
     report::{Format, FunctionReport, OutlierReport, Period},
     run::{End, Ring, Run, Step, BATCH, SETTLE_TIME},
 };
@@ -114,6 +116,7 @@ pub async fn run(args: FnArgs) -> Result<()> {
     }
     // Everything is attached: the parsed BTF (megabytes) is not kept.
     drop(btf);
+    let trap_ns_per_run = uprobe_trap_ns_per_run(&mut ebpf, &traced, cost.as_ref());
     output::verbose(&kernel_hist::memory(targets.len(), "function"));
     let maps = HistMaps::take(&mut ebpf, maps::STATS, maps::BUCKETS)?;
     let mut ring: Ring<Outlier> = Ring::take(&mut ebpf, maps::OUTLIERS)?;
@@ -139,7 +142,7 @@ pub async fn run(args: FnArgs) -> Result<()> {
         match run.next(Some(&mut ring)).await? {
             Step::Ended(end) => break end,
             Step::Budget => {
-                if let Some(end) = judge_budget(&mut traced, cost.as_mut(), &mut ebpf, &run) {
+                if let Some(end) = judge_budget(&mut traced, trap_ns_per_run, cost.as_mut(), &mut ebpf, &run) {
                     break end;
                 }
             }
@@ -203,10 +206,48 @@ pub async fn run(args: FnArgs) -> Result<()> {
     hdr_log.map_or(Ok(()), |log| log.end(&deltas))
 }
 
+/// What a uprobe's trap adds to each run of its programs, where uprobes are
+/// traced under a budget (see `probe_cost`): measured with the programs of
+/// the first slot no function uses. 0 when there is no budget, no uprobe,
+/// or no spare slot.
+fn uprobe_trap_ns_per_run(ebpf: &mut aya::Ebpf, traced: &[Traced], cost: Option<&SelfCost>) -> u64 {
+    if cost.and_then(SelfCost::budget_window).is_none() || !traced.iter().any(|t| t.mechanism == Mechanism::Uprobe) {
+        return 0;
+    }
+    let unweighed = "--max-overhead weighs the uprobes' programs alone, not their traps";
+    if traced.len() >= MAX_FUNCS {
+        output::verbose(&format!("{MAX_FUNCS} functions leave no slot to measure a uprobe's trap with: {unweighed}"));
+        return 0;
+    }
+    let (entry, exit) = Mechanism::Uprobe.programs(traced.len());
+    match probe_cost::uprobe_pair_ns(ebpf, entry, exit) {
+        Ok(ns) => {
+            output::verbose(&format!(
+                "a uprobe and its return probe cost {} a call beyond their programs (measured on latprobe's \
+                 own code): --max-overhead counts it",
+                format_ns(ns)
+            ));
+            // Each call runs the entry program and the return program once.
+            ns / 2
+        }
+        Err(e) => {
+            output::verbose(&format!("a uprobe's trap was not measured ({e:#}): {unweighed}"));
+            0
+        }
+    }
+}
+
 /// At [`Step::Budget`]: detaches the returns of functions shed a window
 /// ago, then, over budget, the entry of the costliest function still
-/// traced. The end of the run when none is left.
-fn judge_budget(traced: &mut [Traced], cost: Option<&mut SelfCost>, ebpf: &mut aya::Ebpf, run: &Run) -> Option<End> {
+/// traced (a uprobe's runs weighed with `trap_ns_per_run` each). The end
+/// of the run when none is left.
+fn judge_budget(
+    traced: &mut [Traced],
+    trap_ns_per_run: u64,
+    cost: Option<&mut SelfCost>,
+    ebpf: &mut aya::Ebpf,
+    run: &Run,
+) -> Option<End> {
     let cost = cost?;
     if traced.iter().any(|t| t.draining) {
         cost.note(ebpf);
@@ -222,8 +263,10 @@ fn judge_budget(traced: &mut [Traced], cost: Option<&mut SelfCost>, ebpf: &mut a
     let units: Vec<Unit> = live
         .iter()
         .map(|&slot| {
-            let (entry, exit) = traced[slot].mechanism.programs(slot);
-            (traced[slot].name.clone(), vec![entry, exit])
+            let t = &traced[slot];
+            let (entry, exit) = t.mechanism.programs(slot);
+            let entry_ns_per_run = if t.mechanism == Mechanism::Uprobe { trap_ns_per_run } else { 0 };
+            Unit { name: t.name.clone(), programs: vec![entry, exit], entry_ns_per_run }
         })
         .collect();
     let (unit, shed) = cost.over_budget(ebpf, &units, run.elapsed())?;

@@ -1,0 +1,143 @@
+//! What a uprobe costs each call beyond its programs' own run time: the
+//! breakpoint's trap into the kernel, and the return probe's trampoline.
+//! The kernel times programs, not the trap around them, and for a short
+//! user function the trap is most of what tracing it costs (about 30 times
+//! the programs' time on an x86 host), so the budget (`--max-overhead`)
+//! would let a uprobe on a hot function take a large share of the machine
+//! while its programs alone stayed under. Measured once per run, on a
+//! function of latprobe's own, with the programs of a slot no target uses.
+
+use std::{
+    fs,
+    hint::black_box,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    programs::{
+        uprobe::{UProbeLink, UProbeScope},
+        UProbe,
+    },
+    Ebpf,
+};
+
+use crate::{attach, bpf};
+
+/// Calls timed per batch, and batches: the fastest batch counts, as the
+/// machine's other work only ever adds time to one.
+const CALLS: u32 = 200;
+const BATCHES: usize = 3;
+
+/// The function the probes are measured on: called only here, out of line
+/// so that each call is a real call the uprobe traps.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn latprobe_probe_cost_target(x: u64) -> u64 {
+    black_box(x).wrapping_add(1)
+}
+
+/// The fastest of `BATCHES` batches of `CALLS` calls.
+fn time_calls() -> Duration {
+    (0..BATCHES)
+        .map(|_| {
+            let started = Instant::now();
+            let mut x = 0;
+            for _ in 0..CALLS {
+                x = latprobe_probe_cost_target(black_box(x));
+            }
+            black_box(x);
+            started.elapsed()
+        })
+        .min()
+        .unwrap_or_default()
+}
+
+/// latprobe's executable and the offset in it of the running code at
+/// `addr`, from /proc/self/maps (which works for a stripped binary, unlike
+/// its symbols).
+fn own_file_offset(addr: u64) -> Result<(PathBuf, u64)> {
+    let maps = fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?;
+    for line in maps.lines() {
+        // start-end perms offset dev inode path
+        let mut parts = line.split_whitespace();
+        let (Some(range), Some(perms), Some(offset)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let Some((start, end)) = range.split_once('-') else { continue };
+        let (Ok(start), Ok(end), Ok(offset)) =
+            (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16), u64::from_str_radix(offset, 16))
+        else {
+            continue;
+        };
+        if (start..end).contains(&addr) && perms.contains('x') {
+            let exe = std::env::current_exe().context("finding latprobe's own executable")?;
+            return Ok((exe, addr - start + offset));
+        }
+    }
+    bail!("latprobe's own code at {addr:#x} is in no file mapping")
+}
+
+/// Nanoseconds a uprobe and its return probe add to each call beyond their
+/// programs' own time, measured with `entry` and `exit` (the uprobe and
+/// uretprobe of a slot no target uses), which are unloaded again before
+/// this returns.
+pub fn uprobe_pair_ns(ebpf: &mut Ebpf, entry: &str, exit: &str) -> Result<u64> {
+    let (file, offset) = own_file_offset(latprobe_probe_cost_target as *const () as usize as u64)?;
+    let plain = time_calls();
+    let mut links = Vec::new();
+    let measured = attach_and_time(ebpf, [exit, entry], &file, offset, &mut links);
+    // Removing a uprobe waits out an RCU grace period (about 100 ms each,
+    // measured): not on the way to tracing. The programs themselves unload
+    // at once.
+    std::thread::spawn(move || drop(links));
+    attach::unload(ebpf, entry);
+    attach::unload(ebpf, exit);
+    let (probed, programs_ns) = measured?;
+    let added = probed.saturating_sub(plain).as_nanos() as u64;
+    // The programs ran twice per call in each batch.
+    let programs_per_call = programs_ns / (u64::from(CALLS) * BATCHES as u64);
+    Ok((added / u64::from(CALLS)).saturating_sub(programs_per_call))
+}
+
+/// The fastest batch with both programs attached to latprobe's own
+/// function, and the programs' own run time over all batches. The
+/// attachments go to `links`, for the caller to drop.
+fn attach_and_time(
+    ebpf: &mut Ebpf,
+    names: [&str; 2],
+    file: &Path,
+    offset: u64,
+    links: &mut Vec<UProbeLink>,
+) -> Result<(Duration, u64)> {
+    for name in names {
+        let prog: &mut UProbe = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} is missing"))?
+            .try_into()
+            .map_err(|e| anyhow!("{name}: {e}"))?;
+        prog.load().map_err(|e| anyhow!("loading {name}: {}", bpf::describe(&e)))?;
+        let id = prog.attach(offset, file, UProbeScope::CallingProcess).with_context(|| format!("attaching {name}"))?;
+        links.push(prog.take_link(id).with_context(|| format!("keeping {name}'s link"))?);
+    }
+    let run_ns = |ebpf: &Ebpf| -> u64 {
+        names.iter().filter_map(|n| ebpf.program(n)?.info().ok()).map(|info| info.run_time().as_nanos() as u64).sum()
+    };
+    let before = run_ns(ebpf);
+    let probed = time_calls();
+    Ok((probed, run_ns(ebpf).saturating_sub(before)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_its_own_code_in_its_executable() {
+        let (file, offset) = own_file_offset(latprobe_probe_cost_target as *const () as usize as u64).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(fs::canonicalize(&file).unwrap(), fs::canonicalize(exe).unwrap());
+        assert!(offset > 0 && offset < fs::metadata(&file).unwrap().len(), "{offset:#x}");
+    }
+}
