@@ -89,8 +89,8 @@ pub fn uprobe_pair_ns(ebpf: &mut Ebpf, entry: &str, exit: &str) -> Result<u64> {
     let mut links = Vec::new();
     let measured = attach_and_time(ebpf, [exit, entry], &file, offset, &mut links);
     // Removing a uprobe waits out an RCU grace period (about 100 ms each,
-    // measured): not on the way to tracing. The programs themselves unload
-    // at once.
+    // measured): not in the way of the trace loop. The programs themselves
+    // unload at once.
     std::thread::spawn(move || drop(links));
     attach::unload(ebpf, entry);
     attach::unload(ebpf, exit);

@@ -116,7 +116,6 @@ pub async fn run(args: FnArgs) -> Result<()> {
     }
     // Everything is attached: the parsed BTF (megabytes) is not kept.
     drop(btf);
-    let trap_ns_per_run = uprobe_trap_ns_per_run(&mut ebpf, &traced, cost.as_ref());
     output::verbose(&kernel_hist::memory(targets.len(), "function"));
     let maps = HistMaps::take(&mut ebpf, maps::STATS, maps::BUCKETS)?;
     let mut ring: Ring<Outlier> = Ring::take(&mut ebpf, maps::OUTLIERS)?;
@@ -134,6 +133,9 @@ pub async fn run(args: FnArgs) -> Result<()> {
     }
     run.judge_budget_every(cost.as_ref().and_then(SelfCost::budget_window));
     run.activate()?;
+    // Measured once every probe is attached (it takes the kernel tens of
+    // milliseconds), before the first judgement of the budget.
+    let trap_ns_per_run = uprobe_trap_ns_per_run(&mut ebpf, &traced, cost.as_ref());
     if let Some(log) = hdr_log.as_mut() {
         log.begin(&format!("fn {}", described.join(", ")));
     }
