@@ -27,8 +27,8 @@ use crate::{attach, bpf};
 
 /// Calls timed per batch, and batches: the fastest batch counts, as the
 /// machine's other work only ever adds time to one.
-const CALLS: u32 = 200;
-const BATCHES: usize = 3;
+const CALLS: u32 = 100;
+const BATCHES: usize = 7;
 
 /// The function the probes are measured on: called only here, out of line
 /// so that each call is a real call the uprobe traps.
