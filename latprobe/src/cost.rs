@@ -12,7 +12,7 @@
 use std::{
     cell::RefCell,
     collections::HashMap,
-    os::fd::OwnedFd,
+    os::fd::{AsFd, OwnedFd},
     time::{Duration, Instant},
 };
 
@@ -21,9 +21,10 @@ use aya::{sys::Stats, Ebpf};
 use serde_json::json;
 
 use crate::{
+    attach,
     budget::{self, Limit, Shed},
     duration::format_ns,
-    output,
+    kernel_features, output,
     report::Format,
 };
 
@@ -125,14 +126,20 @@ impl SelfCost {
         self.between(self.first, self.sample(ebpf))
     }
 
-    /// Reads every program's counts, so that those about to be unloaded
-    /// keep counting in the run's cost.
-    pub fn note(&self, ebpf: &Ebpf) {
-        self.sample(ebpf);
+    /// Unloads program `name`, its runs counted to the last: detaching a
+    /// uprobe waits out an RCU grace period (hundreds of milliseconds in
+    /// an emulated guest), during which the probe still fires, so its
+    /// counts are read after, through a descriptor kept for that.
+    pub fn unload_counted(&self, ebpf: &mut Ebpf, name: &str) {
+        let kept = ebpf.program(name).and_then(|p| p.fd().ok()).and_then(|fd| fd.try_clone().ok());
+        attach::unload(ebpf, name);
+        if let Some(stats) = kept.and_then(|fd| kernel_features::run_stats(fd.as_fd())) {
+            self.seen.borrow_mut().insert(name.to_string(), stats);
+        }
     }
 
     /// Every program's runs and time so far, those detached included (read
-    /// before they were unloaded: see [`SelfCost::note`]).
+    /// when they were unloaded: see [`SelfCost::unload_counted`]).
     fn sample(&self, ebpf: &Ebpf) -> Sample {
         let mut seen = self.seen.borrow_mut();
         for (name, program) in ebpf.programs() {

@@ -130,6 +130,17 @@ pub fn has_fetch_atomics() -> bool {
 /// re-entered itself on one CPU (`bpf_prog_info.recursion_misses`, Linux
 /// 5.12+; a preempted program on PREEMPT_RT counts too). None if unknown.
 pub fn recursion_misses(fd: BorrowedFd<'_>) -> Option<u64> {
+    prog_info(fd).map(|info| info.recursion_misses)
+}
+
+/// Program `fd`'s runs and their total nanoseconds, as the kernel counted
+/// them while `BPF_ENABLE_STATS` was on. Readable through any descriptor
+/// of the program, for as long as one is open.
+pub fn run_stats(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+    prog_info(fd).map(|info| (info.run_cnt, info.run_time_ns))
+}
+
+fn prog_info(fd: BorrowedFd<'_>) -> Option<aya_obj::generated::bpf_prog_info> {
     // SAFETY: bpf_prog_info is plain integers and u64-encoded pointers:
     // all zeros is a valid value, and what the kernel expects unset.
     let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
@@ -146,7 +157,7 @@ pub fn recursion_misses(fd: BorrowedFd<'_>) -> Option<u64> {
         info: (&raw mut info) as u64,
     };
     // The kernel writes at most info_len bytes into `info`.
-    (bpf(BPF_OBJ_GET_INFO_BY_FD, attr) == 0).then_some(info.recursion_misses)
+    (bpf(BPF_OBJ_GET_INFO_BY_FD, attr) == 0).then_some(info)
 }
 
 #[cfg(test)]

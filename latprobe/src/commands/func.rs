@@ -251,14 +251,11 @@ fn judge_budget(
     run: &Run,
 ) -> Option<End> {
     let cost = cost?;
-    if traced.iter().any(|t| t.draining) {
-        cost.note(ebpf);
-    }
     for (slot, t) in traced.iter_mut().enumerate().filter(|(_, t)| t.draining) {
         if let Some(r) = t.returns.as_mut() {
             r.detach();
         }
-        attach::unload(ebpf, t.mechanism.programs(slot).1);
+        cost.unload_counted(ebpf, t.mechanism.programs(slot).1);
         t.draining = false;
     }
     let live: Vec<usize> = (0..traced.len()).filter(|&slot| traced[slot].shed_after.is_none()).collect();
@@ -273,7 +270,7 @@ fn judge_budget(
         .collect();
     let (unit, shed) = cost.over_budget(ebpf, &units, run.elapsed())?;
     let slot = live[unit];
-    attach::unload(ebpf, traced[slot].mechanism.programs(slot).0);
+    cost.unload_counted(ebpf, traced[slot].mechanism.programs(slot).0);
     traced[slot].shed_after = Some(shed.after);
     traced[slot].draining = !shed.last;
     shed.last.then_some(End::OverBudget)
