@@ -132,11 +132,7 @@ impl KernelSymbols {
     }
 
     pub fn parse(text: &str) -> Self {
-        Self::parse_kinds(text, TEXT_KINDS)
-    }
-
-    fn parse_kinds(text: &str, kinds: &[&str]) -> Self {
-        Self::from_unsorted(symbol_lines(text).filter(|(_, kind, _)| kinds.contains(kind)).map(|(a, _, n)| (a, n)))
+        Self::parse_text_and_data(text, &[]).0
     }
 
     /// Text symbols and symbols of `data_kinds`, in one pass over the file.
@@ -259,6 +255,15 @@ ffffffff81a01000 T tcp_v6_rcv [ipv6]
         assert!(k.contains("tcp_collapse"));
         assert!(k.contains("tcp_v6_rcv"));
         assert!(!k.contains("some_data"));
+    }
+
+    #[test]
+    fn one_pass_gives_data_symbols_apart() {
+        let (text, data) = KernelSymbols::parse_text_and_data(SAMPLE, DATA_KINDS);
+        assert!(text.contains("tcp_v4_rcv") && !text.contains("some_data"));
+        assert!(data.contains("some_data") && !data.contains("tcp_v4_rcv"));
+        assert_eq!(data.data_at(0xffffffff81a00c10, 64).as_deref(), Some("some_data+0x10"));
+        assert_eq!(data.data_at(0xffffffff81a00c10, 8), None, "too far past the symbol");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use aya::{
     Ebpf,
 };
 
-use crate::{attach, bpf};
+use crate::{attach, bpf, usyms};
 
 /// Calls timed per batch, and batches: the fastest batch counts, as the
 /// machine's other work only ever adds time to one.
@@ -56,27 +56,17 @@ fn time_calls() -> Duration {
 
 /// latprobe's executable and the offset in it of the running code at
 /// `addr`, from /proc/self/maps (which works for a stripped binary, unlike
-/// its symbols).
+/// its symbols). A binary replaced on disk since latprobe started is
+/// refused: its path now names another file.
 fn own_file_offset(addr: u64) -> Result<(PathBuf, u64)> {
     let maps = fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?;
-    for line in maps.lines() {
-        // start-end perms offset dev inode path
-        let mut parts = line.split_whitespace();
-        let (Some(range), Some(perms), Some(offset)) = (parts.next(), parts.next(), parts.next()) else {
-            continue;
-        };
-        let Some((start, end)) = range.split_once('-') else { continue };
-        let (Ok(start), Ok(end), Ok(offset)) =
-            (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16), u64::from_str_radix(offset, 16))
-        else {
-            continue;
-        };
-        if (start..end).contains(&addr) && perms.contains('x') {
-            let exe = std::env::current_exe().context("finding latprobe's own executable")?;
-            return Ok((exe, addr - start + offset));
-        }
+    let Some(mapping) = usyms::parse_maps(&maps).into_iter().find(|m| (m.start..m.end).contains(&addr)) else {
+        bail!("latprobe's own code at {addr:#x} is in no file mapping");
+    };
+    if mapping.deleted {
+        bail!("latprobe's own binary was replaced on disk since it started");
     }
-    bail!("latprobe's own code at {addr:#x} is in no file mapping")
+    Ok((mapping.path.clone(), mapping.file_offset_of(addr)))
 }
 
 /// Nanoseconds a uprobe and its return probe add to each call beyond their
@@ -138,6 +128,11 @@ mod tests {
         let (file, offset) = own_file_offset(latprobe_probe_cost_target as *const () as usize as u64).unwrap();
         let exe = std::env::current_exe().unwrap();
         assert_eq!(fs::canonicalize(&file).unwrap(), fs::canonicalize(exe).unwrap());
-        assert!(offset > 0 && offset < fs::metadata(&file).unwrap().len(), "{offset:#x}");
+        // The file holds, at that offset, the very code that runs.
+        let addr = latprobe_probe_cost_target as *const () as *const [u8; 16];
+        // SAFETY: a function's first 16 bytes of code, mapped readable.
+        let running = unsafe { addr.read() };
+        let on_disk = fs::read(&file).unwrap();
+        assert_eq!(on_disk.get(offset as usize..offset as usize + 16), Some(&running[..]), "{offset:#x}");
     }
 }

@@ -65,7 +65,7 @@ pub struct Mapping {
 
 impl Mapping {
     /// Offset in the mapped file of `addr`, which lies in this mapping.
-    fn file_offset_of(&self, addr: u64) -> u64 {
+    pub fn file_offset_of(&self, addr: u64) -> u64 {
         (addr - self.start).wrapping_add(self.file_offset)
     }
 
